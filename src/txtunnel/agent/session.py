@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_end_to_end -*-
+"""
+One link's session on the agent: hello, binds, and streams from the relay.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+import txtunnel
+from txtunnel.frames import PROTOCOL_VERSION
+from txtunnel.link import Link, Stream
+
+if TYPE_CHECKING:
+    from txtunnel.agent.service import Agent, AgentTunnel
+
+__all__ = ["AgentSession"]
+
+FEATURES = ["window", "fin", "ping"]
+
+#: Relay error codes that retrying with the same settings cannot fix.
+FATAL_CODES = frozenset({"auth", "version"})
+
+
+class AgentSession:
+    """
+    Drives one link from the agent's side.
+
+    States: C{hello} (hello sent), C{binding}/C{ready}, C{closed}.
+    """
+
+    log = Logger()
+
+    def __init__(self, agent: Agent, link: Link, carrier: Any) -> None:
+        self.agent = agent
+        self.link = link
+        self.carrier = carrier
+        self.state = "hello"
+        self.byId: dict[int, AgentTunnel] = {}
+        link.controlReceived = self.controlReceived
+        link.streamOpened = self.streamOpened
+        hello: dict[str, Any] = {
+            "op": "hello",
+            "versions": [PROTOCOL_VERSION],
+            "features": FEATURES,
+            "window": link.window,
+            "agent": f"txtunnel/{txtunnel.__version__}",
+        }
+        if agent.token:
+            hello["token"] = agent.token
+        link.sendControl(hello)
+        agent.sessionStarted(self)
+
+    def controlReceived(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "welcome" and self.state == "hello":
+            self._welcome(message)
+        elif op == "bound":
+            self._bound(message)
+        elif op == "refused":
+            self._refused(message)
+        elif op == "error":
+            code = str(message.get("code", "?"))
+            reason = str(message.get("reason", "no reason given"))
+            self.log.error("relay refused this agent: {reason}", reason=reason, code=code)
+            if code in FATAL_CODES:
+                self.agent.fatal(f"relay refused this agent: {reason}")
+        else:
+            self.log.warn("relay sent unknown control op {op!r}; ignored", op=op)
+
+    def _welcome(self, message: dict[str, Any]) -> None:
+        self.state = "binding"
+        window = message.get("window")
+        if isinstance(window, int) and 1024 <= window <= (1 << 30):
+            self.link.peerWindow = window
+        self.log.info("connected to relay {relay}", relay=self.agent.relayURL)
+        for i, tunnel in enumerate(self.agent.tunnels, start=1):
+            self.byId[i] = tunnel
+            request = {"op": "bind", "id": i, "type": tunnel.type}
+            request.update(tunnel.forwarder.bindRequest(tunnel))
+            self.link.sendControl(request)
+
+    def _bound(self, message: dict[str, Any]) -> None:
+        tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
+        if tunnel is None:
+            return
+        tunnel.address = str(message.get("address"))
+        host, port = tunnel.target
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.log.info("tunnel ready: {address} -> {target}", address=tunnel.address, target=target, tunnel=tunnel.name)
+        self.agent.tunnelBound(tunnel)
+
+    def _refused(self, message: dict[str, Any]) -> None:
+        tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
+        if tunnel is None:
+            return
+        reason = str(message.get("reason", "no reason given"))
+        self.log.error("relay refused tunnel {tunnel!r}: {reason}", tunnel=tunnel.name, reason=reason)
+        self.agent.tunnelRefused(tunnel, reason)
+
+    def streamOpened(self, stream: Stream) -> None:
+        tunnel = self.byId.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
+        if tunnel is None or tunnel.address is None:
+            stream.reset("refused", "no such tunnel on this agent")
+            return
+        try:
+            tunnel.forwarder.connect(tunnel, stream)
+        except Exception:
+            self.log.failure("forwarder {type!r} failed on a new stream", type=tunnel.type)
+            if not stream.closed:
+                stream.reset("refused", "agent error")
+
+    def linkLost(self, code: int | None, reason: str) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        for tunnel in self.byId.values():
+            tunnel.address = None
+        self.agent.sessionEnded(self, reason)

@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+C{twistd tunnelagent}: options and service maker for the agent.
+"""
+
+from __future__ import annotations
+
+import configparser
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
+from txtunnel.errors import ConfigError
+from txtunnel.names import checkName
+from txtunnel.wslink import relayEndpointString
+
+__all__ = ["Options", "makeService"]
+
+DEFAULT_RELAY = "ws://localhost:8080"
+
+#: Keys a [tunnel:NAME] section may have.
+TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout")
+
+
+def relayURL(text: str) -> str:
+    text = str(text).strip()
+    relayEndpointString(text)
+    return text
+
+
+def optionalText(text: str) -> str | None:
+    text = str(text).strip()
+    return text or None
+
+
+def target(text: str) -> str:
+    parseTarget(text)
+    return str(text).strip()
+
+
+def optionalTarget(text: str) -> str | None:
+    return target(text) if str(text).strip() else None
+
+
+def subdomain(text: str) -> str | None:
+    return checkName(str(text).strip()) if str(text).strip() else None
+
+
+def remotePort(text: str) -> int | None:
+    return portNumber(text) if str(text).strip() else None
+
+
+class Options(ConfigOptions):
+    """
+    Options of C{twistd tunnelagent} and C{txtunnel http|tcp}; every one can
+    also come from C{--config} (section C{[agent]}) or C{TXTUNNEL_<NAME>}.
+    Several tunnels go in C{[tunnel:NAME]} sections.
+    """
+
+    synopsis = "[options] (--http TARGET | --tcp TARGET | --config agent.ini)"
+    longdesc = (
+        "Run a txtunnel agent: connect to a relay and expose local services through it. "
+        "TARGET is PORT or HOST:PORT of the local service."
+    )
+    section = "agent"
+    settings = (
+        ("relay", DEFAULT_RELAY, relayURL),
+        ("token", None, optionalText),
+        ("http", None, optionalTarget),
+        ("tcp", None, optionalTarget),
+        ("subdomain", None, subdomain),
+        ("remote-port", None, remotePort),
+        ("response-timeout", 120.0, positiveFloat),
+        ("keepalive", 10.0, positiveFloat),
+    )
+    optParameters = [
+        ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
+        ["relay", "r", None, f"URL of the relay (ws:// or wss://). [default: {DEFAULT_RELAY}]"],
+        ["token", "t", None, "Token the relay asks for, if it asks for one."],
+        ["http", None, None, "Expose the HTTP service at TARGET (PORT or HOST:PORT)."],
+        ["tcp", None, None, "Expose the TCP service at TARGET (PORT or HOST:PORT)."],
+        ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
+        ["remote-port", "p", None, "Public port to ask for, for a TCP tunnel. [default: any free one]"],
+        ["response-timeout", None, None, "Seconds the local HTTP service may take to start answering; 0 for none. [default: 120]"],
+        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+    ]
+
+    def __init__(self, environ: Any = None) -> None:
+        super().__init__(environ)
+        #: Tunnel specs: dicts with name, type, target and options.
+        self.tunnels: list[dict[str, Any]] = []
+
+    def checkSections(self, parser: configparser.ConfigParser, path: str) -> None:
+        for name in parser.sections():
+            if name != self.section and not name.startswith("tunnel:"):
+                raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
+
+    def postOptions(self) -> None:
+        try:
+            parser = self.loadSettings()
+            self._collectTunnels(parser)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _collectTunnels(self, parser: configparser.ConfigParser | None) -> None:
+        from txtunnel.plugins import forwarders
+
+        known = forwarders()
+        given = [kind for kind in ("http", "tcp") if self[kind]]
+        if len(given) > 1:
+            raise ConfigError("give only one of --http and --tcp; put several tunnels in [tunnel:NAME] sections")
+        common = {"response-timeout": self["response-timeout"]}
+        if given:
+            kind = given[0]
+            options = dict(common)
+            if self["subdomain"]:
+                options["subdomain"] = self["subdomain"]
+            if self["remote-port"]:
+                options["remote-port"] = self["remote-port"]
+            self.tunnels.append(
+                {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
+            )
+        if parser is not None:
+            path = self.get("config") or self.environ.get("TXTUNNEL_CONFIG")
+            for section in parser.sections():
+                if not section.startswith("tunnel:"):
+                    continue
+                name = section.split(":", 1)[1]
+                where = f"{path} [{section}]"
+                values = dict(parser.items(section))
+                for key in values:
+                    if key not in TUNNEL_KEYS:
+                        raise ConfigError(f"{where} {key}: unknown key; expected one of {', '.join(TUNNEL_KEYS)}")
+                kind = values.get("type", "").strip()
+                if kind not in known:
+                    raise ConfigError(f"{where} type: expected one of {', '.join(sorted(known))}, got {kind!r}")
+                if "target" not in values:
+                    raise ConfigError(f"{where} target: missing; expected PORT or HOST:PORT")
+                options = dict(common)
+                for key, coerce in (
+                    ("subdomain", subdomain),
+                    ("remote-port", remotePort),
+                    ("response-timeout", positiveFloat),
+                ):
+                    if key in values:
+                        try:
+                            options[key] = coerce(values[key])
+                        except ValueError as e:
+                            raise ConfigError(f"{where} {key}: {e}") from None
+                try:
+                    address = parseTarget(values["target"])
+                except ValueError as e:
+                    raise ConfigError(f"{where} target: {e}") from None
+                self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
+        if not self.tunnels:
+            raise ConfigError("nothing to tunnel: give --http TARGET or --tcp TARGET, or [tunnel:NAME] sections in --config")
+        names = [t["name"] for t in self.tunnels]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two tunnels share a name: {', '.join(sorted(names))}")
+
+
+def buildAgent(options: Options, reactor: Any) -> Any:
+    from txtunnel.agent.service import Agent, AgentTunnel
+    from txtunnel.plugins import forwarders
+
+    known = forwarders()
+    tunnels = [
+        AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
+    ]
+    return Agent(reactor, options["relay"], options["token"], tunnels)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the agent's service tree from parsed L{Options}.  When the agent
+    gives up (bad token, every tunnel refused) the reactor is stopped.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from txtunnel.agent.service import AgentService
+
+    agent = buildAgent(options, reactor)
+    agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
+    return AgentService(agent, keepalive=options["keepalive"])

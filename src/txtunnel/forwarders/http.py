@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_end_to_end -*-
+"""
+HTTP tunnels: C{NAME.<domain>} on the relay's public HTTP(S) listeners.
+
+The relay's edge (L{txtunnel.relay.edge}) routes requests by C{Host} and
+streams them here byte for byte; this forwarder claims the name on the relay
+and, on the agent, connects each stream to the local web server, answering
+502 or 504 itself when that server cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txtunnel.errors import BindError
+from txtunnel.http1 import errorResponse
+from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
+from txtunnel.link import Stream
+from txtunnel.names import checkName, randomName
+from txtunnel.splice import SocketSide, StreamSide, connectStream
+
+__all__ = ["HTTPForwarder"]
+
+#: Seconds the local service may take to start answering a request.
+DEFAULT_RESPONSE_TIMEOUT = 120.0
+
+
+@implementer(IBinding)
+class HTTPBinding:
+    def __init__(self, relay: IRelay, tunnel: IRelayTunnel, name: str) -> None:
+        self.relay = relay
+        self.tunnel = tunnel
+        self.name = name
+        self.address = relay.httpURL(name)
+
+    def close(self) -> Any:
+        self.relay.hosts.remove(self.name, self.tunnel)
+        return self.relay.store.release("http", self.name, self.tunnel.owner)
+
+
+class _Watch:
+    """
+    The response timer of one agent-side HTTP stream: armed by request bytes,
+    disarmed by response bytes.  When it fires before the local service has
+    said anything, the visitor gets a 504.
+    """
+
+    def __init__(self, tunnel: IAgentTunnel, stream: Stream, timeout: float) -> None:
+        self.tunnel = tunnel
+        self.stream = stream
+        self.timeout = timeout
+        self.answered = False
+        self.call: IDelayedCall | None = None
+        self.socket: SocketSide | None = None
+
+    def requestBytes(self) -> None:
+        if self.timeout <= 0:
+            return
+        if self.call is not None and self.call.active():
+            self.call.reset(self.timeout)
+        else:
+            self.call = self.tunnel.reactor.callLater(self.timeout, self.expired)
+
+    def responseBytes(self) -> None:
+        self.answered = True
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+
+    def expired(self) -> None:
+        self.call = None
+        host, port = self.tunnel.target
+        reason = f"the local service at {host}:{port} did not answer within {self.timeout:g}s"
+        if not self.answered:
+            self.stream.write(errorResponse(504, reason))
+            self.stream.loseConnection()
+        else:
+            self.stream.reset("timeout", reason)
+        if self.socket is not None and self.socket.transport is not None:
+            self.socket.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class _RequestSide(StreamSide):
+    def __init__(self, watch: _Watch) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def dataReceived(self, data: bytes) -> None:
+        self.watch.requestBytes()
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.watch.cancel()
+        super().connectionLost(reason)
+
+
+class _ResponseSide(SocketSide):
+    def __init__(self, stream: Stream, watch: _Watch) -> None:
+        super().__init__(stream)
+        self.watch = watch
+        watch.socket = self
+
+    def dataReceived(self, data: bytes) -> None:
+        self.watch.responseBytes()
+        super().dataReceived(data)
+
+
+@implementer(IForwarder)
+class HTTPForwarder:
+    """
+    HTTP/1.1 web apps (WebSocket upgrades and streamed responses pass
+    through as bytes).
+    """
+
+    name = "http"
+    description = "HTTP at NAME.<domain> on the relay's public HTTP(S) listeners"
+    log = Logger()
+
+    def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
+        name = tunnel.options.get("subdomain")
+        return {"name": name} if name else {}
+
+    @inlineCallbacks
+    def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
+        asked = tunnel.request.get("name")
+        if asked is not None:
+            if not isinstance(asked, str):
+                raise BindError("the subdomain must be a string")
+            try:
+                names = [checkName(asked)]
+            except ValueError as e:
+                raise BindError(str(e)) from None
+        else:
+            names = [randomName() for _ in range(8)]
+        for name in names:
+            if relay.hosts.get(name) is None:
+                claimed = yield relay.store.claim("http", name, tunnel.owner)
+                if claimed and relay.hosts.get(name) is None:
+                    relay.hosts.add(name, tunnel)
+                    return HTTPBinding(relay, tunnel, name)
+        if asked is not None:
+            raise BindError(f"the subdomain {asked!r} is in use on this relay; choose another with --subdomain")
+        raise BindError("could not find a free random name; try again")
+
+    def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
+        timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
+        watch = _Watch(tunnel, stream, timeout)
+        d = connectStream(
+            tunnel.reactor,
+            tunnel.target,
+            stream,
+            lambda s: _ResponseSide(s, watch),
+            _RequestSide(watch),
+        )
+
+        def failed(f: Failure) -> None:
+            if stream.closed:
+                return
+            watch.cancel()
+            host, port = tunnel.target
+            if f.check(TimeoutError):
+                status, reason = 504, f"the local service at {host}:{port} did not accept a connection in time"
+            elif f.check(ConnectionRefusedError):
+                status, reason = 502, f"the local service at {host}:{port} refused the connection"
+            elif f.check(ConnectError):
+                status, reason = 502, f"cannot reach the local service at {host}:{port}: {f.getErrorMessage()}"
+            else:
+                status, reason = 502, f"cannot reach the local service at {host}:{port}"
+                self.log.failure("unexpected error connecting to {host}:{port}", f, host=host, port=port)
+            self.log.warn("{reason}", reason=reason)
+            stream.write(errorResponse(status, reason))
+            stream.loseConnection()
+
+        d.addErrback(failed)

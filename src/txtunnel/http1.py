@@ -1,0 +1,388 @@
+# -*- test-case-name: tests.test_http1 -*-
+"""
+Sans-IO HTTP/1.1 request framing for the relay's edge.
+
+The relay must find where each request's head starts and ends (to route it by
+C{Host} and add C{X-Forwarded-*}) and where its body ends (so the next request
+on a keep-alive connection is routed too), while passing the body bytes,
+chunk framing included, through unchanged.
+
+Heads are parsed by C{httptools} (llhttp, in C).  Bodies are only I{framed}
+here: C{httptools} and C{h11} both hand out de-chunked data with no raw
+offsets, which would force the relay to re-encode every chunked body; the
+small chunk-boundary scanner below keeps the bytes as they came and is
+property-tested against C{h11} as an oracle.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import attrs
+import httptools
+
+__all__ = [
+    "BodyBytes",
+    "HTTPError",
+    "RawBytes",
+    "RequestEnd",
+    "RequestFramer",
+    "RequestHead",
+    "errorResponse",
+]
+
+MAX_HEAD = 64 * 1024
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADERS = 100
+MAX_CHUNK_LINE = 4 * 1024
+
+
+class HTTPError(Exception):
+    """
+    A request the relay will not pass on; answered with C{status}.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@attrs.frozen
+class RequestHead:
+    """
+    A parsed request head.  C{raw} is exactly the bytes received, ending with
+    the blank line.
+    """
+
+    method: bytes
+    target: bytes
+    version: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    raw: bytes
+    upgrade: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        """
+        The first value of header C{name} (lower-case), or C{None}.
+        """
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+    def withForwarded(self, clientIP: str, proto: str, host: bytes) -> bytes:
+        """
+        The head with C{X-Forwarded-For} extended by C{clientIP} and
+        C{X-Forwarded-Proto}/C{-Host} set; every other byte unchanged.
+        """
+        lines = self.raw[:-4].split(b"\r\n")
+        kept = [lines[0]]
+        forwardedFor: list[bytes] = []
+        for line in lines[1:]:
+            name = line.split(b":", 1)[0].strip().lower()
+            if name == b"x-forwarded-for":
+                forwardedFor.append(line.split(b":", 1)[1].strip())
+            elif name in (b"x-forwarded-proto", b"x-forwarded-host"):
+                continue
+            else:
+                kept.append(line)
+        forwardedFor.append(clientIP.encode("ascii"))
+        kept.append(b"X-Forwarded-For: " + b", ".join(v for v in forwardedFor if v))
+        kept.append(b"X-Forwarded-Proto: " + proto.encode("ascii"))
+        kept.append(b"X-Forwarded-Host: " + host)
+        return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+@attrs.frozen
+class BodyBytes:
+    """
+    Raw bytes of the current request's body (chunk framing included).
+    """
+
+    data: bytes
+
+
+@attrs.frozen
+class RequestEnd:
+    """
+    The current request's body is complete.
+    """
+
+
+@attrs.frozen
+class RawBytes:
+    """
+    Bytes after an upgrade or CONNECT: no longer HTTP/1.1, passed as they are.
+    """
+
+    data: bytes
+
+
+Event = Union[RequestHead, BodyBytes, RequestEnd, RawBytes]
+
+
+class _HeadCollector:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        if len(self.headers) > MAX_HEADERS:
+            raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parseHead(raw: bytes) -> RequestHead:
+    """
+    Parse one request head (ending in CRLF CRLF) with C{httptools}.
+
+    @raise HTTPError: 400, 414 or 431 with a reason.
+    """
+    lineEnd = raw.find(b"\r\n")
+    if lineEnd > MAX_REQUEST_LINE:
+        raise HTTPError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+    if raw.count(b"\n") != raw.count(b"\r\n"):
+        raise HTTPError(400, "bare LF in request head")
+    collector = _HeadCollector()
+    parser = httptools.HttpRequestParser(collector)
+    upgrade = False
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        upgrade = True
+    except httptools.HttpParserCallbackError as e:
+        cause = e.__context__
+        if isinstance(cause, HTTPError):
+            raise cause from None
+        raise HTTPError(400, f"malformed request head: {e}") from None
+    except httptools.HttpParserError as e:
+        raise HTTPError(400, f"malformed request head: {e}") from None
+    if not collector.complete:
+        raise HTTPError(400, "incomplete request head")
+    method = parser.get_method()
+    version = parser.get_http_version()
+    if version not in ("1.0", "1.1"):
+        raise HTTPError(505, f"HTTP/{version} is not supported here")
+    return RequestHead(
+        method=method,
+        target=collector.url,
+        version=version,
+        headers=tuple(collector.headers),
+        raw=raw,
+        upgrade=upgrade or method == b"CONNECT",
+    )
+
+
+def bodyFraming(head: RequestHead) -> int | None:
+    """
+    How the body of C{head} is framed: a byte count, or C{None} for chunked.
+
+    @raise HTTPError: for ambiguous or invalid framing (the kinds of
+        request that smuggling relies on).
+    """
+    lengths = [v for k, v in head.headers if k.lower() == b"content-length"]
+    codings = [v for k, v in head.headers if k.lower() == b"transfer-encoding"]
+    if codings:
+        if lengths:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        last = b",".join(codings).split(b",")[-1].strip().lower()
+        if last != b"chunked":
+            raise HTTPError(400, "Transfer-Encoding must end with chunked")
+        return None
+    if not lengths:
+        return 0
+    values = {v.strip() for v in b",".join(lengths).split(b",")}
+    if len(values) != 1:
+        raise HTTPError(400, "conflicting Content-Length values")
+    (value,) = values
+    if not value.isdigit() or len(value) > 18:
+        raise HTTPError(400, "invalid Content-Length")
+    return int(value)
+
+
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _RAW = range(7)
+
+
+class RequestFramer:
+    """
+    Turn a visitor's bytes into a sequence of L{RequestHead}, L{BodyBytes},
+    L{RequestEnd} and, after an upgrade, L{RawBytes} events.
+    """
+
+    def __init__(self, maxHead: int = MAX_HEAD) -> None:
+        self._maxHead = maxHead
+        self._buf = bytearray()
+        self._state = _HEAD
+        self._remaining = 0
+        self._upgradeAfterBody = False
+
+    @property
+    def idle(self) -> bool:
+        """
+        Between requests, with nothing buffered.
+        """
+        return self._state == _HEAD and not self._buf
+
+    def feed(self, data: bytes) -> list[Event]:
+        """
+        @raise HTTPError: when the bytes are not acceptable HTTP/1.1.
+        """
+        events: list[Event] = []
+        if self._state == _RAW:
+            if data:
+                events.append(RawBytes(bytes(data)))
+            return events
+        if (
+            self._state in (_LENGTH, _CHUNK_DATA)
+            and not self._buf
+            and len(data) < self._remaining
+        ):
+            # Fast path for the middle of a large body: no copy, no scan.
+            self._remaining -= len(data)
+            return [BodyBytes(data)]
+        self._buf += data
+        buf = self._buf
+        pos = 0
+        body: list[bytes] = []
+
+        def flushBody() -> None:
+            if body:
+                events.append(BodyBytes(b"".join(body)))
+                body.clear()
+
+        while True:
+            state = self._state
+            if state == _HEAD:
+                end = buf.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > self._maxHead:
+                        raise HTTPError(431, f"request head larger than {self._maxHead} bytes")
+                    if buf.find(b"\r\n", pos, pos + MAX_REQUEST_LINE + 2) < 0 and len(buf) - pos > MAX_REQUEST_LINE:
+                        raise HTTPError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+                    break
+                if end + 4 - pos > self._maxHead:
+                    raise HTTPError(431, f"request head larger than {self._maxHead} bytes")
+                head = parseHead(bytes(buf[pos : end + 4]))
+                pos = end + 4
+                events.append(head)
+                framing = bodyFraming(head)
+                self._upgradeAfterBody = head.upgrade
+                if framing is None:
+                    self._state = _CHUNK_SIZE
+                elif framing > 0:
+                    self._state = _LENGTH
+                    self._remaining = framing
+                else:
+                    self._endRequest(events)
+            elif state == _LENGTH:
+                n = min(self._remaining, len(buf) - pos)
+                if n == 0:
+                    break
+                body.append(bytes(buf[pos : pos + n]))
+                pos += n
+                self._remaining -= n
+                if self._remaining == 0:
+                    flushBody()
+                    self._endRequest(events)
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
+                if end < 0:
+                    if len(buf) - pos > MAX_CHUNK_LINE:
+                        raise HTTPError(400, "chunk size line too long")
+                    break
+                sizeText = bytes(buf[pos:end]).split(b";", 1)[0].strip()
+                if not sizeText or len(sizeText) > 15 or not all(c in b"0123456789abcdefABCDEF" for c in sizeText):
+                    raise HTTPError(400, "invalid chunk size")
+                size = int(sizeText, 16)
+                body.append(bytes(buf[pos : end + 2]))
+                pos = end + 2
+                if size == 0:
+                    self._state = _TRAILERS
+                else:
+                    self._state = _CHUNK_DATA
+                    self._remaining = size
+            elif state == _CHUNK_DATA:
+                n = min(self._remaining, len(buf) - pos)
+                if n == 0:
+                    break
+                body.append(bytes(buf[pos : pos + n]))
+                pos += n
+                self._remaining -= n
+                if self._remaining == 0:
+                    self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if len(buf) - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise HTTPError(400, "chunk data not followed by CRLF")
+                body.append(b"\r\n")
+                pos += 2
+                self._state = _CHUNK_SIZE
+            elif state == _TRAILERS:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if len(buf) - pos > self._maxHead:
+                        raise HTTPError(431, "trailer section too large")
+                    break
+                body.append(bytes(buf[pos : end + 2]))
+                blank = end == pos
+                pos = end + 2
+                if blank:
+                    flushBody()
+                    self._endRequest(events)
+            else:  # _RAW
+                if pos < len(buf):
+                    flushBody()
+                    events.append(RawBytes(bytes(buf[pos:])))
+                    pos = len(buf)
+                break
+        flushBody()
+        del buf[:pos]
+        return events
+
+    def _endRequest(self, events: list[Event]) -> None:
+        events.append(RequestEnd())
+        if self._upgradeAfterBody:
+            self._state = _RAW
+        else:
+            self._state = _HEAD
+
+
+_STATUS_TEXT = {
+    400: "Bad Request",
+    404: "Not Found",
+    414: "URI Too Long",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def errorResponse(status: int, reason: str) -> bytes:
+    """
+    A complete, self-delimited plain-text response that closes the connection.
+    """
+    body = f"{status} {_STATUS_TEXT.get(status, 'Error')}: {reason}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+        "X-Txtunnel-Error: 1\r\n"
+        "\r\n"
+    ).encode() + body

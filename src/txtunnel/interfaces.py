@@ -1,0 +1,172 @@
+"""
+The extension points of txtunnel.
+
+L{IForwarder} is the one interface a protocol implements.  A forwarder is a
+Twisted plugin: a module in any C{twisted/plugins/} directory on C{sys.path}
+that holds an object providing both C{IPlugin} and L{IForwarder}.  The relay
+and the agent find forwarders with C{getPlugins(IForwarder)} and know none of
+them by name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+__all__ = [
+    "IAgentTunnel",
+    "IBinding",
+    "IForwarder",
+    "ILinkCarrier",
+    "IRelay",
+    "IRelayTunnel",
+    "IStore",
+]
+
+
+class ILinkCarrier(Interface):
+    """
+    What carries a L{txtunnel.link.Link}'s bytes: a WebSocket connection in
+    production, a list in unit tests.
+    """
+
+    def sendLinkBytes(data: bytes) -> None:
+        """
+        Send encoded frames to the peer, in order.
+        """
+
+    def closeLink(reason: str) -> None:
+        """
+        Close the carrier, telling the peer C{reason} if the carrier can.
+        """
+
+
+class IBinding(Interface):
+    """
+    A tunnel's public side on the relay, as set up by a forwarder.
+    """
+
+    address = Attribute("The public address as a URL string, e.g. C{'tcp://127.0.0.1:20005'}.")
+
+    def close() -> Deferred[None] | None:
+        """
+        Stop accepting public traffic for this tunnel and free its name or port.
+        """
+
+
+class IRelayTunnel(Interface):
+    """
+    A tunnel as the relay half of a forwarder sees it.
+    """
+
+    id = Attribute("The tunnel's id on its link (an C{int}).")
+    type = Attribute("The forwarder name the agent asked for, e.g. C{'http'}.")
+    owner = Attribute("Who holds the tunnel: a stable key for the agent's credentials.")
+    request = Attribute("The bind request from the agent (a C{dict}).")
+
+    def openStream(header: dict[str, Any], protocol: Any) -> Any:
+        """
+        Open a stream to the agent for this tunnel and attach C{protocol} to it.
+
+        @return: the L{txtunnel.link.Stream}.
+        @raise twisted.internet.error.ConnectionLost: if the link is gone.
+        """
+
+
+class IRelay(Interface):
+    """
+    What the relay offers to the relay half of a forwarder.
+    """
+
+    reactor = Attribute("The reactor.")
+    domain = Attribute("The relay's domain, e.g. C{'localhost'}.")
+    store = Attribute("The relay's L{IStore}.")
+    hosts = Attribute("The L{txtunnel.relay.hosts.HostTable} routing HTTP Host names to tunnels.")
+    ports = Attribute("The L{txtunnel.relay.ports.PortPool} of public TCP ports.")
+    settings = Attribute("The relay's parsed options (a C{dict}).")
+
+    def httpURL(name: str) -> str:
+        """
+        The public URL of the HTTP virtual host C{name}.
+        """
+
+
+class IAgentTunnel(Interface):
+    """
+    A tunnel as the agent half of a forwarder sees it.
+    """
+
+    name = Attribute("The tunnel's name in the agent's configuration.")
+    type = Attribute("The forwarder name, e.g. C{'http'}.")
+    target = Attribute("The local service: C{(host, port)}.")
+    options = Attribute("Extra settings for the forwarder (a C{dict}).")
+    reactor = Attribute("The reactor.")
+
+
+class IForwarder(Interface):
+    """
+    One protocol that txtunnel can tunnel.  It has a relay half (L{bind}: how
+    public traffic for a tunnel is accepted) and an agent half (L{connect}:
+    how one stream reaches the local service).
+    """
+
+    name = Attribute("The name agents use to ask for it, e.g. C{'tcp'}; a C{str}.")
+    description = Attribute("One line for help text and docs.")
+
+    def bindRequest(tunnel: IAgentTunnel) -> dict[str, Any]:
+        """
+        Agent half: the fields to send to the relay in the bind request for
+        C{tunnel} (for example the subdomain or remote port asked for).
+        """
+
+    def bind(relay: IRelay, tunnel: IRelayTunnel) -> Deferred[IBinding] | IBinding:
+        """
+        Relay half: give C{tunnel} a public address.
+
+        @raise txtunnel.errors.BindError: to refuse, with a reason the agent
+            is shown (name taken, port out of range, ...).
+        """
+
+    def connect(tunnel: IAgentTunnel, stream: Any) -> None:
+        """
+        Agent half: carry C{stream} (a L{txtunnel.link.Stream}, paused) to the
+        local service.  The forwarder attaches a protocol to the stream and
+        resumes it when it is ready for bytes.
+        """
+
+
+class IStore(Interface):
+    """
+    What the relay must remember, behind one small interface so that a
+    cluster can keep it somewhere shared (Redis) without touching routing.
+
+    Every method returns a L{Deferred}.
+    """
+
+    def claim(namespace: str, key: str, owner: str) -> Deferred[bool]:
+        """
+        Take C{key} in C{namespace} (e.g. C{"http"}, C{"demo"}) for C{owner}.
+
+        @return: C{True} if C{owner} now holds it (also when it already
+            did), C{False} if someone else holds it.
+        """
+
+    def release(namespace: str, key: str, owner: str) -> Deferred[None]:
+        """
+        Give C{key} up if C{owner} holds it.
+        """
+
+    def owner(namespace: str, key: str) -> Deferred[str | None]:
+        """
+        Who holds C{key}, if anyone.
+        """
+
+    def releaseAll(namespace: str) -> Deferred[None]:
+        """
+        Drop every claim in C{namespace}; used at start-up for claims that
+        lived only as long as the process that made them.
+        """

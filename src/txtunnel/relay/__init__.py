@@ -1,0 +1,3 @@
+"""
+The relay: public listeners, the router, and the agents' links.
+"""

@@ -1,0 +1,225 @@
+# -*- test-case-name: tests.test_end_to_end -*-
+"""
+The relay as a service tree: its state, its public listeners, its sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txtunnel.interfaces import IForwarder, IRelay, IStore
+from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.relay.edge import EdgeFactory
+from txtunnel.relay.hosts import HostTable
+from txtunnel.relay.ports import PortPool
+from txtunnel.relay.session import RelaySession
+from txtunnel.store import SQLiteStore
+from txtunnel.wslink import LinkServerFactory
+
+__all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
+
+#: How many ports past a taken default port the relay tries.
+FALLBACK_TRIES = 20
+
+
+def hashToken(token: str) -> bytes:
+    """
+    The form in which the relay keeps a token: never the token itself.
+    """
+    return hashlib.sha256(b"txtunnel-token:" + token.encode("utf-8")).digest()
+
+
+@implementer(IRelay)
+class Relay:
+    """
+    What all of a relay's parts share.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, settings: dict[str, Any], forwarders: dict[str, IForwarder]) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.domain = settings["domain"]
+        self.hosts = HostTable(self.domain)
+        self.ports = PortPool(*settings["tcp-ports"])
+        self.udpPorts = PortPool(*settings["udp-ports"])
+        self.publicInterface = settings["public-interface"]
+        self.forwarders = forwarders
+        self.sessions: set[RelaySession] = set()
+        self.store: IStore | None = None
+        self.httpPort: int | None = None
+        self.httpsPort: int | None = None
+        self._tokens = [hashToken(t) for t in settings["token"]]
+        self.linkFactory = LinkServerFactory(
+            lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
+            reactor,
+            window=settings.get("window", DEFAULT_WINDOW),
+            keepalive=settings["keepalive"],
+            keepaliveTimeout=settings["keepalive"] * 2.5,
+        )
+
+    @property
+    def publicHost(self) -> str:
+        """
+        The host name for C{tcp://} addresses: the interface if it is a
+        specific one, else the domain.
+        """
+        if self.publicInterface in ("", "0.0.0.0", "::"):
+            return self.domain
+        return self.publicInterface
+
+    def checkToken(self, token: str | None) -> bool:
+        """
+        Whether an agent presenting C{token} may connect.  With no tokens
+        configured every agent may; the comparison is constant-time and
+        touches only hashes.
+        """
+        if not self._tokens:
+            return True
+        if not token:
+            return False
+        candidate = hashToken(token)
+        ok = False
+        for known in self._tokens:
+            ok |= hmac.compare_digest(candidate, known)
+        return ok
+
+    def httpURL(self, name: str) -> str:
+        if self.httpPort is not None:
+            port = "" if self.httpPort == 80 else f":{self.httpPort}"
+            return f"http://{name}.{self.domain}{port}/"
+        port = "" if self.httpsPort in (443, None) else f":{self.httpsPort}"
+        return f"https://{name}.{self.domain}{port}/"
+
+
+def _portOf(endpoint: str) -> int | None:
+    head = endpoint.split(":")
+    if len(head) > 1 and head[0] in ("tcp", "ssl") and head[1].isdigit():
+        return int(head[1])
+    return None
+
+
+@inlineCallbacks
+def listenWithFallback(reactor: Any, endpoint: str, factory: Any, fallback: bool, what: str) -> Any:
+    """
+    Listen on C{endpoint}; when C{fallback} is set (the endpoint is a
+    default, not the user's choice) and its port is taken, try the next
+    ports and log the one used.
+    """
+    log = Logger()
+    port = _portOf(endpoint)
+    tries = FALLBACK_TRIES if fallback and port is not None else 1
+    for i in range(tries):
+        candidate = endpoint if i == 0 else endpoint.replace(f":{port}", f":{port + i}", 1)  # type: ignore[operator]
+        try:
+            listening: IListeningPort = yield serverFromString(reactor, candidate).listen(factory)
+        except CannotListenError as e:
+            if i + 1 >= tries:
+                raise
+            log.warn("{what} port {port} is taken ({error}); trying {next}", what=what, port=port + i, error=e.socketError, next=port + i + 1)  # type: ignore[operator]
+            continue
+        if i:
+            log.warn("{what} default port {port} was taken; listening on {actual} instead", what=what, port=port, actual=port + i)  # type: ignore[operator]
+        return listening
+    raise AssertionError("unreachable")
+
+
+class RelayService(MultiService):
+    """
+    Starts the relay's listeners and store; stops them, closing every link.
+    """
+
+    log = Logger()
+
+    def __init__(self, relay: Relay, *, httpDefaulted: bool = False, stateDirDefaulted: bool = False) -> None:
+        super().__init__()
+        self.relay = relay
+        self.httpDefaulted = httpDefaulted
+        self.stateDirDefaulted = stateDirDefaulted
+        self.listening: list[IListeningPort] = []
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self._start().addErrback(self._failed)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        relay = self.relay
+        settings = relay.settings
+        if not relay._tokens:
+            self.log.warn("no --token given: any agent can open tunnels on this relay (fine for development only)")
+        if settings["http"]:
+            port = yield listenWithFallback(
+                relay.reactor, settings["http"], EdgeFactory(relay, "http"), self.httpDefaulted, "HTTP"
+            )
+            self.listening.append(port)
+            relay.httpPort = getattr(port.getHost(), "port", None)
+        if settings["https"]:
+            port = yield listenWithFallback(relay.reactor, settings["https"], EdgeFactory(relay, "https"), False, "HTTPS")
+            self.listening.append(port)
+            relay.httpsPort = getattr(port.getHost(), "port", None)
+        stateDir = settings["state-dir"]
+        if self.stateDirDefaulted:
+            stateDir = os.path.join(stateDir, f"relay-{relay.httpPort or relay.httpsPort or 0}")
+        store = SQLiteStore.inDirectory(stateDir)
+        yield store.releaseAll("http")
+        yield store.releaseAll("tcp")
+        relay.store = store
+        for port in self.listening:
+            host = port.getHost()
+            self.log.info(
+                "relay listening on {host}:{port} for {domain} (agents connect to ws://{host}:{port}/_txtunnel)",
+                host=getattr(host, "host", "?"),
+                port=getattr(host, "port", "?"),
+                domain=relay.domain,
+            )
+        self.log.info(
+            "tunnels: {kinds}; TCP ports {low}-{high} on {iface}; state in {state}",
+            kinds=", ".join(sorted(relay.forwarders)),
+            low=relay.ports.low,
+            high=relay.ports.high,
+            iface=relay.publicInterface,
+            state=stateDir,
+        )
+        self.ready.callback(None)
+
+    def _failed(self, failure: Any) -> None:
+        self.log.critical("relay failed to start: {error}", error=failure.getErrorMessage())
+        if not self.ready.called:
+            self.ready.errback(failure)
+        else:
+            return
+        reactor = self.relay.reactor
+        if getattr(reactor, "running", False):
+            reactor.stop()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        for session in list(self.relay.sessions):
+            session.carrier.closeLink("relay shutting down")
+            session.linkLost("relay shutting down")
+        ports, self.listening = self.listening, []
+        d: Deferred[Any] = DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+        store = self.relay.store
+        if isinstance(store, SQLiteStore):
+            d.addBoth(lambda r: store.close())
+        return d
+
+
+async def _stop(port: IListeningPort) -> None:
+    result = port.stopListening()
+    if isinstance(result, Deferred):
+        await result

@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+C{twistd tunnelrelay}: options and service maker for the relay.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from txtunnel.config import ConfigOptions, positiveFloat, tokenList
+from txtunnel.relay.ports import parseRange
+
+__all__ = ["Options", "makeService"]
+
+DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
+
+
+def endpointString(text: str) -> str:
+    """
+    Check that C{text} is a server endpoint string Twisted can parse.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    text = str(text).strip()
+    if not text:
+        return ""
+    try:
+        serverFromString(reactor, text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{text!r} is not a server endpoint string like tcp:8080:interface=127.0.0.1 ({e})") from None
+    return text
+
+
+def domainName(text: str) -> str:
+    text = str(text).strip().lower().rstrip(".")
+    labels = text.split(".")
+    if not text or not all(label and len(label) <= 63 for label in labels) or len(text) > 253:
+        raise ValueError(f"{text!r} is not a domain name")
+    if not all(c.isalnum() or c in "-." for c in text):
+        raise ValueError(f"{text!r} is not a domain name")
+    return text
+
+
+def directory(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(text)))
+
+
+def defaultStateDir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "txtunnel")
+
+
+def interface(text: str) -> str:
+    import ipaddress
+
+    text = str(text).strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address to listen on") from None
+    return text
+
+
+class Options(ConfigOptions):
+    """
+    Options of C{twistd tunnelrelay}; every one can also come from
+    C{--config} (section C{[relay]}) or C{TXTUNNEL_<NAME>}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a txtunnel relay: public HTTP (and TCP) listeners that hand visitors' "
+        "traffic to connected agents. With no options it is a development relay for "
+        "*.localhost on 127.0.0.1:8080."
+    )
+    section = "relay"
+    multi = frozenset({"token"})
+    settings = (
+        ("domain", "localhost", domainName),
+        ("http", DEFAULT_HTTP, endpointString),
+        ("https", "", endpointString),
+        ("tcp-ports", (20000, 20099), parseRange),
+        ("udp-ports", (20000, 20099), parseRange),
+        ("public-interface", "127.0.0.1", interface),
+        ("state-dir", defaultStateDir(), directory),
+        ("token", [], tokenList),
+        ("keepalive", 10.0, positiveFloat),
+    )
+    optParameters = [
+        ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
+        ["domain", "d", None, "Domain tunnels are served under, as NAME.DOMAIN. [default: localhost]"],
+        ["http", None, None, f"Endpoint for public HTTP and agents' links. [default: {DEFAULT_HTTP}]"],
+        ["https", None, None, "Endpoint for public HTTPS, e.g. ssl:443:privateKey=key.pem:certKey=cert.pem."],
+        ["tcp-ports", None, None, "Range of public ports for TCP tunnels. [default: 20000-20099]"],
+        ["udp-ports", None, None, "Range of public ports for UDP tunnels. [default: 20000-20099]"],
+        ["public-interface", None, None, "Address the TCP/UDP tunnel ports listen on. [default: 127.0.0.1]"],
+        ["state-dir", None, None, "Where the relay keeps its state. [default: $XDG_STATE_HOME/txtunnel]"],
+        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is closed. [default: 10]"],
+    ]
+
+    def opt_token(self, value: str) -> None:
+        """
+        A token agents must present (repeat for several; comma-separated in
+        config and TXTUNNEL_TOKEN). With none, any agent may connect.
+        """
+        self["token"].append(value)
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not self["http"] and not self["https"]:
+            raise usage.UsageError("--http and --https are both empty: the relay would have nowhere to listen")
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the relay's service tree from parsed L{Options}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from txtunnel.plugins import forwarders
+    from txtunnel.relay.service import Relay, RelayService
+
+    settings = dict(options)
+    relay = Relay(reactor, settings, forwarders())
+    return RelayService(
+        relay,
+        httpDefaulted="http" in options.defaulted,
+        stateDirDefaulted="state-dir" in options.defaulted,
+    )

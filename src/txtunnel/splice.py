@@ -1,0 +1,152 @@
+# -*- test-case-name: tests.test_splice -*-
+"""
+Join a link stream and a TCP connection into one pipe, with backpressure
+both ways and half-close carried across.
+
+This is Twisted's C{portforward} wiring with a stream in place of one of the
+sockets: each side is registered as the other's producer, so when either
+side's outgoing buffer fills, the other stops reading.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txtunnel.link import Stream
+
+__all__ = ["SocketSide", "StreamSide", "connectStream", "setNoDelay", "splice"]
+
+
+@implementer(IHalfCloseableProtocol)
+class StreamSide(Protocol):
+    """
+    The protocol on the stream: what arrives on it goes to the socket.
+    """
+
+    def __init__(self) -> None:
+        self.peer: SocketSide | None = None
+        self.onLost: Callable[[Failure], None] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self.onLost is not None:
+            self.onLost(reason)
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            if reason.check(ConnectionDone):
+                peer.transport.loseConnection()
+            else:
+                peer.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+@implementer(IHalfCloseableProtocol)
+class SocketSide(Protocol):
+    """
+    The protocol on the TCP connection: what arrives on it goes to the stream.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        splice(self.stream, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.stream.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = True
+        stream = self.stream
+        if stream.closed:
+            return
+        if reason.check(ConnectionDone):
+            stream.loseConnection()
+        else:
+            stream.reset("reset", f"connection lost: {reason.getErrorMessage()}")
+
+
+def splice(stream: Stream, side: SocketSide) -> None:
+    """
+    Wire C{stream} and C{side}'s connected transport together.
+    """
+    transport: ITransport = side.transport  # type: ignore[assignment]
+    protocol = stream.protocol
+    if not isinstance(protocol, StreamSide):
+        protocol = StreamSide()
+        stream.attach(protocol)
+    protocol.peer = side
+    stream.registerProducer(transport, True)
+    transport.registerProducer(stream, True)  # type: ignore[attr-defined]
+    stream.resumeProducing()
+
+
+def setNoDelay(transport: Any) -> None:
+    """
+    Turn off Nagle on a TCP transport; tunnels carry interactive traffic.
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
+def connectStream(
+    reactor: Any,
+    target: tuple[str, int],
+    stream: Stream,
+    sideFactory: Callable[[Stream], SocketSide] = SocketSide,
+    streamSide: StreamSide | None = None,
+    timeout: float = 10.0,
+) -> Deferred[SocketSide]:
+    """
+    Agent half shared by the forwarders: connect to the local service at
+    C{target} and splice C{stream} to it.  The stream stays paused (its bytes
+    wait, bounded by its window) until the connection is made; if the stream
+    goes away first, the attempt is cancelled.
+
+    @return: a L{Deferred} that fires with the socket side, or fails with
+        the connection error (and the stream is left to the caller).
+    """
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.protocol import Factory
+
+    stream.pauseProducing()
+    side = streamSide if streamSide is not None else StreamSide()
+    stream.attach(side)
+    host, port = target
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    d: Deferred[SocketSide] = endpoint.connect(Factory.forProtocol(lambda: sideFactory(stream)))
+
+    def streamGone(reason: Failure) -> None:
+        if not d.called:
+            d.cancel()
+
+    side.onLost = streamGone
+    return d

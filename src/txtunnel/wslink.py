@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_end_to_end -*-
+"""
+The link's carrier: a WebSocket (autobahn) whose binary messages carry frames.
+
+Both ends are thin adapters: they feed message payloads to a
+L{txtunnel.link.Link} and send what it hands them; the session logic (hello,
+auth, binds) lives in L{txtunnel.relay.session} and L{txtunnel.agent.session}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import txaio
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
+from txtunnel.interfaces import ILinkCarrier
+from txtunnel.link import Link
+
+__all__ = [
+    "LINK_PATH",
+    "LinkClientFactory",
+    "LinkClientProtocol",
+    "LinkServerFactory",
+    "LinkServerProtocol",
+    "relayEndpointString",
+]
+
+txaio.use_twisted()
+# autobahn logs every frame at debug level; the link's own logs say what matters.
+txaio.set_global_log_level("info")
+
+#: Where agents connect on the relay's public HTTP(S) listener.
+LINK_PATH = "/_txtunnel"
+
+#: WebSocket close codes the link uses (4000-4999 are for applications).
+CLOSE_PROTOCOL_ERROR = 4002
+CLOSE_REFUSED = 4003
+CLOSE_GOING_AWAY = 1001
+
+
+def _options(factory: Any) -> None:
+    factory.setProtocolOptions(
+        maxFramePayloadSize=MAX_FRAME_PAYLOAD + HEADER.size,
+        maxMessagePayloadSize=MAX_FRAME_PAYLOAD + HEADER.size,
+        autoFragmentSize=0,
+        openHandshakeTimeout=15,
+        closeHandshakeTimeout=5,
+        utf8validateIncoming=False,
+        failByDrop=False,
+    )
+
+
+class _LinkCarrierMixin:
+    """
+    What both ends share: own a L{Link}, feed it, send for it.
+    """
+
+    log = Logger()
+    link: Link | None = None
+    factory: Any
+    transport: Any
+    role: str = "?"
+
+    def _startLink(self, peer: str) -> Link:
+        f = self.factory
+        link = Link(
+            self,  # type: ignore[arg-type]
+            role=self.role,
+            clock=f.clock,
+            peer=peer,
+            window=f.window,
+            keepalive=f.keepalive,
+            keepaliveTimeout=f.keepaliveTimeout,
+        )
+        self.link = link
+        self.transport.registerProducer(link, True)
+        link.start()
+        return link
+
+    def sendLinkBytes(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
+
+    def closeLink(self, reason: str) -> None:
+        code = CLOSE_PROTOCOL_ERROR if reason.startswith("protocol error") else CLOSE_GOING_AWAY
+        self.sendClose(code, reason[:120])  # type: ignore[attr-defined]
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        link = self.link
+        if link is None:
+            return
+        if not isBinary:
+            link._protocolError("text message on the link; frames are binary")
+            return
+        link.dataReceived(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        link = self.link
+        if link is not None:
+            link.connectionLost(f"link closed ({code}{': ' + reason if reason else ''})")
+        self.linkClosed(code, reason)
+
+    def linkClosed(self, code: int | None, reason: str | None) -> None:
+        pass
+
+
+@implementer(ILinkCarrier)
+class LinkServerProtocol(_LinkCarrierMixin, WebSocketServerProtocol):  # type: ignore[misc]
+    """
+    The relay's end of a link.  The factory's C{sessionFactory} is called
+    with the new L{Link} and the agent's address and runs the session.
+    """
+
+    role = "relay"
+
+    def onOpen(self) -> None:
+        peer = self.transport.getPeer()
+        address = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        link = self._startLink(address)
+        self.session = self.factory.sessionFactory(link, self, getattr(peer, "host", "?"))
+
+    def linkClosed(self, code: int | None, reason: str | None) -> None:
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.linkLost(reason or "closed")
+
+
+@implementer(ILinkCarrier)
+class LinkClientProtocol(_LinkCarrierMixin, WebSocketClientProtocol):  # type: ignore[misc]
+    """
+    The agent's end of a link.
+    """
+
+    role = "agent"
+
+    def onOpen(self) -> None:
+        link = self._startLink(self.factory.url)
+        self.session = self.factory.sessionFactory(link, self)
+
+    def linkClosed(self, code: int | None, reason: str | None) -> None:
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.linkLost(code, reason or "closed")
+        onLost = getattr(self.factory, "onLinkLost", None)
+        if session is None and onLost is not None:
+            onLost(self, code, reason)
+
+
+class LinkServerFactory(WebSocketServerFactory):  # type: ignore[misc]
+    protocol = LinkServerProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        sessionFactory: Callable[..., Any],
+        clock: IReactorTime,
+        *,
+        window: int,
+        keepalive: float,
+        keepaliveTimeout: float,
+    ) -> None:
+        super().__init__()
+        self.sessionFactory = sessionFactory
+        self.clock = clock
+        self.window = window
+        self.keepalive = keepalive
+        self.keepaliveTimeout = keepaliveTimeout
+        _options(self)
+
+
+class LinkClientFactory(WebSocketClientFactory):  # type: ignore[misc]
+    protocol = LinkClientProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        url: str,
+        sessionFactory: Callable[..., Any],
+        clock: IReactorTime,
+        *,
+        window: int,
+        keepalive: float,
+        keepaliveTimeout: float,
+    ) -> None:
+        super().__init__(url=url, headers={})
+        self.sessionFactory = sessionFactory
+        self.clock = clock
+        self.window = window
+        self.keepalive = keepalive
+        self.keepaliveTimeout = keepaliveTimeout
+        _options(self)
+
+
+def relayEndpointString(url: str) -> tuple[str, str]:
+    """
+    Turn a relay URL (C{ws://host:port} or C{wss://host:port}) into the
+    WebSocket URL of its link and a client endpoint string.
+
+    @raise ValueError: for anything else, naming what was expected.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss", "http", "https"):
+        raise ValueError(f"relay URL {url!r} must start with ws:// or wss://")
+    secure = parts.scheme in ("wss", "https")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"relay URL {url!r} has no host")
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise ValueError(f"relay URL {url!r} has an invalid port") from None
+    path = parts.path.rstrip("/") + LINK_PATH if parts.path not in ("", "/") else LINK_PATH
+    hostText = f"[{host}]" if ":" in host else host
+    wsURL = f"{'wss' if secure else 'ws'}://{hostText}:{port}{path}"
+    escaped = host.replace(":", r"\:")
+    kind = "tls" if secure else "tcp"
+    return wsURL, f"{kind}:host={escaped}:port={port}:timeout=15"
