@@ -125,6 +125,8 @@ def encodeFrame(
     """
     if not 0 <= stream <= 0xFFFFFFFF:
         raise FrameError(f"stream id {stream} is out of range")
+    if flags:
+        raise FrameError(f"{type.name} frame has reserved flags 0x{flags:02x} set")
     _check(type, stream, payload, limit)
     return HEADER.pack(type, flags, stream, len(payload)) + payload
 
@@ -146,7 +148,8 @@ def decodeJSON(frame: Frame) -> dict[str, Any]:
         raise FrameError(f"{frame.type.name} payload of {len(frame.payload)} bytes is too large for JSON")
     try:
         value = json.loads(frame.payload.decode("utf-8")) if frame.payload else {}
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: nesting deep enough to exhaust the parser's stack.
         raise FrameError(f"{frame.type.name} payload is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise FrameError(f"{frame.type.name} payload must be a JSON object")

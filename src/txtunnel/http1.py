@@ -197,6 +197,10 @@ def bodyFraming(head: RequestHead) -> int | None:
     if codings:
         if lengths:
             raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if head.version == "1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has
+            # faulty framing; an origin may well read it differently.
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
         last = b",".join(codings).split(b",")[-1].strip().lower()
         if last != b"chunked":
             raise HTTPError(400, "Transfer-Encoding must end with chunked")
@@ -247,7 +251,7 @@ class RequestFramer:
         if (
             self._state in (_LENGTH, _CHUNK_DATA)
             and not self._buf
-            and len(data) < self._remaining
+            and 0 < len(data) < self._remaining
         ):
             # Fast path for the middle of a large body: no copy, no scan.
             self._remaining -= len(data)
@@ -265,6 +269,9 @@ class RequestFramer:
         while True:
             state = self._state
             if state == _HEAD:
+                newline = buf.find(b"\n", pos)
+                if newline == pos or (newline > pos and buf[newline - 1] != 13):
+                    raise HTTPError(400, "bare LF in request head")
                 end = buf.find(b"\r\n\r\n", pos)
                 if end < 0:
                     if len(buf) - pos > self._maxHead:
@@ -302,7 +309,10 @@ class RequestFramer:
                     if len(buf) - pos > MAX_CHUNK_LINE:
                         raise HTTPError(400, "chunk size line too long")
                     break
-                sizeText = bytes(buf[pos:end]).split(b";", 1)[0].strip()
+                line = bytes(buf[pos:end])
+                if b"\n" in line or b"\r" in line:
+                    raise HTTPError(400, "bare CR or LF in chunk size line")
+                sizeText = line.split(b";", 1)[0].strip()
                 if not sizeText or len(sizeText) > 15 or not all(c in b"0123456789abcdefABCDEF" for c in sizeText):
                     raise HTTPError(400, "invalid chunk size")
                 size = int(sizeText, 16)
@@ -336,6 +346,8 @@ class RequestFramer:
                     if len(buf) - pos > self._maxHead:
                         raise HTTPError(431, "trailer section too large")
                     break
+                if buf.find(b"\n", pos, end) >= 0 or buf.find(b"\r", pos, end) >= 0:
+                    raise HTTPError(400, "bare CR or LF in chunked trailer section")
                 body.append(bytes(buf[pos : end + 2]))
                 blank = end == pos
                 pos = end + 2

@@ -142,7 +142,9 @@ def connectStream(
     stream.attach(side)
     host, port = target
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    d: Deferred[SocketSide] = endpoint.connect(Factory.forProtocol(lambda: sideFactory(stream)))
+    factory = Factory.forProtocol(lambda: sideFactory(stream))
+    factory.noisy = False
+    d: Deferred[SocketSide] = endpoint.connect(factory)
 
     def streamGone(reason: Failure) -> None:
         if not d.called:

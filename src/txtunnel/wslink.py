@@ -46,7 +46,7 @@ LINK_PATH = "/_txtunnel"
 #: WebSocket close codes the link uses (4000-4999 are for applications).
 CLOSE_PROTOCOL_ERROR = 4002
 CLOSE_REFUSED = 4003
-CLOSE_GOING_AWAY = 1001
+CLOSE_NORMAL = 1000
 
 
 def _options(factory: Any) -> None:
@@ -92,7 +92,7 @@ class _LinkCarrierMixin:
         self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
 
     def closeLink(self, reason: str) -> None:
-        code = CLOSE_PROTOCOL_ERROR if reason.startswith("protocol error") else CLOSE_GOING_AWAY
+        code = CLOSE_PROTOCOL_ERROR if reason.startswith("protocol error") else CLOSE_NORMAL
         self.sendClose(code, reason[:120])  # type: ignore[attr-defined]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

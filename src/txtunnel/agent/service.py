@@ -73,6 +73,7 @@ class Agent:
         self.session: AgentSession | None = None
         self.ready: Deferred[list[AgentTunnel]] = Deferred()
         self.failure: str | None = None
+        self.stopping = False
         self._answered: set[str] = set()
         #: Called with the reason when the agent gives up (see L{fatal}).
         self.fatalHooks: list[Callable[[str], object]] = []
@@ -84,16 +85,18 @@ class Agent:
     def sessionEnded(self, session: AgentSession, reason: str) -> None:
         if self.session is session:
             self.session = None
-        if self.failure is None:
+        if self.failure is None and not self.stopping:
             self.log.warn("link to relay lost ({reason}); reconnecting", reason=reason)
 
     def tunnelBound(self, tunnel: AgentTunnel) -> None:
         self._answer(tunnel)
 
     def tunnelRefused(self, tunnel: AgentTunnel, reason: str) -> None:
-        self._answer(tunnel)
-        if not any(t.address for t in self.tunnels) and len(self._answered) == len(self.tunnels):
+        self._answered.add(tunnel.name)
+        if len(self._answered) == len(self.tunnels) and not any(t.address for t in self.tunnels):
             self.fatal(f"no tunnel could be opened: {reason}")
+        else:
+            self._answer(tunnel)
 
     def _answer(self, tunnel: AgentTunnel) -> None:
         self._answered.add(tunnel.name)
@@ -158,6 +161,7 @@ class AgentService(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
+        self.agent.stopping = True
         session = self.agent.session
         if session is not None:
             session.carrier.closeLink("agent shutting down")

@@ -96,6 +96,7 @@ class TCPForwarder:
                     raise BindError(f"remote port {port} is held by another agent")
                 continue
             factory = Factory.forProtocol(lambda: _VisitorSide(tunnel))
+            factory.noisy = False
             try:
                 listening = yield serverFromString(relay.reactor, f"tcp:{port}:interface={interface}").listen(factory)
             except CannotListenError as e:

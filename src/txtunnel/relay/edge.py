@@ -34,6 +34,7 @@ from txtunnel.http1 import (
     errorResponse,
 )
 from txtunnel.link import Stream, StreamReset
+from txtunnel.responses import ResponseFramer
 from txtunnel.splice import setNoDelay
 from txtunnel.wslink import LINK_PATH
 
@@ -76,33 +77,47 @@ class _VisitorReader:
 @implementer(IHalfCloseableProtocol)
 class _ToVisitor(Protocol):
     """
-    The protocol on a tunnel stream: response bytes go to the visitor.
+    The protocol on a tunnel stream: response bytes go to the visitor, and
+    the response framer tells the edge when each response is complete.
     """
 
     def __init__(self, edge: EdgeProtocol) -> None:
         self.edge = edge
-        self.started = False
+        self.framer = ResponseFramer()
+        self.detached = False
 
     def dataReceived(self, data: bytes) -> None:
-        self.started = True
+        if self.detached:
+            return
         transport = self.edge.transport
         if transport is not None:
             transport.write(data)
+        for status in self.framer.feed(data):
+            self.edge._responseDone(self, status)
 
     def readConnectionLost(self) -> None:
-        self.edge._streamEnded(self, None)
+        if not self.detached:
+            self.framer.eof()
+            self.edge._streamEnded(self, None)
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self.edge._streamEnded(self, None if reason.check(ConnectionDone) else reason)
+        if not self.detached:
+            self.framer.eof()
+            self.edge._streamEnded(self, None if reason.check(ConnectionDone) else reason)
 
 
 @implementer(IHalfCloseableProtocol)
 class EdgeProtocol(Protocol):
     """
     One visitor connection on the public HTTP listener.
+
+    Requests are routed one by one.  While a stream has responses
+    outstanding, a request that must go elsewhere (another tunnel, the link
+    endpoint, an error answer) waits, with the visitor paused, until they
+    are complete; then the old stream is closed and the next one opened.
     """
 
     log = Logger()
@@ -115,11 +130,13 @@ class EdgeProtocol(Protocol):
         self._stream: Stream | None = None
         self._responder: _ToVisitor | None = None
         self._tunnel: Any = None
-        self._switching = False
+        self._waiting = False
         self._pauses: set[str] = set()
         self._delegate: Protocol | None = None
         self._failed = False
         self._lost = False
+        self._visitorDone = False
+        self._raw = False
         self.clientIP = "?"
 
     def connectionMade(self) -> None:
@@ -142,66 +159,95 @@ class EdgeProtocol(Protocol):
             self._failed = True
         self._pump()
 
+    @property
+    def _busy(self) -> bool:
+        """
+        Whether the current stream still owes the visitor responses.
+        """
+        responder = self._responder
+        return responder is not None and responder.framer.outstanding > 0
+
+    def _wait(self) -> None:
+        """
+        Hold the next request until the current stream's responses are done.
+        """
+        self._waiting = True
+        self._pause("wait")
+        responder = self._responder
+        if responder is not None and responder.framer.opaque and self._stream is not None:
+            # Response boundaries are unknown: ask the server to finish and close.
+            self._stream.loseWriteConnection()
+
     def _pump(self) -> None:
         queue = self._queue
-        while queue and not self._switching and self._delegate is None and not self._lost:
-            event = queue.popleft()
+        while queue and not self._waiting and self._delegate is None and not self._lost:
+            event = queue[0]
             if isinstance(event, (BodyBytes, RawBytes)):
+                queue.popleft()
+                if isinstance(event, RawBytes):
+                    self._raw = True
                 if self._stream is not None:
                     self._stream.write(event.data)
-            elif isinstance(event, RequestHead):
-                self._route(event)
-            elif isinstance(event, _Fail):
-                if self._stream is not None:
-                    queue.appendleft(event)
-                    self._switch()
-                else:
-                    self._answer(event.status, event.reason)
             elif isinstance(event, RequestEnd):
-                pass
-        if queue and self._switching:
-            self._pause("switch")
-
-    def _route(self, head: RequestHead) -> None:
-        hostHeader = head.header(b"host")
-        kind, name = self.relay.hosts.split(hostHeader)
-        if kind == "bad":
-            self._queue.appendleft(_Fail(400, "missing or invalid Host header"))
-            return
-        if kind == "apex":
-            if head.path == LINK_PATH.encode():
-                if not head.upgrade:
-                    self._queue.appendleft(_Fail(426, "agents connect here with a WebSocket upgrade"))
-                elif self._stream is not None:
-                    self._queue.appendleft(head)
-                    self._switch()
+                queue.popleft()
+            elif isinstance(event, RequestHead):
+                kind, target = self._decide(event)
+                if kind == "wait":
+                    self._wait()
+                    return
+                if kind == "fail":
+                    queue[0] = target
+                    continue
+                queue.popleft()
+                if kind == "link":
+                    self._closeStream()
+                    self._handoff(event)
                 else:
-                    self._handoff(head)
-                return
-            self._queue.appendleft(
-                _Fail(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}")
-            )
-            return
+                    self._forward(event, target)
+            elif isinstance(event, _Fail):
+                if self._busy:
+                    self._wait()
+                    return
+                queue.popleft()
+                self._answer(event.status, event.reason)
+
+    def _decide(self, head: RequestHead) -> tuple[str, Any]:
+        """
+        Where C{head} goes: C{("tunnel", tunnel)}, C{("link", None)},
+        C{("fail", _Fail)}, or C{("wait", None)} when it must wait for the
+        current stream's responses first.
+        """
+        kind, name = self.relay.hosts.split(head.header(b"host"))
+        if kind == "bad":
+            return ("fail", _Fail(400, "missing or invalid Host header"))
+        if kind == "apex":
+            if head.path != LINK_PATH.encode():
+                return ("fail", _Fail(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}"))
+            if not head.upgrade:
+                return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
+            return ("wait", None) if self._busy else ("link", None)
         tunnel = self.relay.hosts.get(name)
         if tunnel is None:
-            self._queue.appendleft(_Fail(404, f"no tunnel named {name!r} on this relay"))
-            return
+            return ("fail", _Fail(404, f"no tunnel named {name!r} on this relay"))
+        if self._stream is not None and self._tunnel is not tunnel and self._busy:
+            return ("wait", None)
+        return ("tunnel", tunnel)
+
+    def _forward(self, head: RequestHead, tunnel: Any) -> None:
         if self._stream is not None and self._tunnel is not tunnel:
-            self._queue.appendleft(head)
-            self._switch()
+            self._closeStream()
+        if self._stream is None and not self._open(tunnel):
             return
-        if self._stream is None:
-            if not self._open(tunnel):
-                return
-        assert self._stream is not None
-        self._stream.write(head.withForwarded(self.clientIP, self.scheme, hostHeader or b""))
+        assert self._stream is not None and self._responder is not None
+        self._responder.framer.expect(head.method)
+        self._stream.write(head.withForwarded(self.clientIP, self.scheme, head.header(b"host") or b""))
 
     def _open(self, tunnel: Any) -> bool:
         responder = _ToVisitor(self)
         try:
             stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
         except Exception as e:  # the link went away between routing and opening
-            self._queue.appendleft(_Fail(502, f"the tunnel's agent is not connected ({e})"))
+            self._answer(502, f"the tunnel's agent is not connected ({e})")
             return False
         self._stream = stream
         self._responder = responder
@@ -210,43 +256,54 @@ class EdgeProtocol(Protocol):
         self.transport.registerProducer(stream, True)  # type: ignore[union-attr]
         return True
 
-    def _switch(self) -> None:
+    def _closeStream(self) -> None:
         """
-        Let the current stream finish before the next request is handled.
+        Let go of the current stream: it owes nothing more, so close it.
         """
-        self._switching = True
-        self._pause("switch")
-        if self._stream is not None:
-            self._stream.loseWriteConnection()
+        stream, responder = self._stream, self._responder
+        self._stream = self._responder = self._tunnel = None
+        if responder is not None:
+            responder.detached = True
+        if stream is not None:
+            if self.transport is not None:
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._resume("stream")
+            if not stream.closed:
+                stream.loseConnection()
+
+    # -- events from the stream
+
+    def _responseDone(self, responder: _ToVisitor, status: int) -> None:
+        if responder is not self._responder or responder.framer.outstanding:
+            return
+        if self._waiting:
+            self._waiting = False
+            self._resume("wait")
+            self._pump()
+        elif self._visitorDone and not self._queue:
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _streamEnded(self, responder: _ToVisitor, reason: Failure | None) -> None:
         if responder is not self._responder:
             return
-        stream = self._stream
-        self._stream = None
-        self._responder = None
-        self._tunnel = None
-        transport = self.transport
-        if transport is not None:
-            transport.unregisterProducer()  # type: ignore[attr-defined]
-        self._resume("stream")
-        if stream is not None and not stream.closed:
-            stream.loseConnection()
-        if reason is not None and not responder.started:
-            error = reason.value
+        framer = responder.framer
+        owed, started, delimitedByClose = framer.outstanding, framer.started, framer.opaque or framer.raw
+        self._closeStream()
+        if owed and not started:
+            error = reason.value if reason is not None else None
             if isinstance(error, StreamReset):
-                status = 504 if error.code == "timeout" else 502
-                self._answer(status, error.reason or error.code)
+                self._answer(504 if error.code == "timeout" else 502, error.reason or error.code)
             else:
-                self._answer(502, "the tunnel closed before answering")
+                self._answer(502, "the local service closed the connection without answering")
             return
-        if self._switching:
-            self._switching = False
-            self._resume("switch")
-            self._pump()
+        if owed or delimitedByClose or self._raw or (self._visitorDone and not self._queue):
+            self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        if transport is not None:
-            transport.loseConnection()
+        if self._waiting:
+            self._waiting = False
+            self._resume("wait")
+        self._pump()
 
     def _handoff(self, head: RequestHead) -> None:
         """
@@ -265,8 +322,9 @@ class EdgeProtocol(Protocol):
     def _answer(self, status: int, reason: str) -> None:
         self._failed = True
         self._queue.clear()
+        self._closeStream()
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not self._lost:
             self.log.debug("answering {client} with {status}: {reason}", client=self.clientIP, status=status, reason=reason)
             transport.write(errorResponse(status, reason))
             transport.loseConnection()
@@ -282,17 +340,26 @@ class EdgeProtocol(Protocol):
         if why not in self._pauses:
             return
         self._pauses.discard(why)
-        if not self._pauses and self.transport is not None:
+        if not self._pauses and self.transport is not None and not self._lost:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # -- closing
 
     def readConnectionLost(self) -> None:
+        self._visitorDone = True
         if self._delegate is not None:
             self.transport.loseConnection()  # type: ignore[union-attr]
-        elif self._stream is not None and not self._queue:
-            self._stream.loseWriteConnection()
-        elif self._stream is None:
+        elif self._raw:
+            if self._stream is not None:
+                self._stream.loseWriteConnection()
+            else:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self._queue or self._busy:
+            pass  # answered when the outstanding responses are complete
+        elif not self._framer.idle and not self._failed:
+            self._answer(400, "connection closed in the middle of a request")
+        else:
+            self._closeStream()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
@@ -304,10 +371,7 @@ class EdgeProtocol(Protocol):
             self._delegate.connectionLost(reason)
             return
         self._queue.clear()
-        stream, self._stream = self._stream, None
-        self._responder = None
-        if stream is not None and not stream.closed:
-            stream.loseConnection()
+        self._closeStream()
 
 
 class EdgeFactory(Factory):

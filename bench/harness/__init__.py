@@ -1,0 +1,3 @@
+"""
+Helpers of the txtunnel benchmark harness (``bench/run.py``).
+"""

@@ -1,0 +1,232 @@
+# -*- test-case-name: tests.test_contract -*-
+"""
+C{txtunnel}: the command people type.
+
+    txtunnel http 8000 [--subdomain demo] [--relay ws://relay.example:8080]
+    txtunnel tcp 22 [--remote-port 20022]
+    txtunnel relay [relay options]
+    txtunnel demo
+
+Each runs in the foreground with short, readable log lines on stderr and
+stops cleanly on Ctrl-C.  The same options work with C{twistd tunnelagent}
+and C{twistd tunnelrelay}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+from twisted.python import usage
+
+import txtunnel
+from txtunnel.agent import tap as agentTap
+from txtunnel.relay import tap as relayTap
+
+__all__ = ["main"]
+
+
+def _agentCommand(kind: str) -> type[agentTap.Options]:
+    class Command(agentTap.Options):
+        synopsis = "TARGET [options]"
+        longdesc = f"Expose the local {kind.upper()} service at TARGET (PORT or HOST:PORT) through a relay."
+
+        def parseArgs(self, target: str) -> None:  # type: ignore[override]
+            self[kind] = target
+
+    Command.__name__ = f"{kind.upper()}Command"
+    return Command
+
+
+class DemoOptions(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Start a development relay, a small local web page and an agent that tunnels it, "
+        "all in this process, and print the public URL."
+    )
+    optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."]]
+
+
+class Options(usage.Options):
+    synopsis = "Usage: txtunnel [-v|-q] COMMAND [options]"
+    longdesc = "txtunnel: share local services through a relay. Run 'txtunnel COMMAND --help' for a command's options."
+    subCommands = [
+        ["http", None, _agentCommand("http"), "Expose a local HTTP service."],
+        ["tcp", None, _agentCommand("tcp"), "Expose a local TCP service."],
+        ["relay", None, relayTap.Options, "Run a relay in the foreground."],
+        ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
+    ]
+    optFlags = [["verbose", "v", "Log debug messages too."], ["quiet", "q", "Log warnings and errors only."]]
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"txtunnel {txtunnel.__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("a command is needed: http, tcp, relay or demo")
+
+
+def _format(event: dict[str, Any]) -> str | None:
+    text = formatEvent(event)
+    if "log_failure" in event:
+        text += "\n" + event["log_failure"].getTraceback()
+    level = event.get("log_level")
+    prefix = ""
+    if level in (LogLevel.warn,):
+        prefix = "warning: "
+    elif level in (LogLevel.error, LogLevel.critical):
+        prefix = "error: "
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("log_time", time.time())))
+    return f"{stamp} {prefix}{text}\n"
+
+
+def startLogging(out: TextIO, level: LogLevel) -> None:
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(FileLogObserver(out, _format), [predicate])], redirectStandardIO=False
+    )
+
+
+def _runAgent(options: agentTap.Options, reactor: Any) -> int:
+    from txtunnel.agent.service import AgentService
+
+    agent = agentTap.buildAgent(options, reactor)
+    code = [0]
+
+    def fatal(reason: str) -> None:
+        code[0] = 1
+        if reactor.running:
+            reactor.callLater(0, reactor.stop)
+
+    agent.fatalHooks.append(fatal)
+    service = AgentService(agent, keepalive=options["keepalive"])
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return code[0]
+
+
+def _runRelay(options: relayTap.Options, reactor: Any) -> int:
+    service: Any = relayTap.makeService(options, reactor)
+    code = [0]
+    service.ready.addErrback(lambda f: code.__setitem__(0, 1))
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return code[0]
+
+
+def _runDemo(options: DemoOptions, reactor: Any) -> int:
+    from twisted.internet.defer import inlineCallbacks
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.logger import Logger
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from txtunnel.agent.service import AgentService
+
+    log = Logger(namespace="txtunnel.demo")
+
+    class Page(Resource):
+        isLeaf = True
+        hits = 0
+
+        def render_GET(self, request: Any) -> bytes:
+            Page.hits += 1
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            forwarded = (request.getHeader(b"x-forwarded-for") or b"?").decode()
+            return f"Hello from behind txtunnel! Visit #{Page.hits}, you came from {forwarded}.\n".encode()
+
+    site = Site(Page())
+    site.noisy = False
+    relayOptions = relayTap.Options()
+    relayOptions.parseOptions([])
+    relayService: Any = relayTap.makeService(relayOptions, reactor)
+    code = [0]
+
+    @inlineCallbacks
+    def start() -> Any:
+        relayService.startService()
+        try:
+            yield relayService.ready
+        except Exception:
+            code[0] = 1
+            reactor.stop()
+            return
+        page = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        localPort = page.getHost().port
+        log.info("demo page listening on http://127.0.0.1:{port}/", port=localPort)
+        agentOptions = agentTap.Options()
+        agentOptions.parseOptions(
+            [
+                "--relay",
+                f"ws://127.0.0.1:{relayService.relay.httpPort}",
+                "--http",
+                str(localPort),
+                "--subdomain",
+                options["subdomain"],
+            ]
+        )
+        agent = agentTap.buildAgent(agentOptions, reactor)
+        agentService = AgentService(agent)
+        agentService.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", agentService.stopService)
+        try:
+            tunnels = yield agent.ready
+        except Exception:
+            code[0] = 1
+            reactor.stop()
+            return
+        for tunnel in tunnels:
+            port = relayService.relay.httpPort
+            host = f"{options['subdomain']}.{relayService.relay.domain}:{port}"
+            log.info(
+                "try it: curl {url}   (or: curl -H 'Host: {host}' http://127.0.0.1:{port}/)   Ctrl-C stops",
+                url=tunnel.address,
+                host=host,
+                port=port,
+            )
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", relayService.stopService)
+    reactor.run()
+    return code[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        print(f"txtunnel: {e}", file=sys.stderr)
+        print(f"Run 'txtunnel {options.subCommand or ''} --help' for usage.".replace("  ", " "), file=sys.stderr)
+        sys.exit(2)
+    level = LogLevel.debug if options["verbose"] else LogLevel.warn if options["quiet"] else LogLevel.info
+    startLogging(sys.stderr, level)
+    from twisted.internet import reactor
+
+    command = options.subCommand
+    sub: Any = options.subOptions
+    if command in ("http", "tcp"):
+        sys.exit(_runAgent(sub, reactor))
+    elif command == "relay":
+        sys.exit(_runRelay(sub, reactor))
+    else:
+        sys.exit(_runDemo(sub, reactor))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""
+Fixtures for in-process end-to-end tests: a real relay and real agents on
+loopback sockets, run by the global reactor under pytest-twisted, and local
+origin servers for them to tunnel to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task, threads, utils
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from txtunnel.agent import tap as agentTap
+from txtunnel.agent.service import Agent, AgentService
+from txtunnel.relay import tap as relayTap
+from txtunnel.relay.service import RelayService
+
+
+def freePortRange(count: int) -> tuple[int, int]:
+    """
+    A range of C{count} ports that were free a moment ago (the relay skips
+    any that are taken by the time it binds).
+    """
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count < 65000:
+            return base, base + count - 1
+    raise RuntimeError("no free port range")
+
+
+async def wait(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class Relay:
+    """
+    A running in-process relay.
+    """
+
+    def __init__(self, service: RelayService) -> None:
+        self.service = service
+        self.relay = service.relay
+
+    @property
+    def port(self) -> int:
+        assert self.relay.httpPort is not None
+        return self.relay.httpPort
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+def startRelay(tmp: str, *args: str) -> Relay:
+    low, high = freePortRange(20)
+    options = relayTap.Options(environ={})
+    options.parseOptions(
+        ["--http", "tcp:0:interface=127.0.0.1", "--tcp-ports", f"{low}-{high}", "--state-dir", tmp, *args]
+    )
+    service: Any = relayTap.makeService(options, reactor)
+    service.startService()
+    pytest_twisted.blockon(service.ready)
+    return Relay(service)
+
+
+@pytest.fixture
+def relay(tmp_path: Any) -> Iterator[Relay]:
+    r = startRelay(str(tmp_path / "state"))
+    yield r
+    pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
+
+
+class RunningAgent:
+    def __init__(self, agent: Agent, service: AgentService) -> None:
+        self.agent = agent
+        self.service = service
+
+    def address(self, name: str | None = None) -> str:
+        for t in self.agent.tunnels:
+            if name is None or t.name == name:
+                assert t.address is not None
+                return t.address
+        raise KeyError(name)
+
+    async def stop(self) -> None:
+        if self.service.running:
+            await defer.maybeDeferred(self.service.stopService)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[RunningAgent]]:
+    started: list[RunningAgent] = []
+    yield started
+    for a in started:
+        pytest_twisted.blockon(defer.ensureDeferred(a.stop()))
+
+
+async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True) -> RunningAgent:
+    options = agentTap.Options(environ={})
+    options.parseOptions(["--relay", relay.url, *args])
+    agent = agentTap.buildAgent(options, reactor)
+    service = AgentService(agent, keepalive=options["keepalive"])
+    service.startService()
+    running = RunningAgent(agent, service)
+    agents.append(running)
+    if expectReady:
+        await agent.ready
+    return running
+
+
+# -- origin servers
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        lines = [b"hello from origin", b"path=" + request.uri]
+        for name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"):
+            lines.append(name + b"=" + (request.getHeader(name) or b""))
+        return b"\n".join(lines) + b"\n"
+
+    def render_POST(self, request: Any) -> bytes:
+        data = request.content.read()
+        request.setHeader(b"x-body-sha256", hashlib.sha256(data).hexdigest().encode())
+        return data
+
+
+class Big(Resource):
+    """
+    C{/big?n=BYTES}: streams deterministic bytes with a producer.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        n = int(request.args.get(b"n", [b"1048576"])[0])
+        request.setHeader(b"content-length", str(n).encode())
+        block = pattern(65536)
+
+        class Producer:
+            sent = 0
+
+            def resumeProducing(self) -> None:
+                if self.sent >= n:
+                    return
+                chunk = block[: min(len(block), n - self.sent)]
+                self.sent += len(chunk)
+                request.write(chunk)
+                if self.sent >= n:
+                    request.unregisterProducer()
+                    request.finish()
+
+            def stopProducing(self) -> None:
+                self.sent = n
+
+        request.registerProducer(Producer(), False)
+        return NOT_DONE_YET
+
+
+class Never(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        return NOT_DONE_YET
+
+
+def pattern(size: int) -> bytes:
+    seed = hashlib.sha256(b"txtunnel").digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def originSite() -> Site:
+    root = Resource()
+    root.putChild(b"", Hello())
+    root.putChild(b"hello", Hello())
+    root.putChild(b"echo", Hello())
+    root.putChild(b"big", Big())
+    root.putChild(b"never", Never())
+    site = Site(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
+
+
+@pytest.fixture
+def origin() -> Iterator[int]:
+    port = pytest_twisted.blockon(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(originSite()))
+    yield port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def echoServer() -> Iterator[int]:
+    factory = Factory.forProtocol(Echo)
+    factory.noisy = False
+    port = pytest_twisted.blockon(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory))
+    yield port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+async def curl(*args: str) -> tuple[int, bytes, bytes]:
+    """
+    Run curl without blocking the reactor; return (exit code, stdout, stderr).
+    """
+    out, err, code = await utils.getProcessOutputAndValue("curl", ["-sS", "--max-time", "60", *args], env=os.environ)
+    return code, out, err
+
+
+async def inThread(fn: Any, *args: Any) -> Any:
+    """
+    Run blocking client code in a thread while the reactor serves the relay.
+    """
+    return await threads.deferToThread(fn, *args)
+
+
+def closedPort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolateEnvironment(monkeypatch: Any) -> None:
+    for key in list(os.environ):
+        if key.startswith("TXTUNNEL_"):
+            monkeypatch.delenv(key)
