@@ -16,9 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads, utils
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
 
 from txtunnel.agent import tap as agentTap
 from txtunnel.agent.service import Agent, AgentService
@@ -203,7 +205,22 @@ def origin() -> Iterator[int]:
     pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
 
 
+@implementer(IHalfCloseableProtocol)
 class Echo(Protocol):
+    """
+    Echo with backpressure (reading pauses while the echo cannot be written)
+    and half-close (on EOF, finish writing, then close).
+    """
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 

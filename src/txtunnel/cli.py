@@ -112,6 +112,7 @@ def _runAgent(options: agentTap.Options, reactor: Any) -> int:
             reactor.callLater(0, reactor.stop)
 
     agent.fatalHooks.append(fatal)
+    agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     service = AgentService(agent, keepalive=options["keepalive"])
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

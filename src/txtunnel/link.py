@@ -383,6 +383,8 @@ class Link:
         self._decoder = FrameDecoder(maxFrame)
         self._maxFrame = maxFrame
         self._nextId = 1 if role == "relay" else 2
+        #: The lowest id the peer has not opened yet (peer ids only grow).
+        self._peerNextId = 2 if role == "relay" else 1
         self._keepalive = keepalive
         self._keepaliveTimeout = keepaliveTimeout
         self._lastHeard = clock.seconds()
@@ -548,15 +550,18 @@ class Link:
     def _isUnknownStreamOk(self, sid: int) -> bool:
         # Frames may still arrive for a stream we already closed: it is ours
         # if its parity is ours, or theirs and below their next id.
-        return sid < self._nextId or (sid % 2) != (self._nextId % 2)
+        if (sid % 2) == (self._nextId % 2):
+            return sid < self._nextId
+        return sid < self._peerNextId
 
     def _opened(self, frame: Frame) -> None:
         sid = frame.stream
         if (sid % 2) == (self._nextId % 2):
             raise FrameError(f"peer opened stream {sid}, an id only we may use")
-        if sid in self.streams:
+        if sid in self.streams or sid < self._peerNextId:
             raise FrameError(f"peer opened stream {sid} twice")
         header = decodeJSON(frame)
+        self._peerNextId = sid + 2
         stream = Stream(self, sid, header, self.peerWindow, self.window)
         self.streams[sid] = stream
         self.streamOpened(stream)

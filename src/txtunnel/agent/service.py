@@ -113,11 +113,10 @@ class Agent:
         self.log.critical("agent stopping: {reason}", reason=reason)
         if self.session is not None:
             self.session.carrier.closeLink("agent stopping")
-        if not self.ready.called:
-            self.ready.errback(RuntimeError(reason))
-            self.ready.addErrback(lambda f: None)
         for hook in self.fatalHooks:
             hook(reason)
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(reason))
 
 
 class AgentService(MultiService):

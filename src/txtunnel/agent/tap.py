@@ -185,4 +185,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
+    agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     return AgentService(agent, keepalive=options["keepalive"])
