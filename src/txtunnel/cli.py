@@ -14,6 +14,7 @@ and C{twistd tunnelrelay}.
 
 from __future__ import annotations
 
+import getopt
 import sys
 import time
 from typing import Any, TextIO
@@ -35,10 +36,30 @@ from txtunnel.relay import tap as relayTap
 __all__ = ["main"]
 
 
+def interspersed(options: usage.Options, args: list[str]) -> list[str]:
+    """
+    Reorder C{args} so options come before positional arguments, as GNU
+    getopt allows; Twisted's parser stops at the first positional one.
+    """
+    try:
+        found, rest = getopt.gnu_getopt(args, options.shortOpt, options.longOpt)
+    except getopt.GetoptError as e:
+        raise usage.UsageError(str(e)) from None
+    flat: list[str] = []
+    for name, value in found:
+        takesValue = (name[2:] + "=") in options.longOpt if name.startswith("--") else (name[1] + ":") in options.shortOpt
+        flat.extend([name, value] if takesValue else [name])
+    return flat + rest
+
+
 def _agentCommand(kind: str) -> type[agentTap.Options]:
     class Command(agentTap.Options):
         synopsis = "TARGET [options]"
         longdesc = f"Expose the local {kind.upper()} service at TARGET (PORT or HOST:PORT) through a relay."
+
+        def parseOptions(self, options: Any = None) -> None:
+            # People type the target first: 'txtunnel http 8000 --subdomain demo'.
+            super().parseOptions(interspersed(self, sys.argv[1:] if options is None else options))
 
         def parseArgs(self, target: str) -> None:  # type: ignore[override]
             self[kind] = target

@@ -248,11 +248,7 @@ class RequestFramer:
             if data:
                 events.append(RawBytes(bytes(data)))
             return events
-        if (
-            self._state in (_LENGTH, _CHUNK_DATA)
-            and not self._buf
-            and 0 < len(data) < self._remaining
-        ):
+        if self._state in (_LENGTH, _CHUNK_DATA) and not self._buf and 0 < len(data) < self._remaining:
             # Fast path for the middle of a large body: no copy, no scan.
             self._remaining -= len(data)
             return [BodyBytes(data)]

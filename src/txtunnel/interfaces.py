@@ -88,6 +88,8 @@ class IRelay(Interface):
     hosts = Attribute("The L{txtunnel.relay.hosts.HostTable} routing HTTP Host names to tunnels.")
     ports = Attribute("The L{txtunnel.relay.ports.PortPool} of public TCP ports.")
     settings = Attribute("The relay's parsed options (a C{dict}).")
+    publicInterface = Attribute("The address TCP/UDP tunnel ports listen on, e.g. C{'127.0.0.1'}.")
+    publicHost = Attribute("The host name to put in C{tcp://} and C{udp://} addresses.")
 
     def httpURL(name: str) -> str:
         """

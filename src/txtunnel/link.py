@@ -160,7 +160,12 @@ class Stream:
         credit returned, so the peer never stalls on a closing stream).
         """
         self.disconnecting = True
+        if self._in:
+            # Nobody will read these now; give their credit back.
+            self._consumed += sum(len(data) for data in self._in)
+            self._in.clear()
         self.loseWriteConnection()
+        self._grantCredit()
         self._maybeFinished()
 
     def abortConnection(self) -> None:
@@ -277,7 +282,9 @@ class Stream:
             self.protocol.dataReceived(data)
 
     def _grantCredit(self) -> None:
-        if self.closed or self._paused or self._finReceived:
+        # A closing stream drops what arrives, so its credit flows even while
+        # paused: otherwise the peer could never flush and send its FIN.
+        if self.closed or (self._paused and not self.disconnecting) or self._finReceived:
             return
         if self._consumed >= self._recvWindow // 4:
             n, self._consumed = self._consumed, 0
@@ -298,6 +305,9 @@ class Stream:
         self._finReceived = True
         if not self._paused and not self._in:
             self._deliverFin()
+        else:
+            # A paused stream that is already closing needs no delivery.
+            self._maybeFinished()
 
     def _deliverFin(self) -> None:
         if not self._finReceived or self._finDelivered or self.closed:
@@ -511,6 +521,18 @@ class Link:
             except FrameError as e:
                 self._protocolError(str(e))
                 return
+            except Exception:
+                # A bug in one stream's protocol (or a callback) must not
+                # drop the other frames of this message or the whole link.
+                self.log.failure(
+                    "error handling a {kind} frame for stream {stream} from {peer}",
+                    kind=frame.type.name,
+                    stream=frame.stream,
+                    peer=self.peer,
+                )
+                stream = self.streams.get(frame.stream)
+                if stream is not None:
+                    stream.reset("internal-error", "the stream's protocol failed")
 
     def _protocolError(self, reason: str) -> None:
         self.log.warn("protocol error from {peer}: {reason}", peer=self.peer, reason=reason)

@@ -36,7 +36,7 @@ def checkName(name: str) -> str:
     @raise ValueError: naming what is wrong with it.
     """
     lowered = name.lower()
-    if not _LABEL.match(lowered):
+    if not _LABEL.fullmatch(lowered):  # not match: "$" would accept a trailing newline
         raise ValueError(
             f"{name!r} is not a valid subdomain: use 1-63 letters, digits and '-', not starting or ending with '-'"
         )

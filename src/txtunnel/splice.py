@@ -144,7 +144,7 @@ def connectStream(
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     factory = Factory.forProtocol(lambda: sideFactory(stream))
     factory.noisy = False
-    d: Deferred[SocketSide] = endpoint.connect(factory)
+    d: Deferred[SocketSide] = endpoint.connect(factory)  # type: ignore[assignment]
 
     def streamGone(reason: Failure) -> None:
         if not d.called:

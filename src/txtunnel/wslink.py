@@ -20,7 +20,6 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
@@ -38,7 +37,7 @@ __all__ = [
 
 txaio.use_twisted()
 # autobahn logs every frame at debug level; the link's own logs say what matters.
-txaio.set_global_log_level("info")
+txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 #: Where agents connect on the relay's public HTTP(S) listener.
 LINK_PATH = "/_txtunnel"
@@ -66,7 +65,6 @@ class _LinkCarrierMixin:
     What both ends share: own a L{Link}, feed it, send for it.
     """
 
-    log = Logger()
     link: Link | None = None
     factory: Any
     transport: Any

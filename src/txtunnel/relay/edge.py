@@ -226,7 +226,7 @@ class EdgeProtocol(Protocol):
             if not head.upgrade:
                 return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
             return ("wait", None) if self._busy else ("link", None)
-        tunnel = self.relay.hosts.get(name)
+        tunnel = self.relay.hosts.get(name or "")
         if tunnel is None:
             return ("fail", _Fail(404, f"no tunnel named {name!r} on this relay"))
         if self._stream is not None and self._tunnel is not tunnel and self._busy:
@@ -309,8 +309,8 @@ class EdgeProtocol(Protocol):
         """
         This connection is an agent's link: give it to the WebSocket protocol.
         """
-        transport = self.transport
-        protocol = self.relay.linkFactory.buildProtocol(transport.getPeer())  # type: ignore[union-attr]
+        transport: Any = self.transport
+        protocol: Any = self.relay.linkFactory.buildProtocol(transport.getPeer())
         self._delegate = protocol
         protocol.makeConnection(transport)
         protocol.dataReceived(head.raw)

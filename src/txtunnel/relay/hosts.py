@@ -5,9 +5,13 @@ The relay's table of HTTP virtual hosts: C{NAME.<domain>} to a tunnel.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["HostTable"]
+
+#: Dot-separated labels of letters, digits, '-' and '_', none empty.
+_HOSTNAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 
 
 class HostTable:
@@ -52,8 +56,14 @@ class HostTable:
             return ("bad", None)
         if text.startswith("["):
             return ("apex", None)
-        host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        host = text
+        if text.count(":") == 1:
+            host, port = text.split(":")
+            if port and not (port.isdigit() and len(port) <= 5):
+                return ("bad", None)
         host = host.rstrip(".")
+        if ":" not in host and not _HOSTNAME.fullmatch(host):
+            return ("bad", None)
         suffix = "." + self.domain
         if host.endswith(suffix):
             return ("tunnel", host[: -len(suffix)])

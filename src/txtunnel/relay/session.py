@@ -106,7 +106,9 @@ class RelaySession:
             return
         if isinstance(token, str) and token:
             self.owner = "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-        offered = message.get("features") if isinstance(message.get("features"), list) else []
+        offered = message.get("features")
+        if not isinstance(offered, list):
+            offered = []
         features = [f for f in FEATURES if f in offered]
         window = message.get("window")
         if isinstance(window, int) and 1024 <= window <= (1 << 30):
@@ -130,7 +132,7 @@ class RelaySession:
             self._refuse("protocol", f"bind with a missing or repeated id {bid!r}")
             return
         forwarder = self.relay.forwarders.get(kind) if isinstance(kind, str) else None
-        if forwarder is None:
+        if forwarder is None or not isinstance(kind, str):
             known = ", ".join(sorted(self.relay.forwarders))
             self.link.sendControl({"op": "refused", "id": bid, "reason": f"this relay has no {kind!r} tunnels (it has: {known})"})
             return
