@@ -65,7 +65,7 @@ class Relay:
         return f"ws://127.0.0.1:{self.port}"
 
 
-def startRelay(tmp: str, *args: str) -> Relay:
+async def startRelay(tmp: str, *args: str) -> Relay:
     low, high = freePortRange(20)
     options = relayTap.Options(environ={})
     options.parseOptions(
@@ -73,13 +73,13 @@ def startRelay(tmp: str, *args: str) -> Relay:
     )
     service: Any = relayTap.makeService(options, reactor)
     service.startService()
-    pytest_twisted.blockon(service.ready)
+    await service.ready
     return Relay(service)
 
 
 @pytest.fixture
 def relay(tmp_path: Any) -> Iterator[Relay]:
-    r = startRelay(str(tmp_path / "state"))
+    r = pytest_twisted.blockon(defer.ensureDeferred(startRelay(str(tmp_path / "state"))))
     yield r
     pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
 

@@ -197,7 +197,7 @@ async def test_connection_switches_between_tunnels(relay: Relay, agents: list[Ru
         return bodies
 
     bodies = await inThread(exchange)
-    assert [b"path=/hello/" + n in b for n, b in zip((b"one", b"two", b"one"), bodies)] == [True, True, True]
+    assert [b"path=/hello/" + n in b for n, b in zip((b"one", b"two", b"one"), bodies, strict=True)] == [True, True, True]
     assert b"x-forwarded-host=two.localhost" in bodies[1]
 
 
@@ -301,3 +301,62 @@ async def test_agent_gone_gives_502(relay: Relay, agents: list[RunningAgent], or
     assert out.startswith(b"HTTP/1.1 502"), out
     code, out, _ = await curl("-i", "-H", f"Host: gone.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
     assert out.startswith(b"HTTP/1.1 404")
+
+
+def selfSignedCertificate(directory: Any) -> tuple[str, str]:
+    """
+    Write a throwaway certificate for localhost and *.localhost.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName("secure.localhost")]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    keyPath, certPath = directory / "key.pem", directory / "cert.pem"
+    keyPath.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    )
+    certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(keyPath), str(certPath)
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_listener(tmp_path: Any, agents: list[RunningAgent], origin: int) -> None:
+    """
+    With --https given an ssl: endpoint, tunnels are served over TLS too
+    (verified by curl against the certificate) with X-Forwarded-Proto https.
+    """
+    from twisted.internet import defer
+
+    from tests.conftest import startRelay
+
+    key, cert = selfSignedCertificate(tmp_path)
+    relay = await startRelay(str(tmp_path / "state"), "--https", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    try:
+        await startAgent(agents, relay, "--http", str(origin), "--subdomain", "secure")
+        port = relay.relay.httpsPort
+        code, out, err = await curl(
+            "--cacert", cert, "--resolve", f"secure.localhost:{port}:127.0.0.1", f"https://secure.localhost:{port}/hello"
+        )
+        assert code == 0, err
+        assert b"hello from origin" in out
+        assert b"x-forwarded-proto=https" in out
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)

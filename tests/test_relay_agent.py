@@ -28,7 +28,7 @@ from txtunnel.relay.service import listenWithFallback
 
 @pytest.fixture
 def tokenRelay(tmp_path: Path) -> Any:
-    r = startRelay(str(tmp_path / "state"), "--token", "sesame-open-1")
+    r = pytest_twisted.blockon(defer.ensureDeferred(startRelay(str(tmp_path / "state"), "--token", "sesame-open-1")))
     yield r
     pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -157,3 +159,41 @@ async def test_stalled_visitor_does_not_block_others(relay: Relay, agents: list[
         assert buffered < 4 * 1024 * 1024
     finally:
         stalled.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_reset_reaches_local_service(relay: Relay, agents: list[RunningAgent]) -> None:
+    """
+    A visitor that aborts its connection (RST) makes the agent abort the
+    local connection too, rather than leave it open.
+    """
+    from twisted.internet import defer, reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.protocol import Factory, Protocol
+
+    lost: defer.Deferred[Any] = defer.Deferred()
+    got: defer.Deferred[bytes] = defer.Deferred()
+
+    class Recorder(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            if not got.called:
+                got.callback(data)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            lost.callback([reason])
+
+    factory = Factory.forProtocol(Recorder)
+    factory.noisy = False
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        agent = await startAgent(agents, relay, "--tcp", str(listening.getHost().port))
+        s = socket.create_connection(("127.0.0.1", portOf(agent)), timeout=10)
+        s.sendall(b"hi")
+        assert await got == b"hi"
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        [reason] = await lost
+        assert not reason.check(ConnectionDone), "an abort arrived as a clean close"
+    finally:
+        await listening.stopListening()

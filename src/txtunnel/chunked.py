@@ -40,6 +40,23 @@ class ChunkScanner:
     def done(self) -> bool:
         return self._state == _DONE
 
+    @property
+    def dataRemaining(self) -> int:
+        """
+        Bytes of chunk data still expected in the current chunk (0 between
+        chunks): a caller may pass that many on without scanning them.
+        """
+        return self._remaining if self._state == _DATA else 0
+
+    def skip(self, n: int) -> None:
+        """
+        Account for C{n} (at most L{dataRemaining}) bytes of chunk data that
+        the caller passed on without scanning.
+        """
+        if not 0 <= n <= self.dataRemaining:
+            raise ValueError(f"cannot skip {n} bytes of {self.dataRemaining}")
+        self._remaining -= n
+
     def feed(self, data: bytes | bytearray, start: int = 0) -> int:
         """
         Scan C{data[start:]}.
@@ -81,8 +98,8 @@ class ChunkScanner:
                 pos = newline + 1
                 line = bytes(self._line)
                 del self._line[:]
-                if not line.endswith(b"\r\n"):
-                    raise ChunkError("bare LF in chunked body")
+                if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                    raise ChunkError("bare CR or LF in chunked body")
                 if state == _SIZE:
                     self._sizeLine(line[:-2])
                 elif line == b"\r\n":

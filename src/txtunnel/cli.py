@@ -47,7 +47,9 @@ def interspersed(options: usage.Options, args: list[str]) -> list[str]:
         raise usage.UsageError(str(e)) from None
     flat: list[str] = []
     for name, value in found:
-        takesValue = (name[2:] + "=") in options.longOpt if name.startswith("--") else (name[1] + ":") in options.shortOpt
+        takesValue = (
+            (name[2:] + "=") in options.longOpt if name.startswith("--") else (name[1] + ":") in options.shortOpt
+        )
         flat.extend([name, value] if takesValue else [name])
     return flat + rest
 

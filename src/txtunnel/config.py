@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import configparser
 import os
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.python import usage
 

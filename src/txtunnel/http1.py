@@ -10,7 +10,7 @@ chunk framing included, through unchanged.
 Heads are parsed by C{httptools} (llhttp, in C).  Bodies are only I{framed}
 here: C{httptools} and C{h11} both hand out de-chunked data with no raw
 offsets, which would force the relay to re-encode every chunked body; the
-small chunk-boundary scanner below keeps the bytes as they came and is
+chunk-boundary scanner (L{txtunnel.chunked}) keeps the bytes as they came and is
 property-tested against C{h11} as an oracle.
 """
 
@@ -20,6 +20,8 @@ from typing import Union
 
 import attrs
 import httptools
+
+from txtunnel.chunked import ChunkError, ChunkScanner
 
 __all__ = [
     "BodyBytes",
@@ -34,7 +36,6 @@ __all__ = [
 MAX_HEAD = 64 * 1024
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADERS = 100
-MAX_CHUNK_LINE = 4 * 1024
 
 
 class HTTPError(Exception):
@@ -216,7 +217,7 @@ def bodyFraming(head: RequestHead) -> int | None:
     return int(value)
 
 
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _RAW = range(7)
+_HEAD, _LENGTH, _CHUNKED, _RAW = range(4)
 
 
 class RequestFramer:
@@ -231,6 +232,7 @@ class RequestFramer:
         self._state = _HEAD
         self._remaining = 0
         self._upgradeAfterBody = False
+        self._chunks: ChunkScanner | None = None
 
     @property
     def idle(self) -> bool:
@@ -248,10 +250,14 @@ class RequestFramer:
             if data:
                 events.append(RawBytes(bytes(data)))
             return events
-        if self._state in (_LENGTH, _CHUNK_DATA) and not self._buf and 0 < len(data) < self._remaining:
+        if not self._buf and data:
             # Fast path for the middle of a large body: no copy, no scan.
-            self._remaining -= len(data)
-            return [BodyBytes(data)]
+            if self._state == _LENGTH and len(data) < self._remaining:
+                self._remaining -= len(data)
+                return [BodyBytes(data)]
+            if self._chunks is not None and len(data) < self._chunks.dataRemaining:
+                self._chunks.skip(len(data))
+                return [BodyBytes(data)]
         self._buf += data
         buf = self._buf
         pos = 0
@@ -283,7 +289,8 @@ class RequestFramer:
                 framing = bodyFraming(head)
                 self._upgradeAfterBody = head.upgrade
                 if framing is None:
-                    self._state = _CHUNK_SIZE
+                    self._state = _CHUNKED
+                    self._chunks = ChunkScanner()
                 elif framing > 0:
                     self._state = _LENGTH
                     self._remaining = framing
@@ -299,57 +306,21 @@ class RequestFramer:
                 if self._remaining == 0:
                     flushBody()
                     self._endRequest(events)
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
-                if end < 0:
-                    if len(buf) - pos > MAX_CHUNK_LINE:
-                        raise HTTPError(400, "chunk size line too long")
+            elif state == _CHUNKED:
+                chunks = self._chunks
+                assert chunks is not None
+                try:
+                    end = chunks.feed(buf, pos)
+                except ChunkError as e:
+                    raise HTTPError(431 if "too large" in str(e) else 400, str(e)) from None
+                if end > pos:
+                    body.append(bytes(buf[pos:end]))
+                    pos = end
+                if not chunks.done:
                     break
-                line = bytes(buf[pos:end])
-                if b"\n" in line or b"\r" in line:
-                    raise HTTPError(400, "bare CR or LF in chunk size line")
-                sizeText = line.split(b";", 1)[0].strip()
-                if not sizeText or len(sizeText) > 15 or not all(c in b"0123456789abcdefABCDEF" for c in sizeText):
-                    raise HTTPError(400, "invalid chunk size")
-                size = int(sizeText, 16)
-                body.append(bytes(buf[pos : end + 2]))
-                pos = end + 2
-                if size == 0:
-                    self._state = _TRAILERS
-                else:
-                    self._state = _CHUNK_DATA
-                    self._remaining = size
-            elif state == _CHUNK_DATA:
-                n = min(self._remaining, len(buf) - pos)
-                if n == 0:
-                    break
-                body.append(bytes(buf[pos : pos + n]))
-                pos += n
-                self._remaining -= n
-                if self._remaining == 0:
-                    self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if len(buf) - pos < 2:
-                    break
-                if buf[pos : pos + 2] != b"\r\n":
-                    raise HTTPError(400, "chunk data not followed by CRLF")
-                body.append(b"\r\n")
-                pos += 2
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                end = buf.find(b"\r\n", pos)
-                if end < 0:
-                    if len(buf) - pos > self._maxHead:
-                        raise HTTPError(431, "trailer section too large")
-                    break
-                if buf.find(b"\n", pos, end) >= 0 or buf.find(b"\r", pos, end) >= 0:
-                    raise HTTPError(400, "bare CR or LF in chunked trailer section")
-                body.append(bytes(buf[pos : end + 2]))
-                blank = end == pos
-                pos = end + 2
-                if blank:
-                    flushBody()
-                    self._endRequest(events)
+                self._chunks = None
+                flushBody()
+                self._endRequest(events)
             else:  # _RAW
                 if pos < len(buf):
                     flushBody()

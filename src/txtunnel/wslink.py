@@ -9,7 +9,8 @@ auth, binds) lives in L{txtunnel.relay.session} and L{txtunnel.agent.session}.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import txaio

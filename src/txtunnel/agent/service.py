@@ -5,7 +5,8 @@ The agent as a service: a reconnecting link to the relay and its tunnels.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService

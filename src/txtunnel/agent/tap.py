@@ -83,7 +83,12 @@ class Options(ConfigOptions):
         ["tcp", None, None, "Expose the TCP service at TARGET (PORT or HOST:PORT)."],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP tunnel. [default: any free one]"],
-        ["response-timeout", None, None, "Seconds the local HTTP service may take to start answering; 0 for none. [default: 120]"],
+        [
+            "response-timeout",
+            None,
+            None,
+            "Seconds the local HTTP service may take to start answering; 0 for none. [default: 120]",
+        ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
     ]
 
@@ -155,7 +160,9 @@ class Options(ConfigOptions):
                     raise ConfigError(f"{where} target: {e}") from None
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
         if not self.tunnels:
-            raise ConfigError("nothing to tunnel: give --http TARGET or --tcp TARGET, or [tunnel:NAME] sections in --config")
+            raise ConfigError(
+                "nothing to tunnel: give --http TARGET or --tcp TARGET, or [tunnel:NAME] sections in --config"
+            )
         names = [t["name"] for t in self.tunnels]
         if len(set(names)) != len(names):
             raise ConfigError(f"two tunnels share a name: {', '.join(sorted(names))}")

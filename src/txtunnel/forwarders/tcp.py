@@ -102,7 +102,9 @@ class TCPForwarder:
             except CannotListenError as e:
                 yield relay.store.release("tcp", str(port), tunnel.owner)
                 if requested is not None:
-                    raise BindError(f"remote port {port} cannot be opened on the relay host ({e.socketError})") from None
+                    raise BindError(
+                        f"remote port {port} cannot be opened on the relay host ({e.socketError})"
+                    ) from None
                 continue
             pool.take(port)
             return TCPBinding(relay, tunnel, port, listening)

@@ -325,7 +325,9 @@ class EdgeProtocol(Protocol):
         self._closeStream()
         transport = self.transport
         if transport is not None and not self._lost:
-            self.log.debug("answering {client} with {status}: {reason}", client=self.clientIP, status=status, reason=reason)
+            self.log.debug(
+                "answering {client} with {status}: {reason}", client=self.clientIP, status=status, reason=reason
+            )
             transport.write(errorResponse(status, reason))
             transport.loseConnection()
 

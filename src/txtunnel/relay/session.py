@@ -98,7 +98,9 @@ class RelaySession:
     def _hello(self, message: dict[str, Any]) -> None:
         versions = message.get("versions")
         if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
-            self._refuse("version", f"this relay speaks link protocol version {PROTOCOL_VERSION}; agent offered {versions!r}")
+            self._refuse(
+                "version", f"this relay speaks link protocol version {PROTOCOL_VERSION}; agent offered {versions!r}"
+            )
             return
         token = message.get("token")
         if not self.relay.checkToken(token if isinstance(token, str) else None):
@@ -134,10 +136,14 @@ class RelaySession:
         forwarder = self.relay.forwarders.get(kind) if isinstance(kind, str) else None
         if forwarder is None or not isinstance(kind, str):
             known = ", ".join(sorted(self.relay.forwarders))
-            self.link.sendControl({"op": "refused", "id": bid, "reason": f"this relay has no {kind!r} tunnels (it has: {known})"})
+            self.link.sendControl(
+                {"op": "refused", "id": bid, "reason": f"this relay has no {kind!r} tunnels (it has: {known})"}
+            )
             return
         if len(self.tunnels) >= MAX_TUNNELS_PER_LINK:
-            self.link.sendControl({"op": "refused", "id": bid, "reason": f"at most {MAX_TUNNELS_PER_LINK} tunnels per agent"})
+            self.link.sendControl(
+                {"op": "refused", "id": bid, "reason": f"at most {MAX_TUNNELS_PER_LINK} tunnels per agent"}
+            )
             return
         tunnel = RelayTunnel(self, bid, kind, message)
         self.tunnels[bid] = tunnel
@@ -149,9 +155,7 @@ class RelaySession:
                 return
             tunnel.binding = binding
             self.link.sendControl({"op": "bound", "id": bid, "address": binding.address})
-            self.log.info(
-                "tunnel {address} bound for agent {peer}", address=binding.address, peer=self.peer, type=kind
-            )
+            self.log.info("tunnel {address} bound for agent {peer}", address=binding.address, peer=self.peer, type=kind)
 
         def failed(f: Failure) -> None:
             self.tunnels.pop(bid, None)
