@@ -1103,3 +1103,44 @@ def test_byteCounters() -> None:
     pair.pump()
     assert pair.relay.bytesOut == sum(len(encodeFrame(f.type, f.stream, f.payload)) for f in pair.relayCarrier.sent)
     assert pair.agent.bytesIn == pair.relay.bytesOut
+
+
+def test_pull_producer_with_tiny_writes_does_not_recurse() -> None:
+    """
+    A pull (non-streaming) producer writing 10 bytes per call fills the
+    whole window without recursing, and resumes when credit returns.
+    """
+    from twisted.internet.task import Clock
+
+    from txtunnel.link import DEFAULT_WINDOW, Link
+
+    class Sink:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendLinkBytes(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def closeLink(self, reason: str) -> None:
+            pass
+
+    link = Link(Sink(), role="relay", clock=Clock(), keepalive=0)
+    stream = link.openStream({"tunnel": 1})
+
+    class Tiny:
+        calls = 0
+
+        def resumeProducing(self) -> None:
+            self.calls += 1
+            stream.write(b"x" * 10)
+
+        def stopProducing(self) -> None:
+            pass
+
+    producer = Tiny()
+    stream.registerProducer(producer, False)
+    assert producer.calls >= DEFAULT_WINDOW // 10
+    assert stream._outBytes <= 10
+    before = producer.calls
+    stream._windowFrame(1000)
+    assert producer.calls > before

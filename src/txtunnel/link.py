@@ -123,6 +123,8 @@ class Stream:
         self._producer: Any = None
         self._streamingProducer = True
         self._producerPaused = False
+        self._pulling = False
+        self._pullAgain = False
 
     # -- wiring
 
@@ -253,10 +255,28 @@ class Stream:
             return
         if self._producer is not None:
             if not self._streamingProducer:
-                self._producer.resumeProducing()
+                self._pull()
             elif self._producerPaused:
                 self._producerPaused = False
                 self._producer.resumeProducing()
+
+    def _pull(self) -> None:
+        """
+        Ask a pull producer for more while everything it gave has gone out.
+        Its writes re-enter L{_flush}; a loop here instead of recursion
+        keeps the stack flat however small its pieces are.
+        """
+        if self._pulling:
+            self._pullAgain = True
+            return
+        self._pulling = True
+        try:
+            self._pullAgain = True
+            while self._pullAgain and self._producer is not None and not self._streamingProducer and not self.closed:
+                self._pullAgain = False
+                self._producer.resumeProducing()
+        finally:
+            self._pulling = False
 
     # -- receiving (called by the link)
 
