@@ -52,10 +52,10 @@ from txtunnel.interfaces import ILinkCarrier
 __all__ = ["DEFAULT_WINDOW", "Link", "Stream", "StreamAddress", "StreamReset"]
 
 #: Bytes a peer may send on a stream before it must wait for credit.
-DEFAULT_WINDOW = 256 * 1024
+DEFAULT_WINDOW = 1024 * 1024
 
 #: Largest DATA frame we send; big enough to keep per-frame cost small.
-DATA_CHUNK = 64 * 1024
+DATA_CHUNK = 256 * 1024
 
 
 class StreamReset(ConnectionLost):
