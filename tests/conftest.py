@@ -22,10 +22,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+import twisted.plugins
+
 from txtunnel.agent import tap as agentTap
 from txtunnel.agent.service import Agent, AgentService
 from txtunnel.relay import tap as relayTap
 from txtunnel.relay.service import RelayService
+
+
+# Plugins come from this checkout's twisted/plugins first, so a test run sees
+# the forwarders of the tree under test even when an older copy is installed.
+_REPO_PLUGINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "twisted", "plugins")
+if _REPO_PLUGINS not in twisted.plugins.__path__:
+    twisted.plugins.__path__.insert(0, _REPO_PLUGINS)
 
 
 def freePortRange(count: int) -> tuple[int, int]:
