@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import twisted.plugins
 from twisted.internet import defer, reactor, task, threads, utils
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -22,13 +23,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-import twisted.plugins
-
 from txtunnel.agent import tap as agentTap
 from txtunnel.agent.service import Agent, AgentService
 from txtunnel.relay import tap as relayTap
 from txtunnel.relay.service import RelayService
-
 
 # Plugins come from this checkout's twisted/plugins first, so a test run sees
 # the forwarders of the tree under test even when an older copy is installed.
