@@ -257,3 +257,24 @@ def test_tokens_kept_hashed() -> None:
     assert not relay.checkToken(None)
     open_ = Relay(MemoryReactor(), dict(relayOptions([])), {})
     assert open_.checkToken(None)
+
+
+def test_relay_url_with_a_path_is_refused() -> None:
+    """
+    Agents always connect to /_txtunnel, so a relay URL with another path is
+    an error rather than a link that can never open.
+    """
+    with pytest.raises(usage.UsageError, match="must not have a path"):
+        agentOptions(["--http", "80", "--relay", "ws://relay.example/tunnels"])
+    assert agentOptions(["--http", "80", "--relay", "ws://relay.example/_txtunnel"])["relay"]
+
+
+def test_version_is_txtunnels(capsys: Any) -> None:
+    """
+    --version on the relay and agent options names txtunnel, not Twisted.
+    """
+    import txtunnel
+
+    with pytest.raises(SystemExit):
+        relayOptions(["--version"])
+    assert capsys.readouterr().out.strip() == f"txtunnel {txtunnel.__version__}"

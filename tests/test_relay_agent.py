@@ -146,8 +146,8 @@ async def rawLink(relay: Relay) -> _Raw:
     [
         (b"\xff" * 20, 4002),
         (encodeFrame(FrameType.DATA, 7, b"x"), 4002),
-        (encodeJSON(FrameType.CONTROL, 0, {"op": "bind", "id": 1, "type": "http"}), 1000),
-        (encodeJSON(FrameType.CONTROL, 0, {"op": "hello", "versions": [99]}), 1000),
+        (encodeJSON(FrameType.CONTROL, 0, {"op": "bind", "id": 1, "type": "http"}), 4003),
+        (encodeJSON(FrameType.CONTROL, 0, {"op": "hello", "versions": [99]}), 4003),
     ],
 )
 @pytest_twisted.ensureDeferred

@@ -117,6 +117,15 @@ class ConfigOptions(usage.Options):
         for key in self.multi:
             self[key] = []
 
+    def opt_version(self) -> None:
+        """
+        Print txtunnel's version and exit.
+        """
+        import txtunnel
+
+        print(f"txtunnel {txtunnel.__version__}")
+        raise SystemExit(0)
+
     def _coerce(self, key: str, raw: Any, where: str) -> Any:
         coercer = dict((k, c) for k, _, c in self.settings)[key]
         try:

@@ -30,7 +30,7 @@ def forwarders() -> dict[str, IForwarder]:
     for plugin in getPlugins(IForwarder, twisted.plugins):
         name = plugin.name
         if name in found:
-            if type(found[name]) is not type(plugin):
+            if repr(found[name]) != repr(plugin):
                 log.warn("two forwarder plugins are named {name!r}; using {kept!r}", name=name, kept=found[name])
             continue
         found[name] = plugin

@@ -54,8 +54,8 @@ CLOSE_NORMAL = 1000
 
 def _options(factory: Any) -> None:
     factory.setProtocolOptions(
-        maxFramePayloadSize=MAX_FRAME_PAYLOAD + HEADER.size,
-        maxMessagePayloadSize=MAX_FRAME_PAYLOAD + HEADER.size,
+        maxFramePayloadSize=BATCH_LIMIT + MAX_FRAME_PAYLOAD + HEADER.size,
+        maxMessagePayloadSize=BATCH_LIMIT + MAX_FRAME_PAYLOAD + HEADER.size,
         autoFragmentSize=0,
         openHandshakeTimeout=15,
         closeHandshakeTimeout=5,
@@ -118,7 +118,12 @@ class _LinkCarrierMixin:
 
     def closeLink(self, reason: str) -> None:
         self._sendBatch()
-        code = CLOSE_PROTOCOL_ERROR if reason.startswith("protocol error") else CLOSE_NORMAL
+        if reason.startswith("protocol error"):
+            code = CLOSE_PROTOCOL_ERROR
+        elif reason.startswith("refused"):
+            code = CLOSE_REFUSED
+        else:
+            code = CLOSE_NORMAL
         self.sendClose(code, reason[:120])  # type: ignore[attr-defined]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -245,7 +250,9 @@ def relayEndpointString(url: str) -> tuple[str, str]:
         port = parts.port or (443 if secure else 80)
     except ValueError:
         raise ValueError(f"relay URL {url!r} has an invalid port") from None
-    path = parts.path.rstrip("/") + LINK_PATH if parts.path not in ("", "/") else LINK_PATH
+    if parts.path not in ("", "/", LINK_PATH) or parts.query or parts.fragment:
+        raise ValueError(f"relay URL {url!r} must not have a path: agents always connect to {LINK_PATH}")
+    path = LINK_PATH
     hostText = f"[{host}]" if ":" in host else host
     wsURL = f"{'wss' if secure else 'ws'}://{hostText}:{port}{path}"
     escaped = host.replace(":", r"\:")

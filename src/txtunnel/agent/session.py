@@ -78,8 +78,8 @@ class AgentSession:
         self.log.info("connected to relay {relay}", relay=self.agent.relayURL)
         for i, tunnel in enumerate(self.agent.tunnels, start=1):
             self.byId[i] = tunnel
-            request = {"op": "bind", "id": i, "type": tunnel.type}
-            request.update(tunnel.forwarder.bindRequest(tunnel))
+            request = dict(tunnel.forwarder.bindRequest(tunnel))
+            request.update({"op": "bind", "id": i, "type": tunnel.type})
             self.link.sendControl(request)
 
     def _bound(self, message: dict[str, Any]) -> None:
@@ -105,6 +105,9 @@ class AgentSession:
         if tunnel is None or tunnel.address is None:
             stream.reset("refused", "no such tunnel on this agent")
             return
+        # Bytes wait in the stream (bounded by its window) until the
+        # forwarder has attached a protocol and resumed it.
+        stream.pauseProducing()
         try:
             tunnel.forwarder.connect(tunnel, stream)
         except Exception:

@@ -78,7 +78,7 @@ class RelaySession:
     def _refuse(self, code: str, reason: str) -> None:
         self.log.warn("refusing agent {peer}: {reason}", peer=self.peer, reason=reason, code=code)
         self.link.sendControl({"op": "error", "code": code, "reason": reason})
-        self.carrier.closeLink(reason)
+        self.carrier.closeLink(f"refused: {reason}")
 
     def controlReceived(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -150,7 +150,7 @@ class RelaySession:
         d = maybeDeferred(forwarder.bind, self.relay, tunnel)
 
         def bound(binding: IBinding) -> None:
-            if self.state == "closed":
+            if self.state == "closed" or self.tunnels.get(bid) is not tunnel:
                 binding.close()
                 return
             tunnel.binding = binding
@@ -158,7 +158,8 @@ class RelaySession:
             self.log.info("tunnel {address} bound for agent {peer}", address=binding.address, peer=self.peer, type=kind)
 
         def failed(f: Failure) -> None:
-            self.tunnels.pop(bid, None)
+            if self.tunnels.get(bid) is tunnel:
+                del self.tunnels[bid]
             if f.check(BindError):
                 reason = str(f.value)
             else:
