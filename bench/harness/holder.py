@@ -1,7 +1,7 @@
 """
 Target of the idle-streams benchmark: accept connections and hold them
 open, echo whatever arrives, and keep the number of open connections in a
-status file (rewritten at most every 0.2 s).
+status file (rewritten at most every 0.05 s).
 
 Run: ``python holder.py HOST PORT STATUSFILE``; prints ``listening`` once bound.
 """
@@ -46,7 +46,7 @@ async def main(host: str, port: int, status: str) -> None:
                     f.write(f"{now[0]} {now[1]}\n")
                 os.replace(tmp, status)
                 last = now
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ are not mixed with what the throughput runs left behind.
 
 from __future__ import annotations
 
-import os
 import random
 import select
 import socket
@@ -20,6 +19,7 @@ from .tunnels import TunnelSpec, start_agent, start_relay, wait_ready
 __all__ = ["idle_streams", "idle_tunnels"]
 
 PER_AGENT = 50  # the relay's limit of tunnels per agent link
+BATCH = 40  # idle-stream connections opened before waiting for them to arrive
 
 
 def _mb(pid: int) -> float | None:
@@ -27,7 +27,9 @@ def _mb(pid: int) -> float | None:
     return round(kb / 1024, 1) if kb is not None else None
 
 
-def idle_tunnels(procs: Procs, tmp: str, env: dict[str, str], count: int, target: int, timeout: float) -> dict[str, Any]:
+def idle_tunnels(
+    procs: Procs, tmp: str, env: dict[str, str], count: int, target: int, timeout: float
+) -> dict[str, Any]:
     """
     C{count} TCP tunnels (agents of 50 each, all started at once) on a fresh
     relay whose port range has room for them; RSS of the relay before and
@@ -79,14 +81,14 @@ def _count(status: str) -> tuple[int, int]:
         return 0, 0
 
 
-def _wait_count(status: str, want: int, timeout: float) -> tuple[bool, int]:
+def _wait_count(status: str, want: int, timeout: float, poll: float = 0.2) -> tuple[bool, int]:
     deadline = time.monotonic() + timeout
     n = _count(status)[0]
     while time.monotonic() < deadline:
         n = _count(status)[0]
         if n == want:
             return True, n
-        time.sleep(0.2)
+        time.sleep(poll)
     return False, n
 
 
@@ -126,10 +128,10 @@ def idle_streams(
                 if failed > 20:
                     errors.append(f"connect failed {failed} times; last: {e}")
                     break
-            if i % 500 == 499:
-                # Let the relay and agent catch up a little: a burst of
-                # thousands of SYNs would only measure the accept backlog.
-                _wait_count(status, len(socks), 10)
+            if i % BATCH == BATCH - 1:
+                # Paced: the tunnel port listens with a backlog of 50, and a
+                # faster burst only measures SYN retransmits (1 s each).
+                _wait_count(status, len(socks), 10, poll=0.01)
         ok, held = _wait_count(status, len(socks), max(5.0, deadline - time.monotonic()))
         open_s = time.monotonic() - started
         if not ok:
@@ -188,8 +190,12 @@ def idle_streams(
             "agent_rss_before_mb": before[1],
             "relay_rss_mb": during[0],
             "agent_rss_mb": during[1],
-            "relay_kb_per_stream": round((during[0] - before[0]) * 1024 / held, 1) if held and during[0] and before[0] else None,
-            "agent_kb_per_stream": round((during[1] - before[1]) * 1024 / held, 1) if held and during[1] and before[1] else None,
+            "relay_kb_per_stream": round((during[0] - before[0]) * 1024 / held, 1)
+            if held and during[0] and before[0]
+            else None,
+            "agent_kb_per_stream": round((during[1] - before[1]) * 1024 / held, 1)
+            if held and during[1] and before[1]
+            else None,
             "echo_sample": len(sample),
             "errors": errors,
         }

@@ -37,9 +37,7 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def wrk(
-    wrk_bin: str, url: str, host: str | None, connections: int, threads: int, duration: float
-) -> dict[str, float]:
+def wrk(wrk_bin: str, url: str, host: str | None, connections: int, threads: int, duration: float) -> dict[str, float]:
     """
     wrk --latency on C{url}; req/s, p50 and p99 in ms.  Socket errors and
     non-2xx answers are counted; more than 1% of them fail the measurement.

@@ -50,7 +50,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         server_name _;
-        root {prefix}/www;
+        root {www};
     }}
 }}
 """
@@ -69,22 +69,32 @@ class Origin:
     huge = "/huge.bin"
 
 
-def start_nginx(procs: Procs, nginx: str, tmp: str, big: int, huge: int) -> tuple[Proc, int]:
+def start_nginx(procs: Procs, nginx: str, tmp: str, data: str, big: int, huge: int) -> tuple[Proc, int]:
     """
     nginx on a free loopback port, with a private prefix in C{tmp}: one
-    worker (the machine has 2 cores and the tunnel needs the other).
+    worker (the machine has 2 cores and the tunnel needs the other).  The
+    files it serves are in C{data}, on tmpfs when there is one: a sparse
+    file on a disk is read at disk speed the first time, which would slow
+    whichever path happens to go first.
     """
     prefix = os.path.join(tmp, "nginx")
-    for sub in ("www", "logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    www = os.path.join(data, "www")
+    os.makedirs(www, exist_ok=True)
+    # nginx started as root serves from workers running as nobody/www-data.
+    for d in (tmp, data, www):
+        os.chmod(d, 0o755)
+    for sub in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
         os.makedirs(os.path.join(prefix, sub), exist_ok=True)
-    with open(os.path.join(prefix, "www", "small.bin"), "wb") as f:
+    os.chmod(prefix, 0o755)
+    with open(os.path.join(www, "small.bin"), "wb") as f:
         f.write(bytes(range(100)))
-    make_file(os.path.join(prefix, "www", "big.bin"), big)
-    make_file(os.path.join(prefix, "www", "huge.bin"), huge)
+    os.chmod(os.path.join(www, "small.bin"), 0o644)
+    make_file(os.path.join(www, "big.bin"), big)
+    make_file(os.path.join(www, "huge.bin"), huge)
     port = free_port()
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(prefix=prefix, port=port))
+        f.write(NGINX_CONF.format(prefix=prefix, www=www, port=port))
     proc = procs.start("nginx", [nginx, "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "logs", "error.log")])
     if not wait_port(port, 15):
         raise RuntimeError(f"nginx did not listen on {port}:\n{proc.tail()}")
@@ -100,9 +110,9 @@ def start_sink(procs: Procs) -> tuple[Proc, int]:
 
 def start_iperf3(procs: Procs, iperf3: str) -> tuple[Proc, int]:
     port = free_port()
-    proc = procs.start("iperf3-server", [iperf3, "-s", "-B", "127.0.0.1", "-p", str(port)])
-    if not wait_port(port, 15):
-        raise RuntimeError(f"iperf3 -s did not listen on {port}:\n{proc.tail()}")
+    proc = procs.start("iperf3-server", [iperf3, "-s", "--forceflush", "-B", "127.0.0.1", "-p", str(port)])
+    # Not wait_port: iperf3 takes a probe connection for a client and logs an error.
+    procs.wait_for(proc, r"Server listening", 15)
     return proc, port
 
 

@@ -218,7 +218,7 @@ class Procs:
         for proc in procs:
             try:
                 self.stop(proc, timeout=3.0)
-            except Exception:  # noqa: BLE001 - cleanup must go on
+            except Exception:  # cleanup must go on
                 pass
 
 

@@ -99,7 +99,9 @@ class _Conn:
                 return False
         close = headers.get(b"connection", b"").lower() == b"close"
         self.sock.sendall(
-            b"HTTP/1.1 204 No Content\r\nServer: bench-sink\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n"
+            b"HTTP/1.1 204 No Content\r\nServer: bench-sink\r\n"
+            + (b"Connection: close\r\n" if close else b"")
+            + b"\r\n"
         )
         return not close
 

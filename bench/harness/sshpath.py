@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
+import time
 
 from .procs import Proc, Procs, free_port, wait_port
 
@@ -85,7 +86,13 @@ def start_sshd(procs: Procs, tmp: str, sshd: str, ssh: str, keygen: str) -> SSHD
 
 
 def start_ssh_forward(
-    procs: Procs, sshd: SSHD, name: str, forwards: dict[int, int], nodelay: bool = False, timeout: float = 20
+    procs: Procs,
+    sshd: SSHD,
+    name: str,
+    forwards: dict[int, int],
+    nodelay: bool = False,
+    probe: list[int] | None = None,
+    timeout: float = 20,
 ) -> Proc:
     """
     An ssh client that makes sshd listen on each remote port and carries
@@ -126,9 +133,12 @@ def start_ssh_forward(
     else:
         argv += ["-N", "-T", f"{sshd.user}@127.0.0.1"]
     proc = procs.start(name, argv)
-    for remote in forwards:
+    # Probe only the ports whose target does not mind an empty connection
+    # (iperf3 does); the forwards are all requested at once, in order.
+    for remote in forwards if probe is None else probe:
         if not wait_port(remote, timeout):
             raise RuntimeError(f"{name}: remote port {remote} never opened:\n{proc.tail()}")
+    time.sleep(0.3)
     return proc
 
 

@@ -41,6 +41,15 @@ class ChunkScanner:
         return self._state == _DONE
 
     @property
+    def betweenChunks(self) -> bool:
+        """
+        The bytes so far end on a chunk boundary (or none have come yet):
+        a whole chunk may be inserted here without changing the body's
+        framing.  False once the last chunk has begun.
+        """
+        return self._state == _SIZE and not self._line
+
+    @property
     def dataRemaining(self) -> int:
         """
         Bytes of chunk data still expected in the current chunk (0 between
@@ -57,10 +66,12 @@ class ChunkScanner:
             raise ValueError(f"cannot skip {n} bytes of {self.dataRemaining}")
         self._remaining -= n
 
-    def feed(self, data: bytes | bytearray, start: int = 0) -> int:
+    def feed(self, data: bytes | bytearray, start: int = 0, spans: list[tuple[int, int]] | None = None) -> int:
         """
         Scan C{data[start:]}.
 
+        @param spans: if given, C{(start, end)} offsets in C{data} of each
+            run of chunk data (the body without its framing) are appended.
         @return: the offset just past the last byte that belongs to the body
             (C{len(data)} if the body has not ended yet).
         @raise ChunkError: on a malformed chunk size line, a missing CRLF or
@@ -72,6 +83,8 @@ class ChunkScanner:
             state = self._state
             if state == _DATA:
                 n = min(self._remaining, end - pos)
+                if spans is not None and n:
+                    spans.append((pos, pos + n))
                 pos += n
                 self._remaining -= n
                 if self._remaining == 0:

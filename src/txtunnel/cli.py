@@ -4,6 +4,7 @@ C{txtunnel}: the command people type.
 
     txtunnel http 8000 [--subdomain demo] [--relay ws://relay.example:8080]
     txtunnel tcp 22 [--remote-port 20022]
+    txtunnel udp 53 [--remote-port 20053] [--udp-idle-timeout 60]
     txtunnel relay [relay options]
     txtunnel demo
 
@@ -85,6 +86,7 @@ class Options(usage.Options):
     subCommands = [
         ["http", None, _agentCommand("http"), "Expose a local HTTP service."],
         ["tcp", None, _agentCommand("tcp"), "Expose a local TCP service."],
+        ["udp", None, _agentCommand("udp"), "Expose a local UDP service."],
         ["relay", None, relayTap.Options, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
     ]
@@ -99,7 +101,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: http, tcp, relay or demo")
+            raise usage.UsageError("a command is needed: http, tcp, udp, relay or demo")
 
 
 def _format(event: dict[str, Any]) -> str | None:
@@ -153,6 +155,15 @@ def _runRelay(options: relayTap.Options, reactor: Any) -> int:
     return code[0]
 
 
+def _stop(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # something else stopped it first, e.g. the relay failing to listen
+
+
 def _runDemo(options: DemoOptions, reactor: Any) -> int:
     from twisted.internet.defer import inlineCallbacks
     from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -188,7 +199,7 @@ def _runDemo(options: DemoOptions, reactor: Any) -> int:
             yield relayService.ready
         except Exception:
             code[0] = 1
-            reactor.stop()
+            _stop(reactor)
             return
         page = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         localPort = page.getHost().port
@@ -212,7 +223,7 @@ def _runDemo(options: DemoOptions, reactor: Any) -> int:
             tunnels = yield agent.ready
         except Exception:
             code[0] = 1
-            reactor.stop()
+            _stop(reactor)
             return
         for tunnel in tunnels:
             port = relayService.relay.httpPort
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = options.subCommand
     sub: Any = options.subOptions
-    if command in ("http", "tcp"):
+    if command in agentTap.KINDS:
         sys.exit(_runAgent(sub, reactor))
     elif command == "relay":
         sys.exit(_runRelay(sub, reactor))

@@ -87,6 +87,11 @@ class IRelay(Interface):
     store = Attribute("The relay's L{IStore}.")
     hosts = Attribute("The L{txtunnel.relay.hosts.HostTable} routing HTTP Host names to tunnels.")
     ports = Attribute("The L{txtunnel.relay.ports.PortPool} of public TCP ports.")
+    udpPorts = Attribute("The L{txtunnel.relay.ports.PortPool} of public UDP ports (C{--udp-ports}).")
+    tlsHosts = Attribute(
+        "The L{txtunnel.relay.hosts.HostTable} routing TLS server names (SNI) to tunnels on the TLS port."
+    )
+    tlsPort = Attribute("The port of the relay's TLS passthrough listener (an C{int}), or C{None} if it has none.")
     settings = Attribute("The relay's parsed options (a C{dict}).")
     publicInterface = Attribute("The address TCP/UDP tunnel ports listen on, e.g. C{'127.0.0.1'}.")
     publicHost = Attribute("The host name to put in C{tcp://} and C{udp://} addresses.")

@@ -13,6 +13,7 @@ parsed by C{httptools}; bodies are counted, never copied or decoded.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
@@ -23,6 +24,15 @@ __all__ = ["ResponseFramer"]
 MAX_RESPONSE_HEAD = 64 * 1024
 
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _RAW, _OPAQUE = range(6)
+
+_FRAMING = {
+    _HEAD: "head",
+    _LENGTH: "length",
+    _CHUNKED: "chunked",
+    _UNTIL_CLOSE: "close",
+    _RAW: "raw",
+    _OPAQUE: "opaque",
+}
 
 
 class _Head:
@@ -47,9 +57,17 @@ class ResponseFramer:
         been seen.
     @ivar raw: the connection has switched protocols (101, or a 2xx to
         CONNECT); bytes are no longer HTTP.
+    @ivar headers: the header fields (names lower-cased) of the response
+        whose body is being read, a new list for each response.
+    @ivar onBody: if set, called with C{(data, start, end)} for each run of
+        body bytes C{data[start:end]}: the content of a chunked body without
+        its framing, or the bytes as they are otherwise.  It costs nothing
+        when unset.
     """
 
     def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.onBody: Callable[[bytes, int, int], None] | None = None
         self._methods: deque[bytes] = deque()
         self._state = _HEAD
         self._head = bytearray()
@@ -73,6 +91,23 @@ class ResponseFramer:
     def opaque(self) -> bool:
         return self._state in (_OPAQUE, _UNTIL_CLOSE)
 
+    @property
+    def framing(self) -> str:
+        """
+        Where the framer is: C{"head"} (between responses or in a head),
+        in a body delimited by C{"length"}, C{"chunked"} or C{"close"}, or
+        past HTTP: C{"raw"} or C{"opaque"}.
+        """
+        return _FRAMING[self._state]
+
+    @property
+    def betweenChunks(self) -> bool:
+        """
+        In a chunked body, on a chunk boundary (see
+        L{ChunkScanner.betweenChunks}).
+        """
+        return self._chunks is not None and self._chunks.betweenChunks
+
     def expect(self, method: bytes) -> None:
         self._methods.append(method)
 
@@ -84,21 +119,29 @@ class ResponseFramer:
         end = len(data)
         while pos < end:
             state = self._state
+            if state == _UNTIL_CLOSE and self.onBody is not None:
+                self.onBody(data, pos, end)
             if state in (_RAW, _OPAQUE, _UNTIL_CLOSE):
                 break
             if state == _LENGTH:
                 n = min(self._remaining, end - pos)
+                if self.onBody is not None:
+                    self.onBody(data, pos, pos + n)
                 pos += n
                 self._remaining -= n
                 if self._remaining == 0:
                     self._complete(done)
             elif state == _CHUNKED:
                 assert self._chunks is not None
+                spans: list[tuple[int, int]] | None = [] if self.onBody is not None else None
                 try:
-                    pos = self._chunks.feed(data, pos)
+                    pos = self._chunks.feed(data, pos, spans)
                 except ChunkError:
                     self._state = _OPAQUE
                     break
+                if spans and self.onBody is not None:
+                    for start, stop in spans:
+                        self.onBody(data, start, stop)
                 if self._chunks.done:
                     self._chunks = None
                     self._complete(done)
@@ -149,10 +192,14 @@ class ResponseFramer:
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError:
-            self._state = _OPAQUE
-            return
+            # llhttp also stops at a 101 without "Connection: upgrade",
+            # reporting an error; that is still a switch.
+            if parser.get_status_code() != 101:
+                self._state = _OPAQUE
+                return
         status = parser.get_status_code()
         self._status = status
+        self.headers = collector.headers
         method = self._methods[0]
         if 100 <= status < 200:
             if status == 101:

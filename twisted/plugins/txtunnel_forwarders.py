@@ -10,3 +10,13 @@ tcp = LazyForwarder(
     "txtunnel.forwarders.tcp.TCPForwarder",
     "raw TCP on a public port of the relay",
 )
+udp = LazyForwarder(
+    "udp",
+    "txtunnel.forwarders.udp.UDPForwarder",
+    "UDP datagrams on a public port of the relay, one flow per remote address",
+)
+tls = LazyForwarder(
+    "tls",
+    "txtunnel.forwarders.tls.TLSForwarder",
+    "TLS passthrough at NAME.<domain> on the relay's TLS port, routed by SNI",
+)

@@ -21,7 +21,10 @@ __all__ = ["Options", "makeService"]
 DEFAULT_RELAY = "ws://localhost:8080"
 
 #: Keys a [tunnel:NAME] section may have.
-TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout")
+TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
+
+#: The tunnel kinds that have their own command-line option (--http TARGET, ...).
+KINDS = ("http", "tcp", "udp")
 
 
 def relayURL(text: str) -> str:
@@ -52,14 +55,34 @@ def remotePort(text: str) -> int | None:
     return portNumber(text) if str(text).strip() else None
 
 
+def idleTimeout(text: str) -> float:
+    """
+    Seconds a UDP flow may stay silent: more than 0 (a flow must be able to
+    end, or its socket would be held for ever) and at most a day.
+    """
+    from txtunnel.forwarders.udp import MAX_IDLE_TIMEOUT
+
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_IDLE_TIMEOUT:
+        raise ValueError(f"{text!r} must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} seconds")
+    return value
+
+
+def _oneOf(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
+
+
 class Options(ConfigOptions):
     """
-    Options of C{twistd tunnelagent} and C{txtunnel http|tcp}; every one can
+    Options of C{twistd tunnelagent} and C{txtunnel http|tcp|udp}; every one can
     also come from C{--config} (section C{[agent]}) or C{TXTUNNEL_<NAME>}.
     Several tunnels go in C{[tunnel:NAME]} sections.
     """
 
-    synopsis = "[options] (--http TARGET | --tcp TARGET | --config agent.ini)"
+    synopsis = "[options] (--http TARGET | --tcp TARGET | --udp TARGET | --config agent.ini)"
     longdesc = (
         "Run a txtunnel agent: connect to a relay and expose local services through it. "
         "TARGET is PORT or HOST:PORT of the local service."
@@ -70,9 +93,12 @@ class Options(ConfigOptions):
         ("token", None, optionalText),
         ("http", None, optionalTarget),
         ("tcp", None, optionalTarget),
+        ("udp", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
+        ("sse-heartbeat", 15.0, positiveFloat),
+        ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
     )
     optParameters = [
@@ -81,13 +107,27 @@ class Options(ConfigOptions):
         ["token", "t", None, "Token the relay asks for, if it asks for one."],
         ["http", None, None, "Expose the HTTP service at TARGET (PORT or HOST:PORT)."],
         ["tcp", None, None, "Expose the TCP service at TARGET (PORT or HOST:PORT)."],
+        ["udp", None, None, "Expose the UDP service at TARGET (PORT or HOST:PORT)."],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
-        ["remote-port", "p", None, "Public port to ask for, for a TCP tunnel. [default: any free one]"],
+        ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
         [
             "response-timeout",
             None,
             None,
             "Seconds the local HTTP service may take to start answering; 0 for none. [default: 120]",
+        ],
+        [
+            "sse-heartbeat",
+            None,
+            None,
+            "Seconds an event stream (text/event-stream) may be idle before a comment line is sent "
+            "between events to keep it open; 0 for none. [default: 15]",
+        ],
+        [
+            "udp-idle-timeout",
+            None,
+            None,
+            "Seconds a UDP flow may be silent before it is closed and its socket freed. [default: 60]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
     ]
@@ -113,9 +153,12 @@ class Options(ConfigOptions):
         from txtunnel.plugins import forwarders
 
         known = forwarders()
-        given = [kind for kind in ("http", "tcp") if self[kind]]
+        given = [kind for kind in KINDS if self[kind]]
         if len(given) > 1:
-            raise ConfigError("give only one of --http and --tcp; put several tunnels in [tunnel:NAME] sections")
+            raise ConfigError(
+                f"give only one of {_oneOf(['--' + kind for kind in given])}; "
+                "put several tunnels in [tunnel:NAME] sections"
+            )
         common = {"response-timeout": self["response-timeout"]}
         if given:
             kind = given[0]
@@ -124,6 +167,10 @@ class Options(ConfigOptions):
                 options["subdomain"] = self["subdomain"]
             if self["remote-port"]:
                 options["remote-port"] = self["remote-port"]
+            if kind == "udp":
+                options["udp-idle-timeout"] = self["udp-idle-timeout"]
+            if kind == "http" and "sse-heartbeat" not in self.defaulted:
+                options["sse-heartbeat"] = self["sse-heartbeat"]
             self.tunnels.append(
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
@@ -144,10 +191,20 @@ class Options(ConfigOptions):
                 if "target" not in values:
                     raise ConfigError(f"{where} target: missing; expected PORT or HOST:PORT")
                 options = dict(common)
+                if kind == "udp":
+                    options["udp-idle-timeout"] = self["udp-idle-timeout"]
+                elif "udp-idle-timeout" in values:
+                    raise ConfigError(f"{where} udp-idle-timeout: only tunnels of type = udp have one")
+                if kind == "http" and "sse-heartbeat" not in self.defaulted:
+                    options["sse-heartbeat"] = self["sse-heartbeat"]
+                elif kind != "http" and "sse-heartbeat" in values:
+                    raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
+                    ("udp-idle-timeout", idleTimeout),
+                    ("sse-heartbeat", positiveFloat),
                 ):
                     if key in values:
                         try:
@@ -161,7 +218,8 @@ class Options(ConfigOptions):
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
         if not self.tunnels:
             raise ConfigError(
-                "nothing to tunnel: give --http TARGET or --tcp TARGET, or [tunnel:NAME] sections in --config"
+                "nothing to tunnel: give --http TARGET, --tcp TARGET or --udp TARGET, "
+                "or [tunnel:NAME] sections in --config"
             )
         names = [t["name"] for t in self.tunnels]
         if len(set(names)) != len(names):

@@ -6,6 +6,14 @@ The relay's edge (L{txtunnel.relay.edge}) routes requests by C{Host} and
 streams them here byte for byte; this forwarder claims the name on the relay
 and, on the agent, connects each stream to the local web server, answering
 502 or 504 itself when that server cannot.
+
+Bytes pass both ways as they come, each write forwarded at once: nothing is
+buffered, so WebSocket frames and streamed responses (SSE, NDJSON,
+C{multipart/x-mixed-replace}) reach the visitor when the server writes them.
+The agent follows the requests and responses on each stream (heads parsed,
+bodies counted, see L{txtunnel.sse.SSEHeartbeat}) to stop the response
+timer once a connection has switched protocols and to keep idle event
+streams alive with a heartbeat comment.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRel
 from txtunnel.link import Stream
 from txtunnel.names import checkName, randomName
 from txtunnel.splice import SocketSide, StreamSide, connectStream
+from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
 
 __all__ = ["HTTPForwarder"]
 
@@ -52,16 +61,18 @@ class _Watch:
     said anything, the visitor gets a 504.
     """
 
-    def __init__(self, tunnel: IAgentTunnel, stream: Stream, timeout: float) -> None:
+    def __init__(self, tunnel: IAgentTunnel, stream: Stream, timeout: float, heartbeat: SSEHeartbeat) -> None:
         self.tunnel = tunnel
         self.stream = stream
         self.timeout = timeout
+        self.heartbeat = heartbeat
         self.answered = False
         self.call: IDelayedCall | None = None
         self.socket: SocketSide | None = None
 
     def requestBytes(self) -> None:
-        if self.timeout <= 0:
+        if self.timeout <= 0 or self.heartbeat.switched:
+            # After a switch (WebSocket, CONNECT) a quiet server is fine.
             return
         if self.call is not None and self.call.active():
             self.call.reset(self.timeout)
@@ -96,11 +107,13 @@ class _RequestSide(StreamSide):
         self.watch = watch
 
     def dataReceived(self, data: bytes) -> None:
+        self.watch.heartbeat.requestData(data)
         self.watch.requestBytes()
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.watch.cancel()
+        self.watch.heartbeat.stop()
         super().connectionLost(reason)
 
 
@@ -112,7 +125,17 @@ class _ResponseSide(SocketSide):
 
     def dataReceived(self, data: bytes) -> None:
         self.watch.responseBytes()
+        self.watch.heartbeat.responseData(data)
         super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        # The server has finished sending: nothing more to keep alive.
+        self.watch.heartbeat.stop()
+        super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.watch.heartbeat.stop()
+        super().connectionLost(reason)
 
 
 @implementer(IForwarder)
@@ -154,7 +177,9 @@ class HTTPForwarder:
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
-        watch = _Watch(tunnel, stream, timeout)
+        interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
+        heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
+        watch = _Watch(tunnel, stream, timeout, heartbeat)
         d = connectStream(
             tunnel.reactor,
             tunnel.target,
@@ -164,6 +189,7 @@ class HTTPForwarder:
         )
 
         def failed(f: Failure) -> None:
+            heartbeat.stop()
             if stream.closed:
                 return
             watch.cancel()

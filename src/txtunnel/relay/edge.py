@@ -85,6 +85,8 @@ class _ToVisitor(Protocol):
         self.edge = edge
         self.framer = ResponseFramer()
         self.detached = False
+        #: The stream ended a response that only its end delimits.
+        self.closeDelimited = False
 
     def dataReceived(self, data: bytes) -> None:
         if self.detached:
@@ -95,9 +97,13 @@ class _ToVisitor(Protocol):
         for status in self.framer.feed(data):
             self.edge._responseDone(self, status)
 
+    def _eof(self) -> None:
+        self.closeDelimited = self.framer.opaque or self.framer.raw
+        self.framer.eof()
+
     def readConnectionLost(self) -> None:
         if not self.detached:
-            self.framer.eof()
+            self._eof()
             self.edge._streamEnded(self, None)
 
     def writeConnectionLost(self) -> None:
@@ -105,7 +111,7 @@ class _ToVisitor(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if not self.detached:
-            self.framer.eof()
+            self._eof()
             self.edge._streamEnded(self, None if reason.check(ConnectionDone) else reason)
 
 
@@ -239,6 +245,11 @@ class EdgeProtocol(Protocol):
         if self._stream is None and not self._open(tunnel):
             return
         assert self._stream is not None and self._responder is not None
+        if head.upgrade:
+            # The visitor's bytes after this request are never parsed again,
+            # whether or not the server agrees to switch: when the stream
+            # ends, so does the connection.
+            self._raw = True
         self._responder.framer.expect(head.method)
         self._stream.write(head.withForwarded(self.clientIP, self.scheme, head.header(b"host") or b""))
 
@@ -288,7 +299,8 @@ class EdgeProtocol(Protocol):
         if responder is not self._responder:
             return
         framer = responder.framer
-        owed, started, delimitedByClose = framer.outstanding, framer.started, framer.opaque or framer.raw
+        owed, started = framer.outstanding, framer.started
+        delimitedByClose = responder.closeDelimited or framer.opaque or framer.raw
         self._closeStream()
         if owed and not started:
             error = reason.value if reason is not None else None

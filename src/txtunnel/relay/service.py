@@ -54,6 +54,7 @@ class Relay:
         self.settings = settings
         self.domain = settings["domain"]
         self.hosts = HostTable(self.domain)
+        self.tlsHosts = HostTable(self.domain)
         self.ports = PortPool(*settings["tcp-ports"])
         self.udpPorts = PortPool(*settings["udp-ports"])
         self.publicInterface = settings["public-interface"]
@@ -62,6 +63,7 @@ class Relay:
         self.store: IStore | None = None
         self.httpPort: int | None = None
         self.httpsPort: int | None = None
+        self.tlsPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
         self.linkFactory = LinkServerFactory(
             lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
@@ -119,6 +121,11 @@ def _withALPN(endpoint: Any) -> Any:
     if isinstance(options, CertificateOptions) and getattr(options, "_acceptableProtocols", None) is None:
         options._acceptableProtocols = [b"http/1.1"]
     return endpoint
+
+
+def _edgeScheme(port: Any) -> str:
+    factory = getattr(port, "factory", None)
+    return str(getattr(getattr(factory, "wrappedFactory", factory), "scheme", "http"))
 
 
 def _portOf(endpoint: str) -> int | None:
@@ -198,17 +205,39 @@ class RelayService(MultiService):
             )
             self.listening.append(port)
             relay.httpsPort = getattr(port.getHost(), "port", None)
+        tlsListening = None
+        if settings.get("tls"):
+            from txtunnel.forwarders.tls import TLSRouterFactory
+
+            tlsListening = yield listenWithFallback(
+                relay.reactor, settings["tls"], TLSRouterFactory(relay), False, "TLS"
+            )
+            self.listening.append(tlsListening)
+            relay.tlsPort = getattr(tlsListening.getHost(), "port", None)
         stateDir = settings["state-dir"]
         if self.stateDirDefaulted:
             stateDir = os.path.join(stateDir, f"relay-{relay.httpPort or relay.httpsPort or 0}")
         store = SQLiteStore.inDirectory(stateDir)
         yield store.releaseAll("http")
         yield store.releaseAll("tcp")
+        yield store.releaseAll("udp")
+        yield store.releaseAll("tls")
         relay.store = store
         for port in self.listening:
+            if port is tlsListening:
+                continue
             host = port.getHost()
             self.log.info(
-                "relay listening on {host}:{port} for {domain} (agents connect to ws://{host}:{port}/_txtunnel)",
+                "relay listening on {host}:{port} for {domain} (agents connect to {scheme}://{host}:{port}/_txtunnel)",
+                scheme="wss" if _edgeScheme(port) == "https" else "ws",
+                host=getattr(host, "host", "?"),
+                port=getattr(host, "port", "?"),
+                domain=relay.domain,
+            )
+        if tlsListening is not None:
+            host = tlsListening.getHost()
+            self.log.info(
+                "TLS passthrough on {host}:{port} for *.{domain}, routed by SNI",
                 host=getattr(host, "host", "?"),
                 port=getattr(host, "port", "?"),
                 domain=relay.domain,
@@ -232,6 +261,8 @@ class RelayService(MultiService):
         reactor = self.relay.reactor
         if getattr(reactor, "running", False):
             reactor.stop()
+        elif hasattr(reactor, "callWhenRunning"):
+            reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

@@ -36,6 +36,20 @@ def endpointString(text: str) -> str:
     return text
 
 
+def passthroughEndpoint(text: str) -> str:
+    """
+    Check a C{--tls} endpoint: any server endpoint that does not itself
+    terminate TLS (the point of passthrough is that the relay does not).
+    """
+    text = str(text).strip()
+    if text.split(":", 1)[0].lower() in ("ssl", "txsni"):
+        raise ValueError(
+            f"{text!r} would terminate TLS on the relay; TLS passthrough needs a plain endpoint "
+            "like tcp:8443:interface=127.0.0.1 (use --https for TLS the relay terminates)"
+        )
+    return endpointString(text)
+
+
 def domainName(text: str) -> str:
     text = str(text).strip().lower().rstrip(".")
     labels = text.split(".")
@@ -84,6 +98,7 @@ class Options(ConfigOptions):
         ("domain", "localhost", domainName),
         ("http", DEFAULT_HTTP, endpointString),
         ("https", "", endpointString),
+        ("tls", "", passthroughEndpoint),
         ("tcp-ports", (20000, 20099), parseRange),
         ("udp-ports", (20000, 20099), parseRange),
         ("public-interface", "127.0.0.1", interface),
@@ -96,6 +111,13 @@ class Options(ConfigOptions):
         ["domain", "d", None, "Domain tunnels are served under, as NAME.DOMAIN. [default: localhost]"],
         ["http", None, None, f"Endpoint for public HTTP and agents' links. [default: {DEFAULT_HTTP}]"],
         ["https", None, None, "Endpoint for public HTTPS, e.g. ssl:443:privateKey=key.pem:certKey=cert.pem."],
+        [
+            "tls",
+            None,
+            None,
+            "Endpoint for TLS passthrough tunnels, routed by SNI and never decrypted, "
+            "e.g. tcp:8443:interface=127.0.0.1. [default: off]",
+        ],
         ["tcp-ports", None, None, "Range of public ports for TCP tunnels. [default: 20000-20099]"],
         ["udp-ports", None, None, "Range of public ports for UDP tunnels. [default: 20000-20099]"],
         ["public-interface", None, None, "Address the TCP/UDP tunnel ports listen on. [default: 127.0.0.1]"],
