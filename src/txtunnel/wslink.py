@@ -26,6 +26,7 @@ from zope.interface import implementer
 from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
 from txtunnel.interfaces import ILinkCarrier
 from txtunnel.link import Link
+from txtunnel.splice import setNoDelay
 
 __all__ = [
     "LINK_PATH",
@@ -86,6 +87,9 @@ class _LinkCarrierMixin:
             keepaliveTimeout=f.keepaliveTimeout,
         )
         self.link = link
+        # autobahn's own tcpNoDelay option never reaches the agent's socket;
+        # without this, small frames wait up to 40 ms in Nagle's buffer.
+        setNoDelay(self.transport)
         self.transport.registerProducer(link, True)
         link.start()
         return link
