@@ -278,3 +278,25 @@ def test_version_is_txtunnels(capsys: Any) -> None:
     with pytest.raises(SystemExit):
         relayOptions(["--version"])
     assert capsys.readouterr().out.strip() == f"txtunnel {txtunnel.__version__}"
+
+
+def test_agent_tls_option() -> None:
+    """
+    --tls TARGET makes one tls passthrough tunnel with the asked subdomain.
+    """
+    options = agentOptions(["--tls", "8443", "--subdomain", "secure"])
+    [tunnel] = options.tunnels
+    assert tunnel["type"] == "tls"
+    assert tunnel["target"] == ("127.0.0.1", 8443)
+    assert tunnel["options"]["subdomain"] == "secure"
+
+
+def test_subdomain_without_a_tunnel_option_is_an_error(tmp_path: Path) -> None:
+    """
+    --subdomain given with only a config file would be silently ignored;
+    it is an error that says where the setting belongs.
+    """
+    ini = tmp_path / "agent.ini"
+    ini.write_text("[tunnel:web]\ntype = http\ntarget = 8000\n")
+    with pytest.raises(usage.UsageError, match="--subdomain applies to the tunnel given with"):
+        agentOptions(["--config", str(ini), "--subdomain", "demo"])

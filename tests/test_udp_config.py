@@ -90,7 +90,10 @@ def test_bad_udp_options(args: list[str], words: str) -> None:
 
 
 def test_nothing_to_tunnel_mentions_udp() -> None:
-    with pytest.raises(usage.UsageError, match="--udp TARGET"):
+    """
+    The error for an agent with nothing to do lists --udp among the choices.
+    """
+    with pytest.raises(usage.UsageError, match="--udp or --tls TARGET"):
         agentOptions([])
 
 

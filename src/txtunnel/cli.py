@@ -87,6 +87,7 @@ class Options(usage.Options):
         ["http", None, _agentCommand("http"), "Expose a local HTTP service."],
         ["tcp", None, _agentCommand("tcp"), "Expose a local TCP service."],
         ["udp", None, _agentCommand("udp"), "Expose a local UDP service."],
+        ["tls", None, _agentCommand("tls"), "Expose a local TLS service by passthrough (SNI routing)."],
         ["relay", None, relayTap.Options, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
     ]
@@ -101,7 +102,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: http, tcp, udp, relay or demo")
+            raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay or demo")
 
 
 def _format(event: dict[str, Any]) -> str | None:

@@ -24,7 +24,7 @@ DEFAULT_RELAY = "ws://localhost:8080"
 TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
-KINDS = ("http", "tcp", "udp")
+KINDS = ("http", "tcp", "udp", "tls")
 
 
 def relayURL(text: str) -> str:
@@ -82,7 +82,7 @@ class Options(ConfigOptions):
     Several tunnels go in C{[tunnel:NAME]} sections.
     """
 
-    synopsis = "[options] (--http TARGET | --tcp TARGET | --udp TARGET | --config agent.ini)"
+    synopsis = "[options] (--http TARGET | --tcp TARGET | --udp TARGET | --tls TARGET | --config agent.ini)"
     longdesc = (
         "Run a txtunnel agent: connect to a relay and expose local services through it. "
         "TARGET is PORT or HOST:PORT of the local service."
@@ -94,6 +94,7 @@ class Options(ConfigOptions):
         ("http", None, optionalTarget),
         ("tcp", None, optionalTarget),
         ("udp", None, optionalTarget),
+        ("tls", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
@@ -108,6 +109,13 @@ class Options(ConfigOptions):
         ["http", None, None, "Expose the HTTP service at TARGET (PORT or HOST:PORT)."],
         ["tcp", None, None, "Expose the TCP service at TARGET (PORT or HOST:PORT)."],
         ["udp", None, None, "Expose the UDP service at TARGET (PORT or HOST:PORT)."],
+        [
+            "tls",
+            None,
+            None,
+            "Expose the TLS service at TARGET by passthrough: routed by SNI at NAME.<domain> on the relay's "
+            "--tls port, never decrypted.",
+        ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
         [
@@ -160,6 +168,13 @@ class Options(ConfigOptions):
                 "put several tunnels in [tunnel:NAME] sections"
             )
         common = {"response-timeout": self["response-timeout"]}
+        if not given:
+            for key in ("subdomain", "remote-port"):
+                if self[key] and key not in self.defaulted:
+                    raise ConfigError(
+                        f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
+                        f"in a config file put '{key} = ...' in its [tunnel:NAME] section"
+                    )
         if given:
             kind = given[0]
             options = dict(common)
@@ -218,7 +233,7 @@ class Options(ConfigOptions):
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
         if not self.tunnels:
             raise ConfigError(
-                "nothing to tunnel: give --http TARGET, --tcp TARGET or --udp TARGET, "
+                "nothing to tunnel: give --http, --tcp, --udp or --tls TARGET, "
                 "or [tunnel:NAME] sections in --config"
             )
         names = [t["name"] for t in self.tunnels]
