@@ -99,7 +99,7 @@ def test_relay_ini_and_environment(tmp_path: Path) -> None:
     ini = tmp_path / "relay.ini"
     ini.write_text("[relay]\ndomain = file.example\nhttp = tcp:7000\ntcp-ports = 21000-21005\ntoken = aaaaaaaa, bbbbbbbb\n")
     options = relayOptions(
-        ["--config", str(ini), "--http", "tcp:7002"], {"TXTUNNEL_HTTP": "tcp:7001", "TXTUNNEL_DOMAIN": "env.example"}
+        ["--config", str(ini), "--http", "tcp:7002"], {"TXTUNNEL_RELAY_HTTP": "tcp:7001", "TXTUNNEL_RELAY_DOMAIN": "env.example", "TXTUNNEL_HTTP": "ignored"}
     )
     assert options["http"] == "tcp:7002"
     assert options["domain"] == "env.example"
@@ -140,8 +140,8 @@ def test_environment_error_names_variable() -> None:
     """
     A bad TXTUNNEL_* value is reported with the variable's name.
     """
-    with pytest.raises(usage.UsageError, match="TXTUNNEL_TCP_PORTS: 'x' is not a port range"):
-        relayOptions([], {"TXTUNNEL_TCP_PORTS": "x"})
+    with pytest.raises(usage.UsageError, match="TXTUNNEL_RELAY_TCP_PORTS: 'x' is not a port range"):
+        relayOptions([], {"TXTUNNEL_RELAY_TCP_PORTS": "x"})
 
 
 def test_agent_http_defaults() -> None:

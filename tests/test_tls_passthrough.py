@@ -577,7 +577,7 @@ def test_tls_option() -> None:
     options = relayTap.Options(environ={})
     options.parseOptions(["--tls", "tcp:8443:interface=127.0.0.1"])
     assert options["tls"] == "tcp:8443:interface=127.0.0.1"
-    options = relayTap.Options(environ={"TXTUNNEL_TLS": "tcp:9443"})
+    options = relayTap.Options(environ={"TXTUNNEL_RELAY_TLS": "tcp:9443"})
     options.parseOptions([])
     assert options["tls"] == "tcp:9443"
     with pytest.raises(usage.UsageError, match="would terminate TLS"):

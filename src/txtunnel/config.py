@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_config -*-
 """
 Options from three places: the command line, C{TXTUNNEL_*} environment
-variables and an INI file, in that order of precedence, then the built-in
+variables (C{TXTUNNEL_RELAY_*} for the relay) and an INI file, in that order of precedence, then the built-in
 defaults.
 
 Every value is checked by one coercer per key, and a bad one is reported
@@ -106,6 +106,11 @@ class ConfigOptions(usage.Options):
     """
 
     section = ""
+    #: Environment variables are this prefix and the key, upper-cased with
+    #: C{_} for C{-}: the relay's and the agent's must not share names, since
+    #: both often run in one shell (C{--http} is an endpoint for one and a
+    #: target for the other).
+    envPrefix = "TXTUNNEL_"
     settings: tuple[tuple[str, Any, Coercer], ...] = ()
     #: Keys that collect several values (given more than once).
     multi: frozenset[str] = frozenset()
@@ -126,6 +131,13 @@ class ConfigOptions(usage.Options):
         print(f"txtunnel {txtunnel.__version__}")
         raise SystemExit(0)
 
+    def envName(self, key: str) -> str:
+        return self.envPrefix + key.upper().replace("-", "_")
+
+    @property
+    def configPath(self) -> str | None:
+        return self.get("config") or self.environ.get(self.envName("config"))
+
     def _coerce(self, key: str, raw: Any, where: str) -> Any:
         coercer = dict((k, c) for k, _, c in self.settings)[key]
         try:
@@ -142,7 +154,7 @@ class ConfigOptions(usage.Options):
             that read more sections from it.
         """
         parser = None
-        path = self.get("config") or self.environ.get("TXTUNNEL_CONFIG")
+        path = self.configPath
         fileValues: dict[str, str] = {}
         if path:
             parser = readINI(path)
@@ -156,7 +168,7 @@ class ConfigOptions(usage.Options):
                     fileValues[key] = value
             self.checkSections(parser, path)
         for key, default, _ in self.settings:
-            envName = "TXTUNNEL_" + key.upper().replace("-", "_")
+            envName = self.envName(key)
             if key in self.multi:
                 given = self[key]
                 if given:

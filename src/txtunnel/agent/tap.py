@@ -190,7 +190,7 @@ class Options(ConfigOptions):
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
         if parser is not None:
-            path = self.get("config") or self.environ.get("TXTUNNEL_CONFIG")
+            path = self.configPath
             for section in parser.sections():
                 if not section.startswith("tunnel:"):
                     continue

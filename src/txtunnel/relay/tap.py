@@ -83,7 +83,7 @@ def interface(text: str) -> str:
 class Options(ConfigOptions):
     """
     Options of C{twistd tunnelrelay}; every one can also come from
-    C{--config} (section C{[relay]}) or C{TXTUNNEL_<NAME>}.
+    C{--config} (section C{[relay]}) or C{TXTUNNEL_RELAY_<NAME>}.
     """
 
     synopsis = "[options]"
@@ -93,6 +93,7 @@ class Options(ConfigOptions):
         "*.localhost on 127.0.0.1:8080."
     )
     section = "relay"
+    envPrefix = "TXTUNNEL_RELAY_"
     multi = frozenset({"token"})
     settings = (
         ("domain", "localhost", domainName),
@@ -128,7 +129,7 @@ class Options(ConfigOptions):
     def opt_token(self, value: str) -> None:
         """
         A token agents must present (repeat for several; comma-separated in
-        config and TXTUNNEL_TOKEN). With none, any agent may connect.
+        config and TXTUNNEL_RELAY_TOKEN). With none, any agent may connect.
         """
         self["token"].append(value)
 
