@@ -233,8 +233,7 @@ class Options(ConfigOptions):
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
         if not self.tunnels:
             raise ConfigError(
-                "nothing to tunnel: give --http, --tcp, --udp or --tls TARGET, "
-                "or [tunnel:NAME] sections in --config"
+                "nothing to tunnel: give --http, --tcp, --udp or --tls TARGET, or [tunnel:NAME] sections in --config"
             )
         names = [t["name"] for t in self.tunnels]
         if len(set(names)) != len(names):

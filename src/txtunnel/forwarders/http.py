@@ -27,11 +27,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txtunnel.errors import BindError
+from txtunnel.claims import claimName
 from txtunnel.http1 import errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
-from txtunnel.names import checkName, randomName
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
 
@@ -155,25 +154,8 @@ class HTTPForwarder:
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
-        asked = tunnel.request.get("name")
-        if asked is not None:
-            if not isinstance(asked, str):
-                raise BindError("the subdomain must be a string")
-            try:
-                names = [checkName(asked)]
-            except ValueError as e:
-                raise BindError(str(e)) from None
-        else:
-            names = [randomName() for _ in range(8)]
-        for name in names:
-            if relay.hosts.get(name) is None:
-                claimed = yield relay.store.claim("http", name, tunnel.owner)
-                if claimed and relay.hosts.get(name) is None:
-                    relay.hosts.add(name, tunnel)
-                    return HTTPBinding(relay, tunnel, name)
-        if asked is not None:
-            raise BindError(f"the subdomain {asked!r} is in use on this relay; choose another with --subdomain")
-        raise BindError("could not find a free random name; try again")
+        name = yield claimName(relay, relay.hosts, "http", tunnel, "subdomain")
+        return HTTPBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))

@@ -9,16 +9,14 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError, ConnectError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txtunnel.errors import BindError
+from txtunnel.claims import claimPort, connectOrReset
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
-from txtunnel.splice import SocketSide, connectStream
+from txtunnel.splice import SocketSide
 
 __all__ = ["TCPForwarder"]
 
@@ -78,47 +76,15 @@ class TCPForwarder:
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
-        pool = relay.ports
-        requested = tunnel.request.get("port")
-        if requested is not None:
-            if not isinstance(requested, int) or requested not in pool:
-                raise BindError(f"remote port {requested!r} is outside this relay's TCP range {pool.low}-{pool.high}")
-            if pool.inUse(requested):
-                raise BindError(f"remote port {requested} is in use on this relay")
-            candidates: Any = [requested]
-        else:
-            candidates = pool.candidates()
         interface = relay.publicInterface.replace(":", r"\:")
-        for port in list(candidates):
-            claimed = yield relay.store.claim("tcp", str(port), tunnel.owner)
-            if not claimed:
-                if requested is not None:
-                    raise BindError(f"remote port {port} is held by another agent")
-                continue
-            factory = Factory.forProtocol(lambda: _VisitorSide(tunnel))
-            factory.noisy = False
-            try:
-                listening = yield serverFromString(relay.reactor, f"tcp:{port}:interface={interface}").listen(factory)
-            except CannotListenError as e:
-                yield relay.store.release("tcp", str(port), tunnel.owner)
-                if requested is not None:
-                    raise BindError(
-                        f"remote port {port} cannot be opened on the relay host ({e.socketError})"
-                    ) from None
-                continue
-            pool.take(port)
-            return TCPBinding(relay, tunnel, port, listening)
-        raise BindError(f"no free port left in this relay's TCP range {pool.low}-{pool.high}")
+        factory = Factory.forProtocol(lambda: _VisitorSide(tunnel))
+        factory.noisy = False
+
+        def listen(port: int) -> Any:
+            return serverFromString(relay.reactor, f"tcp:{port}:interface={interface}").listen(factory)
+
+        port, listening = yield claimPort(relay, relay.ports, "tcp", tunnel, listen)
+        return TCPBinding(relay, tunnel, port, listening)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
-        d = connectStream(tunnel.reactor, tunnel.target, stream)
-
-        def failed(f: Failure) -> None:
-            if stream.closed:
-                return
-            host, port = tunnel.target
-            reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
-            self.log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
-            stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
-
-        d.addErrback(failed)
+        connectOrReset(tunnel, stream)

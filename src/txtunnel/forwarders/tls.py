@@ -20,17 +20,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.claims import claimName, connectOrReset
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
-from txtunnel.names import checkName, randomName
 from txtunnel.sni import (
     DECODE_ERROR,
     DEFAULT_LIMIT,
@@ -41,7 +41,7 @@ from txtunnel.sni import (
     ClientHelloParser,
     alertRecord,
 )
-from txtunnel.splice import SocketSide, connectStream, setNoDelay, splice
+from txtunnel.splice import SocketSide, setNoDelay, splice
 
 __all__ = ["TLSBinding", "TLSForwarder", "TLSRouter", "TLSRouterFactory", "tlsURL"]
 
@@ -213,36 +213,8 @@ class TLSForwarder:
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
         if relay.tlsPort is None:
             raise BindError("this relay has no TLS passthrough listener (its operator can add one with --tls)")
-        asked = tunnel.request.get("name")
-        if asked is not None:
-            if not isinstance(asked, str):
-                raise BindError("the subdomain must be a string")
-            try:
-                names = [checkName(asked)]
-            except ValueError as e:
-                raise BindError(str(e)) from None
-        else:
-            names = [randomName() for _ in range(8)]
-        hosts = relay.tlsHosts
-        for name in names:
-            if hosts.get(name) is None:
-                claimed = yield relay.store.claim("tls", name, tunnel.owner)
-                if claimed and hosts.get(name) is None:
-                    hosts.add(name, tunnel)
-                    return TLSBinding(relay, tunnel, name)
-        if asked is not None:
-            raise BindError(f"the TLS name {asked!r} is in use on this relay; choose another subdomain")
-        raise BindError("could not find a free random name; try again")
+        name = yield claimName(relay, relay.tlsHosts, "tls", tunnel, "TLS name")
+        return TLSBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
-        d = connectStream(tunnel.reactor, tunnel.target, stream)
-
-        def failed(f: Failure) -> None:
-            if stream.closed:
-                return
-            host, port = tunnel.target
-            reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
-            self.log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
-            stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
-
-        d.addErrback(failed)
+        connectOrReset(tunnel, stream)

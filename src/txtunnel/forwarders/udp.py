@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.claims import claimPort
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
@@ -754,40 +755,18 @@ class UDPForwarder:
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
-        pool = relay.udpPorts
         timeout = tunnel.request.get("idle-timeout", DEFAULT_IDLE_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_IDLE_TIMEOUT:
             raise BindError(f"UDP idle timeout {timeout!r} is not a number of seconds in (0, {MAX_IDLE_TIMEOUT:g}]")
-        requested = tunnel.request.get("port")
-        if requested is not None:
-            if isinstance(requested, bool) or not isinstance(requested, int) or requested not in pool:
-                raise BindError(f"remote port {requested!r} is outside this relay's UDP range {pool.low}-{pool.high}")
-            if pool.inUse(requested):
-                raise BindError(f"remote UDP port {requested} is in use on this relay")
-            candidates: Any = [requested]
-        else:
-            candidates = pool.candidates()
-        for port in list(candidates):
-            claimed = yield relay.store.claim("udp", str(port), tunnel.owner)
-            if not claimed:
-                if requested is not None:
-                    raise BindError(f"remote UDP port {port} is held by another agent")
-                continue
+
+        def listen(port: int) -> Any:
             public = _PublicPort(relay.reactor, tunnel, float(timeout), self.maxFlows)
-            try:
-                listening = relay.reactor.listenUDP(
-                    port, public, interface=relay.publicInterface, maxPacketSize=RECV_SIZE
-                )
-            except CannotListenError as e:
-                yield relay.store.release("udp", str(port), tunnel.owner)
-                if requested is not None:
-                    raise BindError(
-                        f"remote UDP port {port} cannot be opened on the relay host ({e.socketError})"
-                    ) from None
-                continue
-            pool.take(port)
-            return UDPBinding(relay, tunnel, port, listening, public)
-        raise BindError(f"no free port left in this relay's UDP range {pool.low}-{pool.high}")
+            return relay.reactor.listenUDP(
+                port, public, interface=relay.publicInterface, maxPacketSize=RECV_SIZE
+            ), public
+
+        port, (listening, public) = yield claimPort(relay, relay.udpPorts, "udp", tunnel, listen)
+        return UDPBinding(relay, tunnel, port, listening, public)
 
     # -- agent half
 
