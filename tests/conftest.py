@@ -263,7 +263,9 @@ def closedPort() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _isolateEnvironment(monkeypatch: Any) -> None:
+def _isolateEnvironment(monkeypatch: Any, tmp_path: Any) -> None:
     for key in list(os.environ):
         if key.startswith("TXTUNNEL_"):
             monkeypatch.delenv(key)
+    # Agent keys and relay state go to the test's own directory, not ~.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))

@@ -51,6 +51,14 @@ class IBinding(Interface):
     """
 
     address = Attribute("The public address as a URL string, e.g. C{'tcp://127.0.0.1:20005'}.")
+    claim = Attribute(
+        "C{(namespace, key)} of the store claim this binding holds, kept for the agent during the "
+        "grace period after its link drops; or C{None}."
+    )
+    reclaim = Attribute(
+        "Fields the agent sends back in its bind request after a reconnect to get the same address "
+        "(e.g. C{{'name': 'brave-otter-1234'}}); a C{dict}."
+    )
 
     def close() -> Deferred[None] | None:
         """
@@ -170,6 +178,19 @@ class IStore(Interface):
     def owner(namespace: str, key: str) -> Deferred[str | None]:
         """
         Who holds C{key}, if anyone.
+        """
+
+    def hold(namespace: str, key: str, owner: str, until: float) -> Deferred[None]:
+        """
+        Keep C{key} for C{owner} until the wall-clock time C{until} although
+        no tunnel uses it: the grace period after an agent's link drops.  A
+        L{claim} by the same owner takes it back; after C{until} anyone may.
+        """
+
+    def holdAll(until: float) -> Deferred[None]:
+        """
+        At start-up: every claim left by live tunnels of the previous run is
+        held until C{until}; holds that have expired are dropped.
         """
 
     def releaseAll(namespace: str) -> Deferred[None]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -20,6 +22,7 @@ CREATE TABLE IF NOT EXISTS claims (
     namespace TEXT NOT NULL,
     key TEXT NOT NULL,
     owner TEXT NOT NULL,
+    expires REAL,
     PRIMARY KEY (namespace, key)
 );
 """
@@ -35,30 +38,54 @@ class SQLiteStore:
     room for a networked store.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self._now = clock
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(claims)")]
+        if "expires" not in columns:  # a state dir from before grace periods
+            self._db.execute("ALTER TABLE claims ADD COLUMN expires REAL")
 
     @classmethod
-    def inDirectory(cls, stateDir: str) -> SQLiteStore:
-        return cls(os.path.join(stateDir, "relay.sqlite3"))
+    def inDirectory(cls, stateDir: str, clock: Callable[[], float] = time.time) -> SQLiteStore:
+        return cls(os.path.join(stateDir, "relay.sqlite3"), clock)
 
     def claim(self, namespace: str, key: str, owner: str) -> Deferred[bool]:
         db = self._db
-        db.execute("INSERT OR IGNORE INTO claims VALUES (?, ?, ?)", (namespace, key, owner))
+        db.execute(
+            "DELETE FROM claims WHERE namespace=? AND key=? AND expires IS NOT NULL AND expires <= ?",
+            (namespace, key, self._now()),
+        )
+        db.execute("INSERT OR IGNORE INTO claims VALUES (?, ?, ?, NULL)", (namespace, key, owner))
         row = db.execute("SELECT owner FROM claims WHERE namespace=? AND key=?", (namespace, key)).fetchone()
-        return succeed(row is not None and row[0] == owner)
+        mine = row is not None and row[0] == owner
+        if mine:
+            db.execute("UPDATE claims SET expires=NULL WHERE namespace=? AND key=?", (namespace, key))
+        return succeed(mine)
+
+    def hold(self, namespace: str, key: str, owner: str, until: float) -> Deferred[None]:
+        self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (namespace, key, owner, until))
+        return succeed(None)
+
+    def holdAll(self, until: float) -> Deferred[None]:
+        db = self._db
+        db.execute("DELETE FROM claims WHERE expires IS NOT NULL AND expires <= ?", (self._now(),))
+        db.execute("UPDATE claims SET expires=? WHERE expires IS NULL", (until,))
+        return succeed(None)
 
     def release(self, namespace: str, key: str, owner: str) -> Deferred[None]:
         self._db.execute("DELETE FROM claims WHERE namespace=? AND key=? AND owner=?", (namespace, key, owner))
         return succeed(None)
 
     def owner(self, namespace: str, key: str) -> Deferred[str | None]:
-        row = self._db.execute("SELECT owner FROM claims WHERE namespace=? AND key=?", (namespace, key)).fetchone()
+        row = self._db.execute(
+            "SELECT owner FROM claims WHERE namespace=? AND key=? AND (expires IS NULL OR expires > ?)",
+            (namespace, key, self._now()),
+        ).fetchone()
         return succeed(row[0] if row else None)
 
     def releaseAll(self, namespace: str) -> Deferred[None]:

@@ -5,6 +5,7 @@ The agent as a service: a reconnecting link to the relay and its tunnels.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,10 @@ class AgentTunnel:
         self.forwarder = forwarder
         self.reactor = reactor
         self.address: str | None = None
+        #: The address the relay gave last, to tell the user if it changes.
+        self.lastAddress: str | None = None
+        #: What to send back to the relay to get the same address again.
+        self.reclaim: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
@@ -66,10 +71,14 @@ class Agent:
         relayURL: str,
         token: str | None,
         tunnels: list[AgentTunnel],
+        key: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.relayURL = relayURL
         self.token = token
+        #: A secret that identifies this agent to the relay across
+        #: reconnects (and, when kept in a file, across restarts).
+        self.key = key or secrets.token_urlsafe(32)
         self.tunnels = tunnels
         self.session: AgentSession | None = None
         self.ready: Deferred[list[AgentTunnel]] = Deferred()
@@ -164,5 +173,6 @@ class AgentService(MultiService):
         self.agent.stopping = True
         session = self.agent.session
         if session is not None:
+            session.goodbye()
             session.carrier.closeLink("agent shutting down")
         return super().stopService()  # type: ignore[no-any-return]

@@ -50,6 +50,8 @@ class AgentSession:
         }
         if agent.token:
             hello["token"] = agent.token
+        if agent.key:
+            hello["key"] = agent.key
         link.sendControl(hello)
         agent.sessionStarted(self)
 
@@ -78,15 +80,39 @@ class AgentSession:
         self.log.info("connected to relay {relay}", relay=self.agent.relayURL)
         for i, tunnel in enumerate(self.agent.tunnels, start=1):
             self.byId[i] = tunnel
-            request = dict(tunnel.forwarder.bindRequest(tunnel))
-            request.update({"op": "bind", "id": i, "type": tunnel.type})
-            self.link.sendControl(request)
+            self._bind(i, tunnel)
+
+    def _bind(self, bid: int, tunnel: AgentTunnel) -> None:
+        request = dict(tunnel.forwarder.bindRequest(tunnel))
+        # After a reconnect, ask for the address the relay gave before.
+        request.update(tunnel.reclaim)
+        request.update({"op": "bind", "id": bid, "type": tunnel.type})
+        self.byId[bid] = tunnel
+        self.link.sendControl(request)
+
+    def goodbye(self) -> None:
+        """
+        Tell the relay this agent is leaving on purpose, so it frees the
+        tunnels' addresses at once instead of keeping them for a reconnect.
+        """
+        if self.state != "closed":
+            self.link.sendControl({"op": "bye"})
 
     def _bound(self, message: dict[str, Any]) -> None:
         tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
         if tunnel is None:
             return
-        tunnel.address = str(message.get("address"))
+        address = str(message.get("address"))
+        if tunnel.lastAddress is not None and tunnel.lastAddress != address:
+            self.log.warn(
+                "tunnel {tunnel!r} has a new address: {address} (was {old})",
+                tunnel=tunnel.name,
+                address=address,
+                old=tunnel.lastAddress,
+            )
+        tunnel.address = tunnel.lastAddress = address
+        reclaim = message.get("reclaim")
+        tunnel.reclaim = reclaim if isinstance(reclaim, dict) else {}
         host, port = tunnel.target
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.log.info("tunnel ready: {address} -> {target}", address=tunnel.address, target=target, tunnel=tunnel.name)
@@ -97,6 +123,14 @@ class AgentSession:
         if tunnel is None:
             return
         reason = str(message.get("reason", "no reason given"))
+        if tunnel.reclaim and not any(tunnel.options.get(k) for k in ("subdomain", "remote-port")):
+            # The old address is gone (grace period over): take a new one.
+            self.log.warn(
+                "tunnel {tunnel!r} could not get its old address back: {reason}", tunnel=tunnel.name, reason=reason
+            )
+            tunnel.reclaim = {}
+            self._bind(max(self.byId) + 1, tunnel)
+            return
         self.log.error("relay refused tunnel {tunnel!r}: {reason}", tunnel=tunnel.name, reason=reason)
         self.agent.tunnelRefused(tunnel, reason)
 

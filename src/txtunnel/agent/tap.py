@@ -101,6 +101,7 @@ class Options(ConfigOptions):
         ("sse-heartbeat", 15.0, positiveFloat),
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
+        ("key-file", None, optionalText),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -136,6 +137,13 @@ class Options(ConfigOptions):
             None,
             None,
             "Seconds a UDP flow may be silent before it is closed and its socket freed. [default: 60]",
+        ],
+        [
+            "key-file",
+            None,
+            None,
+            "File with this agent's secret key, which gets it the same addresses after a reconnect or "
+            "restart (made if missing). [default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
     ]
@@ -248,7 +256,46 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    return Agent(reactor, options["relay"], options["token"], tunnels)
+    return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+
+
+def loadAgentKey(path: str | None) -> str | None:
+    """
+    Read the agent's key from C{path} (default in the user's state
+    directory), making one (mode 0600) if there is none.  When the file
+    cannot be used the agent runs with a key of its own for this process,
+    and says so.
+    """
+    import os
+    import secrets
+
+    from twisted.logger import Logger
+
+    from txtunnel.relay.tap import defaultStateDir
+
+    if path is None:
+        path = os.path.join(defaultStateDir(), "agent.key")
+    try:
+        with open(path, encoding="ascii") as f:
+            key = f.read().strip()
+        if 16 <= len(key) <= 256:
+            return key
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as e:
+        Logger().warn("cannot read the agent key {path} ({error}); using a new one for this run", path=path, error=e)
+        return None
+    key = secrets.token_urlsafe(32)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(key + "\n")
+    except FileExistsError:
+        return loadAgentKey(path)
+    except OSError as e:
+        Logger().warn("cannot save the agent key to {path} ({error}); using one for this run only", path=path, error=e)
+    return key
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

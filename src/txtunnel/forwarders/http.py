@@ -47,6 +47,8 @@ class HTTPBinding:
         self.tunnel = tunnel
         self.name = name
         self.address = relay.httpURL(name)
+        self.claim = ("http", name)
+        self.reclaim = {"name": name}
 
     def close(self) -> Any:
         self.relay.hosts.remove(self.name, self.tunnel)

@@ -48,6 +48,8 @@ class TCPBinding:
         self.port = port
         self.listening = listening
         self.address = f"tcp://{_hostForURL(relay.publicHost)}:{port}"
+        self.claim = ("tcp", str(port))
+        self.reclaim = {"port": port}
 
     def close(self) -> Any:
         self.relay.ports.free(self.port)

@@ -188,6 +188,8 @@ class TLSBinding:
         self.tunnel = tunnel
         self.name = name
         self.address = tlsURL(relay, name)
+        self.claim = ("tls", name)
+        self.reclaim = {"name": name}
 
     def close(self) -> Any:
         self.relay.tlsHosts.remove(self.name, self.tunnel)

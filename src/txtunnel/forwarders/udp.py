@@ -574,6 +574,8 @@ class UDPBinding:
         self.listening = listening
         self.public = public
         self.address = f"udp://{_hostForURL(relay.publicHost)}:{port}"
+        self.claim = ("udp", str(port))
+        self.reclaim = {"port": port}
         self.closed = False
 
     @property

@@ -65,6 +65,8 @@ class Relay:
         self.httpsPort: int | None = None
         self.tlsPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
+        #: Seconds a disconnected agent's names and ports are kept for it.
+        self.grace = float(settings.get("grace", 1800.0))
         self.linkFactory = LinkServerFactory(
             lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
             reactor,
@@ -82,6 +84,12 @@ class Relay:
         if self.publicInterface in ("", "0.0.0.0", "::"):
             return self.domain
         return self.publicInterface
+
+    def wallClock(self) -> float:
+        """
+        Wall-clock time for holds that must survive a restart of the relay.
+        """
+        return float(self.reactor.seconds())
 
     def checkToken(self, token: str | None) -> bool:
         """
@@ -218,10 +226,8 @@ class RelayService(MultiService):
         if self.stateDirDefaulted:
             stateDir = os.path.join(stateDir, f"relay-{relay.httpPort or relay.httpsPort or 0}")
         store = SQLiteStore.inDirectory(stateDir)
-        yield store.releaseAll("http")
-        yield store.releaseAll("tcp")
-        yield store.releaseAll("udp")
-        yield store.releaseAll("tls")
+        # Tunnels of the previous run get the grace period to come back.
+        yield store.holdAll(relay.wallClock() + relay.grace)
         relay.store = store
         for port in self.listening:
             if port is tlsListening:

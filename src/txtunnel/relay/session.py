@@ -92,6 +92,9 @@ class RelaySession:
                 self._bind(message)
             elif op == "unbind":
                 self._unbind(message)
+            elif op == "bye":
+                # A clean goodbye: nothing is kept for this agent.
+                self._unbindAll()
             else:
                 self.log.warn("agent {peer} sent unknown control op {op!r}; ignored", peer=self.peer, op=op)
 
@@ -106,7 +109,12 @@ class RelaySession:
         if not self.relay.checkToken(token if isinstance(token, str) else None):
             self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
-        if isinstance(token, str) and token:
+        key = message.get("key")
+        if isinstance(key, str) and 16 <= len(key) <= 256:
+            # The agent's random key, hashed: whoever presents it again gets
+            # its names and ports back within the grace period.
+            self.owner = "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        elif isinstance(token, str) and token:
             self.owner = "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
         offered = message.get("features")
         if not isinstance(offered, list):
@@ -154,7 +162,11 @@ class RelaySession:
                 binding.close()
                 return
             tunnel.binding = binding
-            self.link.sendControl({"op": "bound", "id": bid, "address": binding.address})
+            message: dict[str, Any] = {"op": "bound", "id": bid, "address": binding.address}
+            reclaim = getattr(binding, "reclaim", None)
+            if isinstance(reclaim, dict) and reclaim:
+                message["reclaim"] = reclaim
+            self.link.sendControl(message)
             self.log.info("tunnel {address} bound for agent {peer}", address=binding.address, peer=self.peer, type=kind)
 
         def failed(f: Failure) -> None:
@@ -174,13 +186,26 @@ class RelaySession:
         if tunnel is not None and tunnel.binding is not None:
             tunnel.binding.close()
 
+    def _unbindAll(self) -> None:
+        for tunnel in self.tunnels.values():
+            if tunnel.binding is not None:
+                tunnel.binding.close()
+        self.tunnels.clear()
+
     def linkLost(self, reason: str) -> None:
         if self.state == "closed":
             return
         self.state = "closed"
         self.relay.sessions.discard(self)
+        until = self.relay.wallClock() + self.relay.grace
         for tunnel in self.tunnels.values():
-            if tunnel.binding is not None:
-                tunnel.binding.close()
+            binding = tunnel.binding
+            if binding is None:
+                continue
+            binding.close()
+            claim = getattr(binding, "claim", None)
+            if claim is not None and self.relay.grace > 0 and self.relay.store is not None:
+                # Kept for this agent: it gets the same address if it is back in time.
+                self.relay.store.hold(claim[0], claim[1], self.owner, until)
         self.tunnels.clear()
         self.log.info("agent {peer} disconnected: {reason}", peer=self.peer, reason=reason)

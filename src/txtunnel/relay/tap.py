@@ -106,6 +106,7 @@ class Options(ConfigOptions):
         ("state-dir", defaultStateDir(), directory),
         ("token", [], tokenList),
         ("keepalive", 10.0, positiveFloat),
+        ("grace", 1800.0, positiveFloat),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -123,6 +124,13 @@ class Options(ConfigOptions):
         ["udp-ports", None, None, "Range of public ports for UDP tunnels. [default: 20000-20099]"],
         ["public-interface", None, None, "Address the TCP/UDP tunnel ports listen on. [default: 127.0.0.1]"],
         ["state-dir", None, None, "Where the relay keeps its state. [default: $XDG_STATE_HOME/txtunnel]"],
+        [
+            "grace",
+            None,
+            None,
+            "Seconds a disconnected agent's names and ports are kept for it to reconnect to; 0 frees "
+            "them at once. [default: 1800]",
+        ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is closed. [default: 10]"],
     ]
 

@@ -1,0 +1,131 @@
+"""
+Reconnects keep the address: the relay holds a dropped agent's names and
+ports for a grace period, also across a restart of the relay, and a clean
+goodbye frees them at once.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from tests.conftest import Relay, RunningAgent, curl, startAgent, startRelay
+from txtunnel.agent.session import AgentSession
+
+
+async def waitFor(condition: Any, timeout: float = 15.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("timed out waiting")
+
+
+def dropLink(agent: RunningAgent) -> AgentSession:
+    """
+    Cut the agent's link as a network failure would (no goodbye).
+    """
+    session = agent.agent.session
+    assert session is not None
+    session.carrier.transport.abortConnection()
+    return session
+
+
+async def rebound(agent: RunningAgent, old: AgentSession) -> None:
+    await waitFor(
+        lambda: agent.agent.session not in (None, old) and all(t.address for t in agent.agent.tunnels)
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_address_survives_a_dropped_link(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
+    """
+    An agent with a random name whose link drops reconnects and gets the
+    same URL back, which serves again.
+    """
+    agent = await startAgent(agents, relay, "--http", str(origin))
+    address = agent.address()
+    old = dropLink(agent)
+    await rebound(agent, old)
+    assert agent.address() == address
+    host = address.split("//", 1)[1].rstrip("/")
+    code, out, _ = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
+    assert code == 0 and b"hello from origin" in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_port_survives_a_dropped_link(relay: Relay, agents: list[RunningAgent], echoServer: int) -> None:
+    """
+    A TCP tunnel's public port is the same after a reconnect.
+    """
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer))
+    address = agent.address()
+    old = dropLink(agent)
+    await rebound(agent, old)
+    assert agent.address() == address
+
+
+@pytest_twisted.ensureDeferred
+async def test_clean_stop_frees_the_name_at_once(relay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Path) -> None:
+    """
+    An agent that stops cleanly says goodbye: another agent can take its
+    subdomain straight away.
+    """
+    first = await startAgent(agents, relay, "--http", str(origin), "-s", "handover", "--key-file", str(tmp_path / "a"))
+    await first.stop()
+    second = await startAgent(agents, relay, "--http", str(origin), "-s", "handover", "--key-file", str(tmp_path / "b"))
+    assert second.address().startswith("http://handover.localhost:")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dropped_name_is_held_then_released(tmp_path: Path, agents: list[RunningAgent], origin: int) -> None:
+    """
+    After an unclean drop the name is held for the grace period: another
+    agent is refused until it ends, then gets it.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--grace", "1")
+    try:
+        first = await startAgent(agents, relay, "--http", str(origin), "-s", "held", "--key-file", str(tmp_path / "a"))
+        await defer.maybeDeferred(first.service.client.stopService)  # it will not come back
+        dropLink(first) if first.agent.session is not None else None
+        other = await startAgent(
+            agents, relay, "--http", str(origin), "-s", "held", "--key-file", str(tmp_path / "b"), expectReady=False
+        )
+        with pytest.raises(RuntimeError, match="'held' is in use"):
+            await other.agent.ready
+        await task.deferLater(reactor, 1.2, lambda: None)
+        later = await startAgent(agents, relay, "--http", str(origin), "-s", "held", "--key-file", str(tmp_path / "c"))
+        assert later.address().startswith("http://held.localhost:")
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_address_after_relay_restart(tmp_path: Path, agents: list[RunningAgent], origin: int) -> None:
+    """
+    When the relay restarts (same port, same state dir) the agent reconnects
+    on its own and gets the same random name back.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = str(tmp_path / "state")
+    relay = await startRelay(state, "--http", f"tcp:{port}:interface=127.0.0.1")
+    agent = await startAgent(agents, relay, "--http", str(origin))
+    address = agent.address()
+    old = agent.agent.session
+    await defer.maybeDeferred(relay.service.stopService)
+    restarted = await startRelay(state, "--http", f"tcp:{port}:interface=127.0.0.1")
+    try:
+        await rebound(agent, old)  # type: ignore[arg-type]
+        assert agent.address() == address
+        host = address.split("//", 1)[1].rstrip("/")
+        code, out, _ = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{port}/")
+        assert code == 0 and b"hello from origin" in out
+    finally:
+        await defer.maybeDeferred(restarted.service.stopService)
