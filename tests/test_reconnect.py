@@ -129,3 +129,43 @@ async def test_same_address_after_relay_restart(tmp_path: Path, agents: list[Run
         assert code == 0 and b"hello from origin" in out
     finally:
         await defer.maybeDeferred(restarted.service.stopService)
+
+
+def test_agent_key_file(tmp_path: Path) -> None:
+    """
+    The agent key is made once, private to its user (0600), and read back
+    the same on the next start.
+    """
+    import os
+    import stat
+
+    from txtunnel.agent.tap import loadAgentKey
+
+    path = tmp_path / "dir" / "agent.key"
+    key = loadAgentKey(str(path))
+    assert key is not None and len(key) >= 32
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert loadAgentKey(str(path)) == key
+
+
+def test_store_holds_expire(tmp_path: Path) -> None:
+    """
+    A held claim belongs to its owner until it expires, then to anyone;
+    holdAll turns live claims of a previous run into holds.
+    """
+    from txtunnel.store import SQLiteStore
+
+    now = [1000.0]
+    store = SQLiteStore(str(tmp_path / "s.sqlite3"), clock=lambda: now[0])
+    results: list[Any] = []
+    store.claim("http", "demo", "a").addCallback(results.append)
+    store.hold("http", "demo", "a", until=1010.0)
+    store.claim("http", "demo", "b").addCallback(results.append)
+    now[0] = 1011.0
+    store.claim("http", "demo", "b").addCallback(results.append)
+    store.holdAll(until=1020.0)
+    store.claim("http", "demo", "c").addCallback(results.append)
+    now[0] = 1021.0
+    store.owner("http", "demo").addCallback(results.append)
+    store.close()
+    assert results == [True, False, True, False, None]
