@@ -564,8 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
+    # SIGINT too, explicitly: a shell starts a background job with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     bench = Bench(args)
     ok = False
     try:

@@ -135,14 +135,22 @@ def connectStream(
     @return: a L{Deferred} that fires with the socket side, or fails with
         the connection error (and the stream is left to the caller).
     """
-    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.abstract import isIPAddress, isIPv6Address
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
     from twisted.internet.protocol import Factory
 
     stream.pauseProducing()
     side = streamSide if streamSide is not None else StreamSide()
     stream.attach(side)
     host, port = target
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint: Any
+    if isIPAddress(host):
+        # An address needs no resolver (whose threads a name lookup would use).
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     factory = Factory.forProtocol(lambda: sideFactory(stream))
     factory.noisy = False
     d: Deferred[SocketSide] = endpoint.connect(factory)  # type: ignore[assignment]

@@ -40,6 +40,11 @@ class _VisitorSide(SocketSide):
         super().connectionMade()
 
 
+#: Pending connections a public port queues; Twisted's default of 50 made
+#: every 50th of a burst of connects wait a second for a SYN retransmit.
+BACKLOG = 1024
+
+
 @implementer(IBinding)
 class TCPBinding:
     def __init__(self, relay: IRelay, tunnel: IRelayTunnel, port: int, listening: Any) -> None:
@@ -83,7 +88,7 @@ class TCPForwarder:
         factory.noisy = False
 
         def listen(port: int) -> Any:
-            return serverFromString(relay.reactor, f"tcp:{port}:interface={interface}").listen(factory)
+            return serverFromString(relay.reactor, f"tcp:{port}:interface={interface}:backlog={BACKLOG}").listen(factory)
 
         port, listening = yield claimPort(relay, relay.ports, "tcp", tunnel, listen)
         return TCPBinding(relay, tunnel, port, listening)
