@@ -169,3 +169,16 @@ def test_store_holds_expire(tmp_path: Path) -> None:
     store.owner("http", "demo").addCallback(results.append)
     store.close()
     assert results == [True, False, True, False, None]
+
+
+def test_agent_key_file_with_garbage(tmp_path: Path) -> None:
+    """
+    A key file that does not hold a key is reported and not overwritten;
+    the agent runs with a key for this run only.
+    """
+    from txtunnel.agent.tap import loadAgentKey
+
+    path = tmp_path / "agent.key"
+    path.write_text("short\n")
+    assert loadAgentKey(str(path)) is None
+    assert path.read_text() == "short\n"

@@ -48,17 +48,16 @@ class ILinkCarrier(Interface):
 class IBinding(Interface):
     """
     A tunnel's public side on the relay, as set up by a forwarder.
+
+    A binding may also have, optionally, C{claim}: the C{(namespace, key)}
+    of the store claim it holds, which the relay keeps for the agent during
+    the grace period after its link drops; and C{reclaim}: a C{dict} of
+    fields the agent sends back in its bind request after a reconnect to get
+    the same address (e.g. C{{"name": "brave-otter-1234"}}).
     """
 
     address = Attribute("The public address as a URL string, e.g. C{'tcp://127.0.0.1:20005'}.")
-    claim = Attribute(
-        "C{(namespace, key)} of the store claim this binding holds, kept for the agent during the "
-        "grace period after its link drops; or C{None}."
-    )
-    reclaim = Attribute(
-        "Fields the agent sends back in its bind request after a reconnect to get the same address "
-        "(e.g. C{{'name': 'brave-otter-1234'}}); a C{dict}."
-    )
+
 
     def close() -> Deferred[None] | None:
         """

@@ -142,8 +142,9 @@ class Options(ConfigOptions):
             "key-file",
             None,
             None,
-            "File with this agent's secret key, which gets it the same addresses after a reconnect or "
-            "restart (made if missing). [default: $XDG_STATE_HOME/txtunnel/agent.key]",
+            "File with this agent's secret key (made if missing): the relay gives the same addresses back "
+            "after a reconnect, and the same --subdomain/--remote-port after a restart. "
+            "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
     ]
@@ -280,6 +281,8 @@ def loadAgentKey(path: str | None) -> str | None:
             key = f.read().strip()
         if 16 <= len(key) <= 256:
             return key
+        Logger().warn("{path} does not hold an agent key; using a new one for this run", path=path)
+        return None
     except FileNotFoundError:
         pass
     except (OSError, UnicodeDecodeError) as e:
