@@ -58,7 +58,6 @@ class IBinding(Interface):
 
     address = Attribute("The public address as a URL string, e.g. C{'tcp://127.0.0.1:20005'}.")
 
-
     def close() -> Deferred[None] | None:
         """
         Stop accepting public traffic for this tunnel and free its name or port.

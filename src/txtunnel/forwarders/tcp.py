@@ -88,7 +88,9 @@ class TCPForwarder:
         factory.noisy = False
 
         def listen(port: int) -> Any:
-            return serverFromString(relay.reactor, f"tcp:{port}:interface={interface}:backlog={BACKLOG}").listen(factory)
+            return serverFromString(relay.reactor, f"tcp:{port}:interface={interface}:backlog={BACKLOG}").listen(
+                factory
+            )
 
         port, listening = yield claimPort(relay, relay.ports, "tcp", tunnel, listen)
         return TCPBinding(relay, tunnel, port, listening)
