@@ -193,7 +193,7 @@ def test_twistd_relay_defaults(procs: list[Proc], env: dict[str, str]) -> None:
     assert 8080 <= port < 8100
     if port != 8080:
         assert "default port 8080 was taken" in relay.output
-    assert "TCP ports 20000-20099 on 127.0.0.1" in relay.output
+    assert "TCP ports 20000-20099 and UDP ports 20000-20099 on 127.0.0.1" in relay.output
     assert "no --token given" in relay.output
     result = curl("-i", f"http://127.0.0.1:{port}/")
     assert result.stdout.startswith(b"HTTP/1.1 404")

@@ -32,6 +32,7 @@ from twisted.python import usage
 
 import txtunnel
 from txtunnel.agent import tap as agentTap
+from txtunnel.config import ConfigOptions
 from txtunnel.relay import tap as relayTap
 
 __all__ = ["main"]
@@ -73,6 +74,7 @@ def _agentCommand(kind: str) -> type[agentTap.Options]:
 
 class DemoOptions(usage.Options):
     synopsis = "[options]"
+    opt_version = ConfigOptions.opt_version
     longdesc = (
         "Start a development relay, a small local web page and an agent that tunnels it, "
         "all in this process, and print the public URL."

@@ -249,10 +249,12 @@ class RelayService(MultiService):
                 domain=relay.domain,
             )
         self.log.info(
-            "tunnels: {kinds}; TCP ports {low}-{high} on {iface}; state in {state}",
+            "tunnels: {kinds}; TCP ports {low}-{high} and UDP ports {udpLow}-{udpHigh} on {iface}; state in {state}",
             kinds=", ".join(sorted(relay.forwarders)),
             low=relay.ports.low,
             high=relay.ports.high,
+            udpLow=relay.udpPorts.low,
+            udpHigh=relay.udpPorts.high,
             iface=relay.publicInterface,
             state=stateDir,
         )

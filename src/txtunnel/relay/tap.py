@@ -88,7 +88,7 @@ class Options(ConfigOptions):
 
     synopsis = "[options]"
     longdesc = (
-        "Run a txtunnel relay: public HTTP (and TCP) listeners that hand visitors' "
+        "Run a txtunnel relay: public HTTP(S), TCP, UDP and TLS-passthrough listeners that hand visitors' "
         "traffic to connected agents. With no options it is a development relay for "
         "*.localhost on 127.0.0.1:8080."
     )
