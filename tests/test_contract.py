@@ -154,7 +154,18 @@ def test_twistd_relay_and_agent(tmp_path: Path, procs: list[Proc], env: dict[str
     relay.waitFor(f"relay listening on 127.0.0.1:{port}")
     assert "no --token given" in relay.output
     agent = Proc(
-        [tool("twistd"), "-n", "--pidfile=", "tunnelagent", "--relay", f"ws://127.0.0.1:{port}", "--http", str(webRoot), "--subdomain", "demo"],
+        [
+            tool("twistd"),
+            "-n",
+            "--pidfile=",
+            "tunnelagent",
+            "--relay",
+            f"ws://127.0.0.1:{port}",
+            "--http",
+            str(webRoot),
+            "--subdomain",
+            "demo",
+        ],
         env,
     )
     procs.append(agent)
@@ -207,12 +218,24 @@ def test_txtunnel_cli(tmp_path: Path, procs: list[Proc], env: dict[str, str], we
     """
     port = freePort()
     relay = Proc(
-        [tool("txtunnel"), "relay", "--http", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "s"), "--token", "right-token"],
+        [
+            tool("txtunnel"),
+            "relay",
+            "--http",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--token",
+            "right-token",
+        ],
         env,
     )
     procs.append(relay)
     relay.waitFor("relay listening on")
-    agent = Proc([tool("txtunnel"), "http", str(webRoot), "--relay", f"ws://127.0.0.1:{port}", "-s", "cli", "-t", "right-token"], env)
+    agent = Proc(
+        [tool("txtunnel"), "http", str(webRoot), "--relay", f"ws://127.0.0.1:{port}", "-s", "cli", "-t", "right-token"],
+        env,
+    )
     procs.append(agent)
     agent.waitFor(re.escape(f"tunnel ready: http://cli.localhost:{port}/ -> 127.0.0.1:{webRoot}"))
     assert curl("-H", f"Host: cli.localhost:{port}", f"http://127.0.0.1:{port}/").stdout == b"hello through twistd\n"
@@ -221,7 +244,9 @@ def test_txtunnel_cli(tmp_path: Path, procs: list[Proc], env: dict[str, str], we
     bad = subprocess.run([tool("txtunnel"), "http"], capture_output=True, env=env, timeout=30)
     assert bad.returncode == 2
     assert b"txtunnel: Wrong number of arguments" in bad.stderr
-    bad = subprocess.run([tool("txtunnel"), "tcp", "22", "--remote-port", "x"], capture_output=True, env=env, timeout=30)
+    bad = subprocess.run(
+        [tool("txtunnel"), "tcp", "22", "--remote-port", "x"], capture_output=True, env=env, timeout=30
+    )
     assert bad.returncode == 2
     assert b"--remote-port: 'x' is not a port number" in bad.stderr
 
@@ -267,7 +292,11 @@ def test_wheel_and_fresh_venv(tmp_path: Path) -> None:
     )
     [wheel] = dist.glob("txtunnel-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"twisted/plugins/txtunnel_relay.py", "twisted/plugins/txtunnel_agent.py", "twisted/plugins/txtunnel_forwarders.py"} <= names
+    assert {
+        "twisted/plugins/txtunnel_relay.py",
+        "twisted/plugins/txtunnel_agent.py",
+        "twisted/plugins/txtunnel_forwarders.py",
+    } <= names
     assert "twisted/plugins/__init__.py" not in names
     assert not any(n.endswith("dropin.cache") for n in names)
     assert "txtunnel/py.typed" in names
@@ -310,13 +339,33 @@ def test_one_gib_up_and_down_with_bounded_memory(tmp_path: Path, procs: list[Pro
     originPort = int(origin.waitFor(r"listening (\d+)").group(1))
     port = freePort()
     relay = Proc(
-        [tool("twistd"), "-n", "--pidfile=", "tunnelrelay", "--http", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "s")],
+        [
+            tool("twistd"),
+            "-n",
+            "--pidfile=",
+            "tunnelrelay",
+            "--http",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
         env,
     )
     procs.append(relay)
     relay.waitFor("relay listening on")
     agent = Proc(
-        [tool("twistd"), "-n", "--pidfile=", "tunnelagent", "--relay", f"ws://127.0.0.1:{port}", "--http", str(originPort), "-s", "bulk"],
+        [
+            tool("twistd"),
+            "-n",
+            "--pidfile=",
+            "tunnelagent",
+            "--relay",
+            f"ws://127.0.0.1:{port}",
+            "--http",
+            str(originPort),
+            "-s",
+            "bulk",
+        ],
         env,
     )
     procs.append(agent)
@@ -326,7 +375,18 @@ def test_one_gib_up_and_down_with_bounded_memory(tmp_path: Path, procs: list[Pro
 
     start = time.monotonic()
     down = subprocess.run(
-        ["curl", "-sS", "--max-time", "300", *host, "-o", "/dev/null", "-w", "%{size_download} %{speed_download}", f"http://127.0.0.1:{port}/big?n={gib}"],
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "300",
+            *host,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{speed_download}",
+            f"http://127.0.0.1:{port}/big?n={gib}",
+        ],
         capture_output=True,
         timeout=320,
     )
@@ -359,3 +419,67 @@ def test_one_gib_up_and_down_with_bounded_memory(tmp_path: Path, procs: list[Pro
     )
     assert relayPeak < 150 * 2**20
     assert agentPeak < 150 * 2**20
+
+
+def test_twistd_udp_tunnel(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:
+    """
+    A UDP tunnel through twistd relay and agent processes echoes datagrams
+    of 1 and 65,507 bytes, boundaries kept.
+    """
+    echo = Proc(
+        [
+            sys.executable,
+            "-c",
+            "import socket,sys\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('127.0.0.1',0))\n"
+            "print('listening',s.getsockname()[1],flush=True)\n"
+            "while True:\n d,a=s.recvfrom(65535); s.sendto(d,a)\n",
+        ],
+        env,
+    )
+    procs.append(echo)
+    echoPort = int(echo.waitFor(r"listening (\d+)").group(1))
+    port = freePort()
+    low = freePort()
+    relay = Proc(
+        [
+            tool("twistd"),
+            "-n",
+            "--pidfile=",
+            "tunnelrelay",
+            "--http",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--udp-ports",
+            f"{low}-{low + 20}",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        env,
+    )
+    procs.append(relay)
+    relay.waitFor("relay listening on")
+    agent = Proc(
+        [
+            tool("twistd"),
+            "-n",
+            "--pidfile=",
+            "tunnelagent",
+            "--relay",
+            f"ws://127.0.0.1:{port}",
+            "--udp",
+            str(echoPort),
+        ],
+        env,
+    )
+    procs.append(agent)
+    public = int(agent.waitFor(r"tunnel ready: udp://127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:" + str(echoPort)).group(1))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        for size in (1, 1400, 65507):
+            payload = bytes([size % 251]) * size
+            s.sendto(payload, ("127.0.0.1", public))
+            data, _ = s.recvfrom(70000)
+            assert data == payload
+    for p in (agent, relay):
+        assert p.stop() in STOPPED_BY_SIGTERM
+    assert "Traceback" not in relay.output + agent.output
