@@ -95,6 +95,34 @@ class Proc:
         return self.popen.returncode
 
 
+def twistd(procs: list[Proc], env: dict[str, str], *args: str) -> Proc:
+    """
+    Start C{twistd -n ARGS} in the foreground and keep it for cleanup.
+    """
+    p = Proc([tool("twistd"), "-n", "--pidfile=", *args], env)
+    procs.append(p)
+    return p
+
+
+def startRelay(procs: list[Proc], env: dict[str, str], stateDir: Path, *args: str) -> tuple[Proc, int]:
+    """
+    A twistd relay on a free loopback port, ready for agents.
+    """
+    port = freePort()
+    relay = twistd(
+        procs, env, "tunnelrelay", "--http", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(stateDir), *args
+    )
+    relay.waitFor(f"relay listening on 127.0.0.1:{port}")
+    return relay, port
+
+
+def startAgent(procs: list[Proc], env: dict[str, str], port: int, *args: str) -> Proc:
+    """
+    A twistd agent linked to the relay on C{port}.
+    """
+    return twistd(procs, env, "tunnelagent", "--relay", f"ws://127.0.0.1:{port}", *args)
+
+
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
@@ -133,42 +161,10 @@ def test_twistd_relay_and_agent(tmp_path: Path, procs: list[Proc], env: dict[str
     twistd tunnelrelay and twistd tunnelagent, run as a user runs them,
     serve a page at NAME.localhost and a TCP tunnel, and stop on SIGTERM.
     """
-    port = freePort()
     low = freePort()
-    relay = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelrelay",
-            "--http",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--tcp-ports",
-            f"{low}-{low + 30}",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        env,
-    )
-    procs.append(relay)
-    relay.waitFor(f"relay listening on 127.0.0.1:{port}")
+    relay, port = startRelay(procs, env, tmp_path / "state", "--tcp-ports", f"{low}-{low + 30}")
     assert "no --token given" in relay.output
-    agent = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelagent",
-            "--relay",
-            f"ws://127.0.0.1:{port}",
-            "--http",
-            str(webRoot),
-            "--subdomain",
-            "demo",
-        ],
-        env,
-    )
-    procs.append(agent)
+    agent = startAgent(procs, env, port, "--http", str(webRoot), "--subdomain", "demo")
     agent.waitFor(re.escape(f"tunnel ready: http://demo.localhost:{port}/ -> 127.0.0.1:{webRoot}"))
     result = curl("-H", f"Host: demo.localhost:{port}", f"http://127.0.0.1:{port}/")
     assert result.stdout == b"hello through twistd\n", result.stderr
@@ -177,11 +173,7 @@ def test_twistd_relay_and_agent(tmp_path: Path, procs: list[Proc], env: dict[str
     result = curl("-i", "-H", f"Host: missing.localhost:{port}", f"http://127.0.0.1:{port}/")
     assert result.stdout.startswith(b"HTTP/1.1 404") and b"no tunnel named 'missing'" in result.stdout
 
-    tcpAgent = Proc(
-        [tool("twistd"), "-n", "--pidfile=", "tunnelagent", "--relay", f"ws://127.0.0.1:{port}", "--tcp", str(webRoot)],
-        env,
-    )
-    procs.append(tcpAgent)
+    tcpAgent = startAgent(procs, env, port, "--tcp", str(webRoot))
     match = tcpAgent.waitFor(r"tunnel ready: tcp://127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:" + str(webRoot))
     result = curl(f"http://127.0.0.1:{match.group(1)}/index.html")
     assert result.stdout == b"hello through twistd\n", result.stderr
@@ -197,8 +189,7 @@ def test_twistd_relay_defaults(procs: list[Proc], env: dict[str, str]) -> None:
     With no options twistd tunnelrelay is a development relay on 127.0.0.1
     port 8080 or, if that is taken, the next free port, said in the log.
     """
-    relay = Proc([tool("twistd"), "-n", "--pidfile=", "tunnelrelay"], env)
-    procs.append(relay)
+    relay = twistd(procs, env, "tunnelrelay")
     match = relay.waitFor(r"relay listening on 127\.0\.0\.1:(\d+) for localhost")
     port = int(match.group(1))
     assert 8080 <= port < 8100
@@ -337,38 +328,8 @@ def test_one_gib_up_and_down_with_bounded_memory(tmp_path: Path, procs: list[Pro
     origin = Proc([sys.executable, str(ROOT / "tests" / "servers" / "bulk.py"), "0"], env)
     procs.append(origin)
     originPort = int(origin.waitFor(r"listening (\d+)").group(1))
-    port = freePort()
-    relay = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelrelay",
-            "--http",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--state-dir",
-            str(tmp_path / "s"),
-        ],
-        env,
-    )
-    procs.append(relay)
-    relay.waitFor("relay listening on")
-    agent = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelagent",
-            "--relay",
-            f"ws://127.0.0.1:{port}",
-            "--http",
-            str(originPort),
-            "-s",
-            "bulk",
-        ],
-        env,
-    )
-    procs.append(agent)
+    relay, port = startRelay(procs, env, tmp_path / "s")
+    agent = startAgent(procs, env, port, "--http", str(originPort), "-s", "bulk")
     agent.waitFor("tunnel ready")
     gib = 1 << 30
     host = ["-H", f"Host: bulk.localhost:{port}"]
@@ -439,39 +400,9 @@ def test_twistd_udp_tunnel(tmp_path: Path, procs: list[Proc], env: dict[str, str
     )
     procs.append(echo)
     echoPort = int(echo.waitFor(r"listening (\d+)").group(1))
-    port = freePort()
     low = freePort()
-    relay = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelrelay",
-            "--http",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--udp-ports",
-            f"{low}-{low + 20}",
-            "--state-dir",
-            str(tmp_path / "s"),
-        ],
-        env,
-    )
-    procs.append(relay)
-    relay.waitFor("relay listening on")
-    agent = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelagent",
-            "--relay",
-            f"ws://127.0.0.1:{port}",
-            "--udp",
-            str(echoPort),
-        ],
-        env,
-    )
-    procs.append(agent)
+    relay, port = startRelay(procs, env, tmp_path / "s", "--udp-ports", f"{low}-{low + 20}")
+    agent = startAgent(procs, env, port, "--udp", str(echoPort))
     public = int(agent.waitFor(r"tunnel ready: udp://127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:" + str(echoPort)).group(1))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(10)

@@ -20,7 +20,7 @@ import pytest
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
 
-from tests.test_contract import STOPPED_BY_SIGTERM, Proc, freePort, tool
+from tests.test_contract import STOPPED_BY_SIGTERM, Proc, startRelay, twistd
 
 pytestmark = pytest.mark.contract
 
@@ -110,9 +110,7 @@ def readEvents(port: int, host: str) -> tuple[bytes, list[float]]:
     return body, latencies
 
 
-def test_websocket_and_sse_through_twistd(
-    tmp_path: Path, procs: list[Proc], eventServer: int, wsServer: int
-) -> None:
+def test_websocket_and_sse_through_twistd(tmp_path: Path, procs: list[Proc], eventServer: int, wsServer: int) -> None:
     """
     One relay, one agent with two http tunnels (agent.ini): a WebSocket
     echoes a 4 MiB message, and an event stream arrives event by event with
@@ -120,30 +118,14 @@ def test_websocket_and_sse_through_twistd(
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("TXTUNNEL_")}
     env.update(HOME=str(tmp_path / "home"), XDG_STATE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1")
-    port = freePort()
-    relay = Proc(
-        [
-            tool("twistd"),
-            "-n",
-            "--pidfile=",
-            "tunnelrelay",
-            "--http",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        env,
-    )
-    procs.append(relay)
-    relay.waitFor(f"relay listening on 127.0.0.1:{port}")
+    relay, port = startRelay(procs, env, tmp_path / "state")
     ini = tmp_path / "agent.ini"
     ini.write_text(
         f"[agent]\nrelay = ws://127.0.0.1:{port}\n\n"
         f"[tunnel:ws]\ntype = http\ntarget = {wsServer}\nsubdomain = sock\n\n"
         f"[tunnel:sse]\ntype = http\ntarget = {eventServer}\nsubdomain = events\nsse-heartbeat = 0.2\n"
     )
-    agent = Proc([tool("twistd"), "-n", "--pidfile=", "tunnelagent", "--config", str(ini)], env)
-    procs.append(agent)
+    agent = twistd(procs, env, "tunnelagent", "--config", str(ini))
     agent.waitFor(re.escape(f"tunnel ready: http://sock.localhost:{port}/"))
     agent.waitFor(re.escape(f"tunnel ready: http://events.localhost:{port}/"))
 
