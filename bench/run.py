@@ -275,22 +275,17 @@ class Bench:
         order = self.path_order(rep)
         d = cfg["wrk_seconds"]
         if t["wrk"]:
-            for path in order:
-                url, host = self.paths[path]["web"]
-                self.record(
-                    ["rps_c50", "p50_c50", "p99_c50"],
-                    path,
-                    lambda url=url, host=host: measure.wrk(t["wrk"], url + "/small.bin", host, 50, 2, d),
-                    ["rps", "p50_ms", "p99_ms"],
-                )
-            for path in order:
-                url, host = self.paths[path]["web"]
-                self.record(
-                    ["rps_c1", "p50_c1", "p99_c1"],
-                    path,
-                    lambda url=url, host=host: measure.wrk(t["wrk"], url + "/small.bin", host, 1, 1, d),
-                    ["rps", "p50_ms", "p99_ms"],
-                )
+            for conns, threads in ((50, 2), (1, 1)):
+                for path in order:
+                    url, host = self.paths[path]["web"]
+                    self.record(
+                        [f"rps_c{conns}", f"p50_c{conns}", f"p99_c{conns}"],
+                        path,
+                        lambda url=url, host=host, c=conns, n=threads: measure.wrk(
+                            t["wrk"], url + "/small.bin", host, c, n, d
+                        ),
+                        ["rps", "p50_ms", "p99_ms"],
+                    )
         for path in order:
             url, host = self.paths[path]["web"]
             self.record(

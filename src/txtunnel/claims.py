@@ -26,12 +26,21 @@ from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
 from txtunnel.splice import connectStream
 
-__all__ = ["claimName", "claimPort", "connectOrReset"]
+__all__ = ["claimName", "claimPort", "connectOrReset", "nameRequest"]
 
 log = Logger()
 
 #: Random names tried before giving up (a clash is already unlikely).
 RANDOM_TRIES = 8
+
+
+def nameRequest(tunnel: IAgentTunnel) -> dict[str, Any]:
+    """
+    Agent half of L{claimName}: the bind fields asking for the tunnel's
+    C{subdomain}, if it has one.
+    """
+    name = tunnel.options.get("subdomain")
+    return {"name": name} if name else {}
 
 
 @inlineCallbacks

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txtunnel.claims import claimName, connectOrReset
+from txtunnel.claims import claimName, connectOrReset, nameRequest
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
@@ -208,8 +208,7 @@ class TLSForwarder:
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
-        name = tunnel.options.get("subdomain")
-        return {"name": name} if name else {}
+        return nameRequest(tunnel)
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
