@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
+from txtunnel.exitstatus import exitWithStatus
 from txtunnel.names import checkName
 from txtunnel.wslink import relayEndpointString
 
@@ -306,6 +307,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     Build the agent's service tree from parsed L{Options}.  When the agent
     gives up (bad token, every tunnel refused) the reactor is stopped.
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -314,5 +316,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
+    if underTwistd:
+        agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     return AgentService(agent, keepalive=options["keepalive"])

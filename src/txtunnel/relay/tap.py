@@ -12,6 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from txtunnel.config import ConfigOptions, positiveFloat, tokenList
+from txtunnel.exitstatus import exitWithStatus
 from txtunnel.relay.ports import parseRange
 
 __all__ = ["Options", "makeService"]
@@ -151,6 +152,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the relay's service tree from parsed L{Options}.
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -160,8 +162,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     settings = dict(options)
     relay = Relay(reactor, settings, forwarders())
-    return RelayService(
+    service = RelayService(
         relay,
         httpDefaulted="http" in options.defaulted,
         stateDirDefaulted="state-dir" in options.defaulted,
     )
+    if underTwistd:
+        service.ready.addErrback(lambda f: exitWithStatus(1))
+    return service
