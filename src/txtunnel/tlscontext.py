@@ -47,6 +47,8 @@ __all__ = [
     "ServerTLS",
     "CertificateError",
     "chainsTo",
+    "linkClientTLS",
+    "linkEndpoint",
     "loadCertificateAuthorities",
     "loadServerCertificate",
     "peerCertificates",
@@ -140,7 +142,9 @@ def _names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(names)
 
 
-def loadServerCertificate(certPath: str, keyPath: str | None = None, chainPath: str | None = None) -> ServerCertificate:
+def loadServerCertificate(
+    certPath: str, keyPath: str | None = None, chainPath: str | None = None, *, requireName: bool = True
+) -> ServerCertificate:
     """
     Load a certificate chain (leaf first, as in C{fullchain.pem}) and its
     private key; C{keyPath} may be omitted when the key is in C{certPath}.
@@ -166,7 +170,7 @@ def loadServerCertificate(certPath: str, keyPath: str | None = None, chainPath: 
     ):
         raise CertificateError(f"the key in {keyPath or certPath} does not belong to the certificate in {certPath}")
     names = _names(chain[0])
-    if not names:
+    if not names and requireName:
         raise CertificateError(f"the certificate in {certPath} names no DNS host")
     return ServerCertificate(key, tuple(chain), names, certPath)
 
@@ -213,9 +217,10 @@ class DevelopmentCA:
     reused after restarts, so a developer trusts one file
     (C{curl --cacert}, the agent's C{--ca}).
 
-    It signs a certificate for C{*.<domain>} and C{<domain>} at start, and
-    one per name on demand for a domain where a wildcard is not honoured
-    (clients refuse C{*.localhost}: a wildcard needs two labels after it).
+    It signs a certificate for C{*.<domain>} and C{<domain>} at start, or,
+    for a domain where a wildcard is not honoured (clients refuse
+    C{*.localhost}: a wildcard needs two labels after it), one for the
+    domain at start and one per name on demand.
     A name constraint limits the CA to C{<domain>}, so trusting it trusts
     nothing else.
     """
@@ -309,6 +314,12 @@ class DevelopmentCA:
         return ServerCertificate(key, (leaf,), tuple(names), f"{self.path} (issued for {names[0]})")
 
     def defaultCertificate(self) -> ServerCertificate:
+        """
+        The certificate for the domain and, where clients accept the
+        wildcard, every name under it.
+        """
+        if "." not in self.domain:
+            return self.issue(self.domain)
         return self.issue(f"*.{self.domain}", self.domain)
 
     def certificateFor(self, name: str) -> ServerCertificate | None:
@@ -610,11 +621,34 @@ class LinkClientTLS:
         return connection
 
     def _verify(self, connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
-        if not ok and self.lastError is None:
-            why = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
-            subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "?"
-            self.lastError = f"{why} ({subject})"
-        return bool(ok)
+        """
+        OpenSSL's verdict on each certificate of the chain, remembered in
+        words when it fails; and, for the relay's own certificate, the
+        host name check (service-identity), which Twisted's own callback
+        -- replaced by this one -- would have made.
+        """
+        from service_identity import CertificateError as IdentityError
+        from service_identity import VerificationError
+        from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+        from service_identity.pyopenssl import extract_patterns
+
+        if not ok:
+            if self.lastError is None:
+                why = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
+                subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "?"
+                self.lastError = f"{why} ({subject})"
+            return False
+        if depth == 0:
+            identity: Any = IPAddress_ID(self.hostname) if _isAddress(self.hostname) else DNS_ID(self.hostname)
+            try:
+                verify_service_identity(extract_patterns(cert), [identity], [])
+            except VerificationError:
+                self.lastError = f"its certificate is not for {self.hostname!r}"
+                return False
+            except (IdentityError, ValueError) as e:
+                self.lastError = f"its certificate's names cannot be checked ({e})"
+                return False
+        return True
 
     def describe(self, failure: Any) -> str:
         """
@@ -623,10 +657,10 @@ class LinkClientTLS:
         from service_identity import VerificationError
 
         value = getattr(failure, "value", failure)
-        if isinstance(value, VerificationError):
-            return f"its certificate is not for {self.hostname!r}"
         if self.lastError is not None:
             return self.lastError
+        if isinstance(value, VerificationError):
+            return f"its certificate is not for {self.hostname!r}"
         if isinstance(value, SSL.Error):
             reasons = [r[2] for r in (value.args[0] if value.args and isinstance(value.args[0], list) else [])]
             return "; ".join(str(r) for r in reasons if r) or str(value)
@@ -639,3 +673,57 @@ def _isAddress(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def linkClientTLS(
+    relayURL: str,
+    *,
+    ca: str | None = None,
+    insecure: bool = False,
+    cert: str | None = None,
+    key: str | None = None,
+) -> LinkClientTLS | None:
+    """
+    The TLS settings of an agent's link to C{relayURL} from its options;
+    C{None} for a C{ws://} relay.
+
+    @raise CertificateError: for a file that cannot be used, or TLS options
+        given for a C{ws://} relay (they would silently do nothing).
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(relayURL)
+    if parts.scheme not in ("wss", "https"):
+        given = [name for name, value in (("--ca", ca), ("--insecure", insecure), ("--cert", cert)) if value]
+        if given:
+            raise CertificateError(f"{', '.join(given)} apply to a wss:// relay; {relayURL} is not one")
+        return None
+    if insecure and ca:
+        raise CertificateError("--insecure turns certificate checks off; --ca would be ignored, give only one")
+    if key and not cert:
+        raise CertificateError("--key needs --cert (the client certificate it belongs to)")
+    cas = loadCertificateAuthorities(_readPEM(ca, "CA file"), f"CA file {ca}") if ca else []
+    client = loadServerCertificate(cert, key, requireName=False) if cert else None
+    return LinkClientTLS(parts.hostname or "", caCertificates=cas, clientCertificate=client, insecure=insecure)
+
+
+def linkEndpoint(reactor: Any, relayURL: str, tls: LinkClientTLS | None) -> Any:
+    """
+    The client endpoint of an agent's link: plain TCP for C{ws://}, TLS
+    with C{tls} (by default: verified against the system's roots) for
+    C{wss://}.
+    """
+    from urllib.parse import urlsplit
+
+    from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+
+    from txtunnel.wslink import relayEndpointString
+
+    _, endpoint = relayEndpointString(relayURL)
+    parts = urlsplit(relayURL)
+    if parts.scheme not in ("wss", "https"):
+        return clientFromString(reactor, endpoint)
+    host = parts.hostname or ""
+    if tls is None:
+        tls = LinkClientTLS(host)
+    return wrapClientTLS(tls, HostnameEndpoint(reactor, host.encode("idna"), parts.port or 443, timeout=15))

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, boolean, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
 from txtunnel.names import checkName
 from txtunnel.wslink import relayEndpointString
@@ -31,6 +31,18 @@ def relayURL(text: str) -> str:
     text = str(text).strip()
     relayEndpointString(text)
     return text
+
+
+def optionalFile(text: str) -> str | None:
+    import os
+
+    text = str(text).strip()
+    if not text:
+        return None
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    return path
 
 
 def optionalText(text: str) -> str | None:
@@ -102,6 +114,10 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("ca", None, optionalFile),
+        ("insecure", False, boolean),
+        ("cert", None, optionalFile),
+        ("key", None, optionalFile),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -147,7 +163,29 @@ class Options(ConfigOptions):
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        [
+            "ca",
+            None,
+            None,
+            "PEM file of the CA(s) a wss:// relay's certificate must chain to, for a relay with a private CA "
+            "or a development one. [default: the system's trusted CAs]",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "PEM client certificate (and its key, unless --key is given) to present to a wss:// relay that "
+            "requires one (its --agent-ca).",
+        ],
+        ["key", None, None, "PEM private key of --cert."],
     ]
+
+    def opt_insecure(self) -> None:
+        """
+        Do not verify a wss:// relay's certificate or host name. For
+        development only: anyone on the path can pose as the relay.
+        """
+        self["insecure"] = "true"
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__(environ)
@@ -160,10 +198,16 @@ class Options(ConfigOptions):
                 raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
 
     def postOptions(self) -> None:
+        from txtunnel.tlscontext import CertificateError, linkClientTLS
+
         try:
             parser = self.loadSettings()
             self._collectTunnels(parser)
-        except ConfigError as e:
+            #: TLS settings of the link, read now so a bad file is a usage error.
+            self["link-tls"] = linkClientTLS(
+                self["relay"], ca=self["ca"], insecure=self["insecure"], cert=self["cert"], key=self["key"]
+            )
+        except (ConfigError, CertificateError) as e:
             raise usage.UsageError(str(e)) from None
 
     def _collectTunnels(self, parser: configparser.ConfigParser | None) -> None:
@@ -257,7 +301,9 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent.linkTLS = options.get("link-tls")
+    return agent
 
 
 def loadAgentKey(path: str | None) -> str | None:

@@ -272,7 +272,7 @@ class RelayService(MultiService):
             directory = os.path.join(relay.settings["state-dir"], "tls")
             developmentCA, made = DevelopmentCA.inDirectory(directory, relay.domain)
             self.log.warn(
-                "no HTTPS certificate given: serving self-signed certificates for *.{domain} and {domain} from "
+                "no HTTPS certificate given: serving certificates for {domain} and names under it from "
                 "{how} development CA {path} (development only: browsers warn; trust it with curl --cacert "
                 "{path} and the agent's --ca {path}, or use --insecure)",
                 how="a new" if made else "the existing",
