@@ -52,6 +52,7 @@ __all__ = [
     "loadCertificateAuthorities",
     "loadServerCertificate",
     "peerCertificates",
+    "readCertificateAuthorities",
     "DevelopmentCA",
     "serverCertificatesFromDirectory",
     "splitHTTPSEndpoint",
@@ -466,6 +467,13 @@ def loadCertificateAuthorities(data: bytes, where: str) -> list[x509.Certificate
     return _certificates(data, where)
 
 
+def readCertificateAuthorities(path: str, what: str = "CA file") -> list[x509.Certificate]:
+    """
+    The CA certificates in the PEM file at C{path}.
+    """
+    return loadCertificateAuthorities(_readPEM(path, what), f"{what} {path}")
+
+
 def chainsTo(
     leaf: x509.Certificate | None, intermediates: Sequence[x509.Certificate], cas: Sequence[x509.Certificate]
 ) -> bool:
@@ -582,19 +590,19 @@ class LinkClientTLS:
         self.hostname = hostname
         self.insecure = insecure
         self.lastError: str | None = None
-        client = None
+        # cryptography's objects go straight to pyOpenSSL (its own are
+        # deprecated); Twisted only hands them on.
+        clientOptions: dict[str, Any] = {}
         if clientCertificate is not None:
-            client = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-                ssl.Certificate(crypto.X509.from_cryptography(clientCertificate.chain[0])),
-                ssl.KeyPair(crypto.PKey.from_cryptography_key(clientCertificate.key)),
-            )
+            clientOptions = {
+                "privateKey": clientCertificate.key,
+                "certificate": clientCertificate.chain[0],
+                "extraCertChain": list(clientCertificate.chain[1:]),
+            }
         self._insecureContext: SSL.Context | None = None
         if insecure:
-            kwargs: dict[str, Any] = {}
-            if client is not None:
-                kwargs = {"privateKey": client.privateKey.original, "certificate": client.original}
             self._insecureContext = ssl.CertificateOptions(
-                verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **kwargs
+                verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **clientOptions
             ).getContext()
             self._inner: Any = None
         else:
@@ -605,7 +613,11 @@ class LinkClientTLS:
                 if caCertificates
                 else ssl.platformTrust()
             )
-            self._inner = ssl.optionsForClientTLS(hostname, trustRoot=trustRoot, clientCertificate=client)
+            self._inner = ssl.optionsForClientTLS(
+                hostname,
+                trustRoot=trustRoot,
+                extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2, **clientOptions},
+            )
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         self.lastError = None
@@ -702,7 +714,7 @@ def linkClientTLS(
         raise CertificateError("--insecure turns certificate checks off; --ca would be ignored, give only one")
     if key and not cert:
         raise CertificateError("--key needs --cert (the client certificate it belongs to)")
-    cas = loadCertificateAuthorities(_readPEM(ca, "CA file"), f"CA file {ca}") if ca else []
+    cas = readCertificateAuthorities(ca) if ca else []
     client = loadServerCertificate(cert, key, requireName=False) if cert else None
     return LinkClientTLS(parts.hostname or "", caCertificates=cas, clientCertificate=client, insecure=insecure)
 

@@ -21,7 +21,16 @@ __all__ = ["Options", "makeService"]
 DEFAULT_RELAY = "ws://localhost:8080"
 
 #: Keys a [tunnel:NAME] section may have.
-TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
+TUNNEL_KEYS = (
+    "type",
+    "target",
+    "subdomain",
+    "remote-port",
+    "response-timeout",
+    "udp-idle-timeout",
+    "sse-heartbeat",
+    "client-ca",
+)
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls")
@@ -43,6 +52,25 @@ def optionalFile(text: str) -> str | None:
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     return path
+
+
+def clientCA(text: str) -> str | None:
+    """
+    The CA certificates in a PEM file, as PEM text for the bind request:
+    only the certificates, so a key that shares the file never leaves.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from txtunnel.tlscontext import CertificateError, readCertificateAuthorities
+
+    path = optionalFile(text)
+    if path is None:
+        return None
+    try:
+        cas = readCertificateAuthorities(path)
+    except CertificateError as e:
+        raise ValueError(str(e)) from None
+    return "".join(ca.public_bytes(Encoding.PEM).decode("ascii") for ca in cas)
 
 
 def optionalText(text: str) -> str | None:
@@ -117,6 +145,7 @@ class Options(ConfigOptions):
         ("ca", None, optionalFile),
         ("insecure", False, boolean),
         ("cert", None, optionalFile),
+        ("client-ca", None, clientCA),
         ("key", None, optionalFile),
     )
     optParameters = [
@@ -178,6 +207,13 @@ class Options(ConfigOptions):
             "requires one (its --agent-ca).",
         ],
         ["key", None, None, "PEM private key of --cert."],
+        [
+            "client-ca",
+            None,
+            None,
+            "PEM file of the CA(s) whose client certificates visitors must present to reach this HTTP "
+            "tunnel (over https:// on the relay; others get 403). [default: none needed]",
+        ],
     ]
 
     def opt_insecure(self) -> None:
@@ -222,7 +258,7 @@ class Options(ConfigOptions):
             )
         common = {"response-timeout": self["response-timeout"]}
         if not given:
-            for key in ("subdomain", "remote-port"):
+            for key in ("subdomain", "remote-port", "client-ca"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -237,6 +273,10 @@ class Options(ConfigOptions):
                 options["remote-port"] = self["remote-port"]
             if kind == "udp":
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
+            if self["client-ca"]:
+                if kind != "http":
+                    raise ConfigError("--client-ca applies to --http tunnels (the relay checks it on its HTTPS edge)")
+                options["client-ca"] = self["client-ca"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
             self.tunnels.append(
@@ -267,12 +307,15 @@ class Options(ConfigOptions):
                     options["sse-heartbeat"] = self["sse-heartbeat"]
                 elif kind != "http" and "sse-heartbeat" in values:
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
+                if kind != "http" and "client-ca" in values:
+                    raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
+                    ("client-ca", clientCA),
                 ):
                     if key in values:
                         try:

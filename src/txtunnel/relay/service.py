@@ -19,8 +19,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
@@ -67,7 +69,10 @@ class Relay:
         self.tlsPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
         #: The checks every visitor request to an HTTP tunnel passes, in order.
-        self.gates: list[IVisitorGate] = []
+        self.gates: list[IVisitorGate] = [ClientCertificateGate()]
+        #: CAs an agent's client certificate must chain to (--agent-ca);
+        #: empty when agents need none.
+        self.agentCAs: list[Any] = list(settings.get("agent-cas") or [])
         #: Protocols the HTTPS listener offers by ALPN, in order of preference.
         self.alpnProtocols: list[bytes] = list(DEFAULT_ALPN)
         #: The HTTPS listener's TLS (set when it starts).
@@ -117,9 +122,18 @@ class Relay:
     def wantsClientCertificate(self, serverName: str | None) -> bool:
         """
         Whether a TLS client that sent C{serverName} (SNI) is asked for a
-        client certificate.
+        client certificate: agents (any name but a tunnel's) when the relay
+        has C{--agent-ca}, and visitors of a tunnel bound with C{client-ca}.
+        Nobody else is asked, so browsers are not prompted for nothing.
         """
-        return False
+        kind, name = self.hosts.split(serverName.encode("ascii", "replace")) if serverName else ("apex", None)
+        if kind != "tunnel":
+            return bool(self.agentCAs)
+        tunnel = self.hosts.get(name or "")
+        try:
+            return tunnel is not None and requiredCAs(tunnel) is not None
+        except BindError:
+            return True
 
     def httpURL(self, name: str) -> str:
         if self.httpPort is not None:

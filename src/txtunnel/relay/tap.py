@@ -115,7 +115,7 @@ class Options(ConfigOptions):
     )
     section = "relay"
     envPrefix = "TXTUNNEL_RELAY_"
-    multi = frozenset({"token", "https-cert", "https-key"})
+    multi = frozenset({"token", "https-cert", "https-key", "agent-ca"})
     settings = (
         ("domain", "localhost", domainName),
         ("http", DEFAULT_HTTP, endpointString),
@@ -123,6 +123,7 @@ class Options(ConfigOptions):
         ("https-cert", [], fileList),
         ("https-key", [], fileList),
         ("https-cert-dir", None, optionalFile),
+        ("agent-ca", [], fileList),
         ("tls", "", passthroughEndpoint),
         ("tcp-ports", (20000, 20099), parseRange),
         ("udp-ports", (20000, 20099), parseRange),
@@ -187,6 +188,14 @@ class Options(ConfigOptions):
         """
         self["https-cert"].append(value)
 
+    def opt_agent_ca(self, value: str) -> None:
+        """
+        PEM file of a CA whose client certificates agents must present
+        (over wss:// on --https) to connect; repeat for several. Agents
+        give theirs with --cert/--key. [default: none needed]
+        """
+        self["agent-ca"].append(value)
+
     def opt_https_key(self, value: str) -> None:
         """
         PEM private key of the --https-cert in the same position.
@@ -231,6 +240,13 @@ class Options(ConfigOptions):
             found.extend(serverCertificatesFromDirectory(self["https-cert-dir"]))
         #: Certificates for the HTTPS listener; empty means a self-signed one.
         self["https-certificates"] = found
+        from txtunnel.tlscontext import readCertificateAuthorities
+
+        cas = [ca for path in self["agent-ca"] for ca in readCertificateAuthorities(path, "agent CA file")]
+        if cas and not self["https"]:
+            raise ValueError("--agent-ca needs --https: agents present client certificates over wss:// only")
+        #: CAs agents' client certificates must chain to.
+        self["agent-cas"] = cas
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
