@@ -152,6 +152,10 @@ def test_alpn_from_the_constructor_list(ca: CA) -> None:
     client = _client("a.example.test", alpn=[b"h2", b"http/1.1"])
     _pump(client, _server(ServerTLS([cert], acceptableProtocols=[b"h2", b"http/1.1"])))
     assert client.get_alpn_proto_negotiated() == b"h2"
+    # A client with no protocol in common still connects, without ALPN.
+    client = _client("a.example.test", alpn=[b"spdy/3"])
+    _pump(client, _server(ServerTLS([cert])))
+    assert client.get_alpn_proto_negotiated() == b""
     # And on a certificate picked by SNI too.
     other, _ = ca.server("other", "other.test")
     client = _client("other.test", alpn=[b"h2", b"http/1.1"])

@@ -375,6 +375,9 @@ class ServerTLS:
 
     def _context(self, certificate: ServerCertificate) -> SSL.Context:
         context = certificate.options().getContext()
+        # Twisted already turns compression off; a client may not start a
+        # renegotiation (a cheap way to make the server do expensive work).
+        context.set_options(SSL.OP_NO_RENEGOTIATION)
         context.set_tlsext_servername_callback(self._serverName)
         context.set_alpn_select_callback(self._selectProtocol)
         return context
