@@ -116,6 +116,32 @@ def test_sni_picks_exact_then_wildcard_then_default(ca: CA) -> None:
         assert _servedNames(client)[0] == expected, name
 
 
+def test_hostile_server_names(tmp_path: Path) -> None:
+    """
+    Odd, long or many server names get the default certificate (or, under
+    a development CA, one on-demand certificate each, with the cache
+    bounded); a failing client-certificate decision asks for one.
+    """
+    ca, _ = DevelopmentCA.inDirectory(str(tmp_path), "localhost")
+    asked: list[str | None] = []
+
+    def wants(name: str | None) -> bool:
+        asked.append(name)
+        raise RuntimeError("broken policy")
+
+    tls = ServerTLS([ca.defaultCertificate()], wantsClientCertificate=wants, developmentCA=ca)
+    for name in ("x" * 250, "a..localhost", "-.localhost", "UPPER.LOCALHOST."):
+        client = _client(name)
+        server = _server(tls)
+        _pump(client, server)
+        served = _servedNames(client)
+        assert served == (["upper.localhost"] if name.startswith("UPPER") else ["localhost"]), name
+        assert server.get_verify_mode() & SSL.VERIFY_PEER
+    for i in range(DevelopmentCA.CACHE + 5):
+        tls.contextFor(f"n{i}.localhost")
+    assert len(tls._issuedContexts) == DevelopmentCA.CACHE
+
+
 def test_old_tls_and_weak_ciphers_refused(ca: CA) -> None:
     """
     TLS 1.1 and 1.0, and TLS 1.2 without forward-secret AEAD ciphers, are
@@ -234,7 +260,7 @@ def test_development_ca_made_once_and_renewed(tmp_path: Path) -> None:
     assert issued is not None and issued.names == ("demo.localhost",)
     assert chainsTo(issued.chain[0], [], [local.cert])
     assert not chainsTo(issued.chain[0], [], [ca.cert])
-    for bad in ("localhost.evil.test", "a..localhost", "a_b.localhost", "x" * 64 + ".localhost"):
+    for bad in ("localhost.evil.test", "a..localhost", "a_b.localhost", "x" * 64 + ".localhost", "é.localhost"):
         assert local.certificateFor(bad) is None
 
 

@@ -150,6 +150,30 @@ async def test_development_ca_trusted_with_ca(tmp_path: Path, agents: list[Runni
         await defer.maybeDeferred(relay.service.stopService)
 
 
+def test_verification_failure_after_a_link_is_retried(logged: Any) -> None:
+    """
+    Once the agent has had a link, a certificate that fails verification
+    (a relay renewing it, say) is logged with the reason and retried, not
+    fatal.
+    """
+    from OpenSSL import SSL
+    from twisted.internet import reactor
+    from twisted.python.failure import Failure
+
+    from txtunnel.agent.service import Agent, AgentService
+
+    agent = Agent(reactor, "wss://relay.test", None, [])
+    service = AgentService(agent)
+    agent.ready.callback([])
+    service._connectFailed(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    assert agent.failure is None
+    errors = [e for e in logged if e["log_level"].name == "error"]
+    assert "cannot verify the relay wss://relay.test: certificate verify failed" in errors[-1]["message"]
+    # Other failures (a refused connection, a reset) are not TLS's to report.
+    service._connectFailed(Failure(ConnectionResetError()))
+    assert len([e for e in logged if e["log_level"].name == "error"]) == len(errors)
+
+
 def test_tls_option_errors(tmp_path: Path, ca: CA) -> None:
     """
     TLS options that would do nothing or contradict each other, and files

@@ -79,7 +79,10 @@ def requiredCAs(tunnel: Any) -> list[x509.Certificate] | None:
     request = getattr(tunnel, "request", None)
     if not isinstance(request, dict) or BIND_KEY not in request:
         return None
-    cas = _parsed.get(tunnel)
+    try:
+        cas = _parsed.get(tunnel)
+    except TypeError:  # a tunnel object that cannot be weakly referenced
+        return _parse(request[BIND_KEY])
     if cas is None:
         cas = _parsed[tunnel] = _parse(request[BIND_KEY])
     return cas

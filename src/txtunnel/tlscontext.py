@@ -330,7 +330,9 @@ class DevelopmentCA:
         """
         if "." in self.domain or not name.endswith("." + self.domain):
             return None
-        if not all(label and len(label) <= 63 and label.replace("-", "").isalnum() for label in name.split(".")):
+        if not name.isascii() or not all(
+            label and len(label) <= 63 and label.replace("-", "").isalnum() for label in name.split(".")
+        ):
             return None
         return self.issue(name)
 
@@ -428,7 +430,14 @@ class ServerTLS:
         if context is not connection.get_context():
             connection.set_context(context)
         wants = self.wantsClientCertificate
-        if wants is not None and wants(name):
+        try:
+            asked = wants is not None and wants(name)
+        except Exception:
+            # Undecided: ask.  Whoever needs a certificate still checks it,
+            # and whoever does not ignores it.
+            log.failure("deciding whether to ask {name!r} for a client certificate", name=name)
+            asked = True
+        if asked:
             connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _acceptAny)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from txtunnel.agent.session import AgentSession
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW
-from txtunnel.tlscontext import LinkClientTLS, linkEndpoint
+from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
 __all__ = ["Agent", "AgentService", "AgentTunnel"]
@@ -160,8 +160,11 @@ class AgentService(MultiService):
         )
         factory.onConnectFailed = self._connectFailed
         self.factory = factory
+        #: The link's TLS (C{None} for C{ws://}); by default the relay's
+        #: certificate is checked against the system's roots.
+        self.tls = agent.linkTLS or linkClientTLS(agent.relayURL)
         self.client = ClientService(
-            linkEndpoint(agent.reactor, agent.relayURL, agent.linkTLS),
+            linkEndpoint(agent.reactor, agent.relayURL, self.tls),
             factory,
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0),
             clock=agent.reactor,
@@ -170,7 +173,7 @@ class AgentService(MultiService):
         agent.fatalHooks.append(lambda reason: self.client.stopService())
 
     def startService(self) -> None:
-        tls = self.agent.linkTLS
+        tls = self.tls
         if tls is not None and tls.insecure:
             self.log.warn(
                 "*** --insecure: the relay's TLS certificate is NOT verified. Anyone between this agent and "
@@ -192,9 +195,9 @@ class AgentService(MultiService):
         from OpenSSL import SSL
         from service_identity import VerificationError
 
-        if not reason.check(SSL.Error, VerificationError) or self.agent.stopping:
+        tls = self.tls
+        if tls is None or not reason.check(SSL.Error, VerificationError) or self.agent.stopping:
             return
-        tls = self.agent.linkTLS or LinkClientTLS("?")
         why = tls.describe(reason)
         message = f"cannot verify the relay {self.agent.relayURL}: {why}"
         if "verify" in why or isinstance(reason.value, VerificationError) or tls.lastError:
