@@ -142,8 +142,8 @@ class Options(ConfigOptions):
             None,
             None,
             "Endpoint for public HTTPS (and agents' wss:// links), e.g. tcp:443 with --https-cert, or "
-            "ssl:443:privateKey=key.pem:certKey=cert.pem. With no certificate a self-signed one is made in "
-            "the state directory (development only). [default: off]",
+            "ssl:443:privateKey=key.pem:certKey=cert.pem. With no certificate the relay makes a development "
+            "CA in the state directory and serves certificates from it. [default: off]",
         ],
         [
             "https-cert-dir",
