@@ -34,7 +34,7 @@ class CA:
     A certificate authority whose certificate is at C{self.path}.
     """
 
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, parent: CA | None = None) -> None:
         self.directory = directory
         self.name = name
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -42,7 +42,7 @@ class CA:
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(self.subject)
-            .issuer_name(self.subject)
+            .issuer_name(parent.subject if parent else self.subject)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - datetime.timedelta(minutes=5))
@@ -50,15 +50,16 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
+            .sign(parent.key if parent else self.key, hashes.SHA256())
         )
         self.path = directory / f"{name}-ca.pem"
         self.path.write_bytes(certPEM(self.cert))
 
     def _issue(
-        self, common: str, names: list[str], usage: x509.ObjectIdentifier
+        self, common: str, names: list[str], usage: x509.ObjectIdentifier, *, expired: bool = False
     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
+        end = _now() - datetime.timedelta(minutes=1) if expired else _now() + datetime.timedelta(days=1)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
@@ -66,7 +67,7 @@ class CA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - datetime.timedelta(minutes=5))
-            .not_valid_after(_now() + datetime.timedelta(days=1))
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)

@@ -213,6 +213,31 @@ def test_options(tmp_path: Path, pki: PKI) -> None:
     assert "PRIVATE KEY" not in pem
 
 
+def test_chains_to(tmp_path: Path, pki: PKI) -> None:
+    """
+    A client certificate chains to its CA directly or through an
+    intermediate the client sends; not when expired, not without the
+    intermediate, not to another CA, not a certificate for servers only.
+    """
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from txtunnel.tlscontext import chainsTo
+
+    ca = pki.visitorCA
+    _, leaf = ca._issue("alice", [], ExtendedKeyUsageOID.CLIENT_AUTH)
+    assert chainsTo(leaf, [], [ca.cert])
+    assert not chainsTo(leaf, [], [pki.otherCA.cert])
+    assert not chainsTo(None, [], [ca.cert])
+    _, expired = ca._issue("old", [], ExtendedKeyUsageOID.CLIENT_AUTH, expired=True)
+    assert not chainsTo(expired, [], [ca.cert])
+    _, server = ca._issue("www.example.test", ["www.example.test"], ExtendedKeyUsageOID.SERVER_AUTH)
+    assert not chainsTo(server, [], [ca.cert])
+    middle = CA(tmp_path, "middle", parent=ca)
+    _, deep = middle._issue("bob", [], ExtendedKeyUsageOID.CLIENT_AUTH)
+    assert chainsTo(deep, [middle.cert], [ca.cert])
+    assert not chainsTo(deep, [], [ca.cert])
+
+
 def test_session_refuses_agent_without_certificate(pki: PKI) -> None:
     """
     Unit: the relay's hello check refuses a link whose carrier has no TLS

@@ -33,7 +33,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
@@ -491,9 +491,18 @@ def chainsTo(
 ) -> bool:
     """
     Whether C{leaf} (with the C{intermediates} its owner sent) is a valid
-    client certificate issued, directly or through them, by one of C{cas}.
+    client certificate issued, directly or through them, by one of C{cas}:
+    in date, and, if it says what it is for, for TLS clients.
     """
     if leaf is None:
+        return False
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is not None and not {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(
+        usages
+    ):
         return False
     store = crypto.X509Store()
     for ca in cas:
