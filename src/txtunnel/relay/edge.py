@@ -269,6 +269,7 @@ class EdgeProtocol(Protocol):
             host=host,
             name=self.relay.hosts.split(host)[1] or "",
             tunnel=tunnel,
+            transport=self.transport,
         )
         self._gating = head
         verdicts: list[Answer | None] = []
