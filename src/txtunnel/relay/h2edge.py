@@ -311,6 +311,10 @@ class H2EdgeProtocol(Protocol):
             events = self.conn.receive_data(data)
         except ProtocolError as e:
             self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.clientIP, error=str(e))
+            try:
+                self.conn.close_connection(error_code=getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR))
+            except H2Error:
+                pass
             self.flush()
             self.transport.loseConnection()  # type: ignore[union-attr]
             return

@@ -119,7 +119,8 @@ class Relay:
 
 def _withALPN(endpoint: Any) -> Any:
     """
-    Offer ALPN C{http/1.1} on an C{ssl:} endpoint.
+    Offer ALPN C{h2} and C{http/1.1} on an C{ssl:} endpoint (the edge hands
+    C{h2} connections to L{txtunnel.relay.h2edge}).
 
     With Twisted 26 and OpenSSL 3, a server whose C{CertificateOptions} has
     no acceptable protocols answers every client that offers ALPN (curl,
@@ -129,7 +130,7 @@ def _withALPN(endpoint: Any) -> Any:
     """
     options = getattr(endpoint, "_sslContextFactory", None)
     if isinstance(options, CertificateOptions) and getattr(options, "_acceptableProtocols", None) is None:
-        options._acceptableProtocols = [b"http/1.1"]
+        options._acceptableProtocols = [b"h2", b"http/1.1"]
     return endpoint
 
 
