@@ -17,7 +17,7 @@ import grpc
 import pytest
 import pytest_twisted
 
-from tests.conftest import Relay, RunningAgent, closedPort, inThread, startAgent
+from tests.conftest import Relay, RunningAgent, closedPort, curl, inThread, startAgent
 
 SERVICE = "txtunnel.test.Echo"
 
@@ -293,3 +293,61 @@ async def test_unknown_tunnel_is_unimplemented(relay: Relay) -> None:
     finally:
         client.close()
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_tunnel_by_name(
+    relay: Relay, agents: list[RunningAgent], grpcServer: tuple[int, EchoService]
+) -> None:
+    """
+    A C{--grpc} tunnel sends every HTTP/2 request to the local service over
+    HTTP/2; an HTTP/1.1 visitor is told to use HTTP/2.
+    """
+    port, _ = grpcServer
+    client = await _tunnel(relay, agents, port, kind="grpc")
+    try:
+        reply = await inThread(lambda: client.method("unary_unary", "Unary")(b"named", timeout=20))
+    finally:
+        client.close()
+    assert reply == b"echo:named"
+    code, out, err = await curl("-H", f"Host: calls.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
+    assert code == 0, err
+    assert out.startswith(b"505 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_over_tls(tmp_path: Any, agents: list[RunningAgent], grpcServer: tuple[int, EchoService]) -> None:
+    """
+    A gRPC client with TLS credentials negotiates ALPN h2 with the relay's
+    ssl: listener; a server-streaming call comes through.
+    """
+    from twisted.internet import defer
+
+    from tests.conftest import startRelay
+    from tests.test_http_tunnel import selfSignedCertificate
+
+    port, _ = grpcServer
+    key, cert = selfSignedCertificate(tmp_path)
+    relay = await startRelay(
+        str(tmp_path / "state"), "--https", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    )
+    try:
+        await startAgent(agents, relay, "--http", str(port), "--subdomain", "secure")
+        httpsPort = relay.relay.httpsPort
+        with open(cert, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{httpsPort}",
+            credentials,
+            options=[("grpc.ssl_target_name_override", "secure.localhost"), ("grpc.default_authority", f"secure.localhost:{httpsPort}")],
+        )
+        try:
+            method = channel.unary_stream(
+                f"/{SERVICE}/ServerStream", request_serializer=_identity, response_deserializer=_identity
+            )
+            replies = await inThread(lambda: list(method(b"5", timeout=20)))
+        finally:
+            channel.close()
+        assert len(replies) == 5
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
