@@ -204,12 +204,16 @@ async def test_relay_answers_over_h2(relay: Relay, agents: list[RunningAgent], o
 async def test_hostile_h2_breaks_nothing_else(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
     """
     A connection that sends a malformed frame after the preface gets a
-    GOAWAY and is closed; the relay keeps serving.
+    GOAWAY and is closed, as is one whose header list is over 64 KiB; the
+    relay keeps serving.
     """
     host = await _tunnel(relay, agents, origin)
     answer = await inThread(rawAnswer, relay.port, PREFACE + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00garbage")
     # A GOAWAY frame (type 7) comes back before the close.
     assert b"\x07\x00\x00\x00\x00\x00" in answer
+    headers = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", host), ("x-big", "b" * 100000)]
+    oversized = await inThread(h2Exchange, relay.port, headers)
+    assert oversized["headers"] == {} and not oversized["ended"]
     code, out, err = await curl("--http2-prior-knowledge", "--resolve", f"{host}:127.0.0.1", f"http://{host}/hello")
     assert code == 0, err
     assert b"hello from origin" in out
