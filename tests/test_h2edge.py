@@ -237,3 +237,70 @@ async def test_visitor_reset_closes_the_link_stream(relay: Relay, agents: list[R
 
         await wait(0.05)
     assert not any(s.link.streams for s in relay.relay.sessions)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_h2c_is_served_as_http11(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
+    """
+    curl --http2 on cleartext asks for Upgrade: h2c; the relay does not
+    offer it and the request is answered over HTTP/1.1.
+    """
+    host = await _tunnel(relay, agents, origin)
+    code, out, err = await curl(
+        "--http2", "--resolve", f"{host}:127.0.0.1", "-w", "\n%{http_version}", f"http://{host}/hello"
+    )
+    assert code == 0, err
+    assert b"hello from origin" in out
+    assert out.endswith(b"\n1.1")
+
+
+def _stalledDownload(port: int, authority: str, path: str) -> tuple[socket.socket, int]:
+    """
+    Ask for C{path} and read what the initial window lets through, never
+    giving window back; return the open socket and the body bytes read.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", authority)], True)
+    sock.sendall(conn.data_to_send())
+    got = 0
+    sock.settimeout(2)
+    try:
+        while got < 65535:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    got += len(event.data)
+            sock.sendall(conn.data_to_send())
+    except TimeoutError:
+        pass
+    return sock, got
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_visitor_holds_bounded_memory(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
+    """
+    A visitor that stops opening its HTTP/2 window gets exactly its window
+    of a 256 MiB response, and the relay holds no more than the link's
+    window for it: the pause reaches back over the link to the origin.
+    """
+    from tests.conftest import wait
+    from txtunnel.link import DEFAULT_WINDOW
+
+    host = await _tunnel(relay, agents, origin)
+    sock, got = await inThread(_stalledDownload, relay.port, host, f"/big?n={256 * 1024 * 1024}")
+    try:
+        await wait(1.0)
+        assert got == 65535
+        held = 0
+        for session in relay.relay.sessions:
+            for stream in session.link.streams.values():
+                pipe: Any = stream.protocol
+                held += sum(len(b) for b in pipe._out) + sum(len(b) for b in stream._in)
+        assert 0 < held <= DEFAULT_WINDOW + 65536
+    finally:
+        sock.close()
