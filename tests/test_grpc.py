@@ -339,7 +339,10 @@ async def test_grpc_over_tls(tmp_path: Any, agents: list[RunningAgent], grpcServ
         channel = grpc.secure_channel(
             f"127.0.0.1:{httpsPort}",
             credentials,
-            options=[("grpc.ssl_target_name_override", "secure.localhost"), ("grpc.default_authority", f"secure.localhost:{httpsPort}")],
+            options=[
+                ("grpc.ssl_target_name_override", "secure.localhost"),
+                ("grpc.default_authority", f"secure.localhost:{httpsPort}"),
+            ],
         )
         try:
             method = channel.unary_stream(

@@ -59,9 +59,7 @@ def test_twistd_grpc_and_h2(tmp_path: Path, procs: list[Proc], env: dict[str, st
     webAgent = startAgent(procs, env, port, "--http", str(webRoot), "--subdomain", "web")
     webAgent.waitFor(re.escape(f"tunnel ready: http://web.localhost:{port}/"))
 
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.default_authority", f"rpc.localhost:{port}")]
-    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", f"rpc.localhost:{port}")])
     try:
         reply, call = channel.unary_unary("/c.S/Unary", _same, _same).with_call(b"hi", timeout=20)
         assert reply == b"echo:hi"

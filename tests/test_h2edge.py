@@ -24,7 +24,10 @@ from txtunnel.relay.h2edge import PREFACE
 
 
 def h2Exchange(
-    port: int, headers: list[tuple[str, str]], chunks: list[bytes] = (), reset: bool = False  # type: ignore[assignment]
+    port: int,
+    headers: list[tuple[str, str]],
+    chunks: list[bytes] = (),
+    reset: bool = False,  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """
     One request on a new prior-knowledge HTTP/2 connection; the body is
@@ -121,12 +124,10 @@ async def test_big_download_over_h2(relay: Relay, agents: list[RunningAgent], or
     """
     host = await _tunnel(relay, agents, origin)
     n = 16 * 1024 * 1024
-    code, out, err = await curl(
-        "--http2-prior-knowledge", "--resolve", f"{host}:127.0.0.1", f"http://{host}/big?n={n}"
-    )
+    code, out, err = await curl("--http2-prior-knowledge", "--resolve", f"{host}:127.0.0.1", f"http://{host}/big?n={n}")
     assert code == 0, err
     assert len(out) == n
-    assert hashlib.sha256(out).digest() == hashlib.sha256((pattern(65536) * (n // 65536))).digest()
+    assert hashlib.sha256(out).digest() == hashlib.sha256(pattern(65536) * (n // 65536)).digest()
 
 
 @pytest_twisted.ensureDeferred

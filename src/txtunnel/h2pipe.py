@@ -24,7 +24,8 @@ Memory stays bounded without pausing the shared connection:
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes

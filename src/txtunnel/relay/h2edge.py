@@ -187,7 +187,9 @@ class _H1Pipe(H2Pipe):
             self._abort("protocol", f"bad response: {e}", ErrorCodes.INTERNAL_ERROR)
             return
         if self.framer.raw:
-            self._abort("protocol", "the local service switched protocols on an HTTP/2 request", ErrorCodes.PROTOCOL_ERROR)
+            self._abort(
+                "protocol", "the local service switched protocols on an HTTP/2 request", ErrorCodes.PROTOCOL_ERROR
+            )
             return
         if any(status >= 200 for status in done):
             self._endPending = True
@@ -237,7 +239,9 @@ class _H1Pipe(H2Pipe):
                 status, words = 502, "the local service closed the connection without answering"
             self._answerWith(Answer(status, words))
             return
-        self._abort("protocol", "the local service closed the connection in the middle of a response", ErrorCodes.INTERNAL_ERROR)
+        self._abort(
+            "protocol", "the local service closed the connection in the middle of a response", ErrorCodes.INTERNAL_ERROR
+        )
 
     def _answerWith(self, answer: Answer) -> None:
         self._out.clear()
@@ -368,8 +372,8 @@ class H2EdgeProtocol(Protocol):
         method = pseudo.get(b":method", b"")
         authority = pseudo.get(b":authority")
         if authority is None:
-            for name, value in fields:
-                if name == b"host":
+            for field, value in fields:
+                if field == b"host":
                     authority = value
                     break
         if method == b"CONNECT":
