@@ -354,3 +354,26 @@ async def test_grpc_over_tls(tmp_path: Any, agents: list[RunningAgent], grpcServ
         assert len(replies) == 5
     finally:
         await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_service_without_http2_is_unavailable(
+    relay: Relay, agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    A gRPC call to a local service that only speaks HTTP/1.1 gets
+    UNAVAILABLE saying so, not a hang or a bare reset.
+    """
+    client = await _tunnel(relay, agents, origin, kind="grpc")
+
+    def call() -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.method("unary_unary", "Unary")(b"x", timeout=20)
+        return caught.value
+
+    try:
+        error: Any = await inThread(call)
+    finally:
+        client.close()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"the local service at 127.0.0.1:{origin}" in error.details()

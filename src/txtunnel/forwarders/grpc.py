@@ -76,11 +76,13 @@ class H2ClientProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, target: str = "?") -> None:
+        self.target = target
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.pipe: H2Pipe | None = None
         self.paused = False
         self._trailersOnly = False
+        self._responded = False
 
     # -- H2Owner
 
@@ -113,6 +115,7 @@ class H2ClientProtocol(Protocol):
             self.log.warn("HTTP/2 protocol error from the local service: {error}", error=str(e))
             self.flush()
             self.transport.loseConnection()  # type: ignore[union-attr]
+            self._failed(f"the local service at {self.target} does not speak HTTP/2 ({e})")
             return
         for event in events:
             if pipe is None or pipe.streamID is None:
@@ -121,6 +124,7 @@ class H2ClientProtocol(Protocol):
             if sid not in (None, 0, pipe.streamID):
                 continue
             if isinstance(event, ResponseReceived):
+                self._responded = True
                 if event.stream_ended is not None:
                     self._trailersOnly = True
                     pipe.h2TrailersOnly(event.headers)
@@ -158,8 +162,23 @@ class H2ClientProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._failed(f"the local service at {self.target} closed the connection without answering")
+
+    def _failed(self, message: str) -> None:
+        """
+        The connection is unusable: a call not yet answered is answered
+        UNAVAILABLE (as a client connecting directly would report); one
+        under way is reset.
+        """
         pipe = self.pipe
-        if pipe is not None and not pipe.finished:
+        if pipe is None or pipe.finished:
+            return
+        stream = pipe.stream
+        if not self._responded and stream is not None and not stream.closed:
+            self.log.warn("{message}", message=message)
+            _unavailable(stream, message)
+            pipe._finish()
+        else:
             pipe.h2Closed()
 
 
@@ -190,7 +209,7 @@ def connectH2(tunnel: IAgentTunnel, stream: Stream) -> None:
     """
     host, port = tunnel.target
     endpoint = TCP4ClientEndpoint(tunnel.reactor, host, port, timeout=CONNECT_TIMEOUT)
-    client = H2ClientProtocol()
+    client = H2ClientProtocol(f"{host}:{port}")
     d = connectProtocol(endpoint, client)
 
     def connected(protocol: H2ClientProtocol) -> None:

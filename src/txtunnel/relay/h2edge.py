@@ -139,12 +139,19 @@ class _H1Pipe(H2Pipe):
         lines = [pseudo.get(b":method", b"GET") + b" " + pseudo.get(b":path", b"/") + b" HTTP/1.1"]
         lines.append(b"Host: " + pseudo.get(b":authority", b""))
         hasLength = False
+        cookies = []
         for name, value in fields:
             if name.startswith(b":") or name == b"host" or name == b"te":
+                continue
+            if name == b"cookie":
+                # HTTP/2 may split cookies into fields; HTTP/1.1 has one line.
+                cookies.append(value)
                 continue
             if name == b"content-length":
                 hasLength = True
             lines.append(name + b": " + value)
+        if cookies:
+            lines.append(b"Cookie: " + b"; ".join(cookies))
         if not hasLength and not self._requestEnded:
             self._chunked = True
             lines.append(b"Transfer-Encoding: chunked")
@@ -391,7 +398,11 @@ class H2EdgeProtocol(Protocol):
             self.answer(sid, Answer(404, f"no tunnel named {name!r} on this relay"))
             return
         assert authority is not None
-        grpc = isGRPC(fields) or getattr(tunnel, "type", "http") == "grpc"
+        # Only the built-in forwarders that know HTTP/2 messages get them; a
+        # third-party name-routed forwarder sees HTTP/1.1, as from the
+        # HTTP/1.1 edge.
+        tunnelType = getattr(tunnel, "type", "http")
+        grpc = tunnelType == "grpc" or (tunnelType == "http" and isGRPC(fields))
         pipe: H2Pipe = H2Pipe(self, sid, responseSide=True) if grpc else _H1Pipe(self, sid, method, ended)
         self.pipes[sid] = pipe
         head = RequestHead(
