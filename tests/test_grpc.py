@@ -377,3 +377,40 @@ async def test_local_service_without_http2_is_unavailable(
         client.close()
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert f"the local service at 127.0.0.1:{origin}" in error.details()
+
+
+@pytest_twisted.ensureDeferred
+async def test_gates_see_and_rewrite_grpc_calls(
+    relay: Relay, agents: list[RunningAgent], grpcServer: tuple[int, EchoService]
+) -> None:
+    """
+    The relay's visitor gates run on each HTTP/2 stream before it is
+    forwarded: a slow gate's added header reaches the server and the header
+    it drops does not; a refusal is reported to the client.
+    """
+    from tests.test_gates import Deny, Slow
+
+    port, service = grpcServer
+    client = await _tunnel(relay, agents, port)
+    deny = Deny()
+    relay.relay.gates[:] = [deny, Slow()]
+
+    def calls() -> tuple[bytes, Any]:
+        reply = client.method("unary_unary", "Unary")(
+            b"gated", metadata=[("authorization", "secret"), ("x-visitor", "forged")], timeout=20
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            client.channel.unary_unary("/private/Nope", _identity, _identity)(b"", timeout=20)
+        return reply, caught.value
+
+    try:
+        reply, error = await inThread(calls)
+    finally:
+        client.close()
+    assert reply == b"echo:gated"
+    seen = service.seenMetadata
+    assert ("x-visitor", "checked") in seen and ("x-visitor", "forged") not in seen
+    assert not any(name == "authorization" for name, _ in seen)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert deny.seen[0].head.path == f"/{SERVICE}/Unary".encode()
+    assert deny.seen[0].host == f"calls.localhost:{relay.port}".encode()
