@@ -34,7 +34,7 @@ TUNNEL_KEYS = (
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
-KINDS = ("http", "tcp", "udp", "tls")
+KINDS = ("http", "tcp", "udp", "tls", "grpc")
 
 
 def relayURL(text: str) -> str:
@@ -136,6 +136,7 @@ class Options(ConfigOptions):
         ("tcp", None, optionalTarget),
         ("udp", None, optionalTarget),
         ("tls", None, optionalTarget),
+        ("grpc", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
@@ -162,6 +163,12 @@ class Options(ConfigOptions):
             None,
             "Expose the TLS service at TARGET by passthrough: routed by SNI at NAME.<domain> on the relay's "
             "--tls port, never decrypted.",
+        ],
+        [
+            "grpc",
+            None,
+            None,
+            "Expose the gRPC (or other cleartext HTTP/2) service at TARGET: every request reaches it over HTTP/2.",
         ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],

@@ -73,8 +73,10 @@ class Relay:
         #: CAs an agent's client certificate must chain to (--agent-ca);
         #: empty when agents need none.
         self.agentCAs: list[Any] = list(settings.get("agent-cas") or [])
-        #: Protocols the HTTPS listener offers by ALPN, in order of preference.
-        self.alpnProtocols: list[bytes] = list(DEFAULT_ALPN)
+        #: Protocols the HTTPS listener offers by ALPN, in order of preference:
+        #: HTTP/2 first (the edge hands C{h2} connections to
+        #: L{txtunnel.relay.h2edge}), then HTTP/1.1.
+        self.alpnProtocols: list[bytes] = [b"h2", *DEFAULT_ALPN]
         #: The HTTPS listener's TLS (set when it starts).
         self.serverTLS: ServerTLS | None = None
         #: Seconds a disconnected agent's names and ports are kept for it.
