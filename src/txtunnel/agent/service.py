@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from txtunnel.agent.session import AgentSession
 from txtunnel.interfaces import IAgentTunnel, IForwarder
-from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
 __all__ = ["Agent", "AgentService", "AgentTunnel"]
@@ -153,7 +153,7 @@ class AgentService(MultiService):
             agent.reactor,
             window=window,
             keepalive=keepalive,
-            keepaliveTimeout=keepalive * 2.5,
+            keepaliveTimeout=keepalive * KEEPALIVE_TIMEOUT_FACTOR,
         )
         self.factory = factory
         self.client = ClientService(

@@ -146,7 +146,7 @@ class Options(ConfigOptions):
             "after a reconnect, and the same --subdomain/--remote-port after a restart. "
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        ["keepalive", None, None, "Seconds between link pings; a link silent 1.5x this long is dropped (a dead link is noticed within 2x). [default: 10]"],
     ]
 
     def __init__(self, environ: Any = None) -> None:

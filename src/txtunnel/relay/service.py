@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txtunnel.interfaces import IForwarder, IRelay, IStore
-from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
@@ -72,7 +72,7 @@ class Relay:
             reactor,
             window=settings.get("window", DEFAULT_WINDOW),
             keepalive=settings["keepalive"],
-            keepaliveTimeout=settings["keepalive"] * 2.5,
+            keepaliveTimeout=settings["keepalive"] * KEEPALIVE_TIMEOUT_FACTOR,
         )
 
     @property
