@@ -120,7 +120,7 @@ async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expec
     options = agentTap.Options(environ={})
     options.parseOptions(["--relay", relay.url, *args])
     agent = agentTap.buildAgent(options, reactor)
-    service = AgentService(agent, keepalive=options["keepalive"])
+    service = AgentService(agent, **agentTap.serviceSettings(options))
     service.startService()
     running = RunningAgent(agent, service)
     agents.append(running)

@@ -9,14 +9,17 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.agent.session import AgentSession
+from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
@@ -87,16 +90,31 @@ class Agent:
         self._answered: set[str] = set()
         #: Called with the reason when the agent gives up (see L{fatal}).
         self.fatalHooks: list[Callable[[str], object]] = []
+        #: The link's connection state machine; a status console or metrics
+        #: read C{states.state} or add to C{states.observers}.
+        self.states = LinkStates(relayURL)
+
+    @property
+    def state(self) -> LinkState:
+        """
+        Where the link to the relay is now (see L{LinkState}).
+        """
+        return self.states.state
 
     def sessionStarted(self, session: AgentSession) -> None:
         self.session = session
         self._answered.clear()
+        self.states.event("opened")
+
+    def sessionWelcomed(self, session: AgentSession) -> None:
+        self.states.event("welcomed")
 
     def sessionEnded(self, session: AgentSession, reason: str) -> None:
         if self.session is session:
             self.session = None
         if self.failure is None and not self.stopping:
             self.log.warn("link to relay lost ({reason}); reconnecting", reason=reason)
+            self.states.event("lost", reason=reason)
 
     def tunnelBound(self, tunnel: AgentTunnel) -> None:
         self._answer(tunnel)
@@ -121,6 +139,7 @@ class Agent:
             return
         self.failure = reason
         self.log.critical("agent stopping: {reason}", reason=reason)
+        self.states.event("close", reason=reason)
         if self.session is not None:
             self.session.carrier.closeLink("agent stopping")
         for hook in self.fatalHooks:
@@ -129,10 +148,38 @@ class Agent:
             self.ready.errback(RuntimeError(reason))
 
 
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """
+    The relay's endpoint, telling the agent's state machine about each
+    attempt and each failure to connect (the L{ClientService} reports
+    neither).
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, agent: Agent, onFailure: Callable[[], object]) -> None:
+        self.endpoint = endpoint
+        self.agent = agent
+        self.onFailure = onFailure
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.agent.states.event("attempt")
+        d = self.endpoint.connect(factory)
+
+        def failed(f: Failure) -> Failure:
+            self.agent.states.event("failed", reason=f.getErrorMessage())
+            self.onFailure()
+            return f
+
+        return d.addErrback(failed)
+
+
 class AgentService(MultiService):
     """
     A L{ClientService} that keeps the link up (backoff with jitter), under
     the agent's service tree.
+
+    @ivar backoff: the reconnect delays and attempt limit.
+    @ivar drainTimeout: seconds L{stopService} lets streams in flight finish.
     """
 
     log = Logger()
@@ -143,9 +190,15 @@ class AgentService(MultiService):
         *,
         keepalive: float = 10.0,
         window: int = DEFAULT_WINDOW,
+        backoff: Backoff | None = None,
+        drainTimeout: float = 30.0,
+        clockWatch: bool = True,
     ) -> None:
         super().__init__()
         self.agent = agent
+        self.keepalive = keepalive
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.drainTimeout = drainTimeout
         wsURL, endpoint = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,
@@ -155,22 +208,55 @@ class AgentService(MultiService):
             keepalive=keepalive,
             keepaliveTimeout=keepalive * KEEPALIVE_TIMEOUT_FACTOR,
         )
+        # A link that closes before its session starts (refused handshake)
+        # is a failed attempt too.
+        factory.onLinkLost = self._handshakeLost
         self.factory = factory
         self.client = ClientService(
-            clientFromString(agent.reactor, endpoint),
+            _WatchedEndpoint(clientFromString(agent.reactor, endpoint), agent, self._checkAttempts),
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0),
+            retryPolicy=lambda failed: self.backoff.delay(max(1, agent.states.failures)),
             clock=agent.reactor,
         )
         self.client.setServiceParent(self)
         agent.fatalHooks.append(lambda reason: self.client.stopService())
+        agent.states.observers.append(self._stateChanged)
+        self.clockWatch: ClockJumpWatch | None = None
+        if clockWatch and keepalive > 0:
+            self.clockWatch = ClockJumpWatch(agent.reactor, self._clockJumped)
+
+    def _handshakeLost(self, carrier: Any, code: int | None, reason: str | None) -> None:
+        self.agent.states.event("failed", reason=reason or f"closed ({code})")
+        self._checkAttempts()
+
+    def _stateChanged(self, old: LinkState, new: LinkState, event: str, info: dict[str, Any]) -> None:
+        if new is LinkState.RECONNECTING and event == "lost":
+            self._checkAttempts()
+
+    def _checkAttempts(self) -> None:
+        """
+        Give up once the configured number of attempts in a row have failed.
+        """
+        failures = self.agent.states.failures
+        if self.backoff.exhausted(failures) and not self.agent.stopping:
+            self.agent.fatal(f"gave up after {failures} failed attempts to reach the relay")
+
+    def _clockJumped(self, seconds: float) -> None:
+        session = self.agent.session
+        if session is not None:
+            session.link.probe(min(self.keepalive, 5.0))
 
     def startService(self) -> None:
         self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
         super().startService()
+        if self.clockWatch is not None:
+            self.clockWatch.start()
 
     def stopService(self) -> Deferred[Any]:
         self.agent.stopping = True
+        if self.clockWatch is not None:
+            self.clockWatch.stop()
+        self.agent.states.event("close", reason="shutting down")
         session = self.agent.session
         if session is not None:
             session.goodbye()

@@ -71,6 +71,33 @@ def idleTimeout(text: str) -> float:
     return value
 
 
+def moreThanZero(text: str) -> float:
+    value = positiveFloat(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return value
+
+
+def attemptCount(text: str) -> int:
+    """
+    Attempts in a row before giving up: a whole number, 0 for never.
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number (0 for no limit)") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative (0 for no limit)")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positiveFloat(text)
+    if value > 1:
+        raise ValueError(f"{text!r} must be a fraction between 0 and 1")
+    return value
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -102,6 +129,11 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("reconnect-initial", 0.5, moreThanZero),
+        ("reconnect-max", 30.0, moreThanZero),
+        ("reconnect-attempts", 0, attemptCount),
+        ("reconnect-jitter", 0.2, fraction),
+        ("drain-timeout", 30.0, positiveFloat),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -146,7 +178,39 @@ class Options(ConfigOptions):
             "after a reconnect, and the same --subdomain/--remote-port after a restart. "
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 1.5x this long is dropped (a dead link is noticed within 2x). [default: 10]"],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is dropped (a dead link is noticed "
+            "within 2x). [default: 10]",
+        ],
+        ["reconnect-initial", None, None, "Seconds before the first reconnect attempt. [default: 0.5]"],
+        [
+            "reconnect-max",
+            None,
+            None,
+            "Longest wait between reconnect attempts; the wait doubles up to this. [default: 30]",
+        ],
+        [
+            "reconnect-attempts",
+            None,
+            None,
+            "Failed attempts in a row after which the agent gives up; 0 retries for ever. [default: 0]",
+        ],
+        [
+            "reconnect-jitter",
+            None,
+            None,
+            "Spread of each wait as a fraction (0.2 = +-20%), so agents do not all return at once. [default: 0.2]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On shutdown (SIGTERM, Ctrl-C), seconds open streams may take to finish before the link is "
+            "closed. [default: 30]",
+        ],
     ]
 
     def __init__(self, environ: Any = None) -> None:
@@ -165,6 +229,11 @@ class Options(ConfigOptions):
             self._collectTunnels(parser)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["reconnect-initial"] > self["reconnect-max"]:
+            raise usage.UsageError(
+                f"--reconnect-initial ({self['reconnect-initial']:g}) must not exceed "
+                f"--reconnect-max ({self['reconnect-max']:g})"
+            )
 
     def _collectTunnels(self, parser: configparser.ConfigParser | None) -> None:
         from txtunnel.plugins import forwarders
@@ -260,6 +329,25 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
 
 
+def serviceSettings(options: Options) -> dict[str, Any]:
+    """
+    The keyword arguments of L{txtunnel.agent.service.AgentService} that
+    come from the options (link keepalive, reconnect backoff, drain).
+    """
+    from txtunnel.agent.states import Backoff
+
+    return {
+        "keepalive": options["keepalive"],
+        "backoff": Backoff(
+            initial=options["reconnect-initial"],
+            maximum=options["reconnect-max"],
+            jitter=options["reconnect-jitter"],
+            attempts=options["reconnect-attempts"],
+        ),
+        "drainTimeout": options["drain-timeout"],
+    }
+
+
 def loadAgentKey(path: str | None) -> str | None:
     """
     Read the agent's key from C{path} (default in the user's state
@@ -315,4 +403,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    return AgentService(agent, keepalive=options["keepalive"])
+    return AgentService(agent, **serviceSettings(options))

@@ -131,7 +131,12 @@ class Options(ConfigOptions):
             "Seconds a disconnected agent's names and ports are kept for it to reconnect to; 0 frees "
             "them at once. [default: 1800]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 1.5x this long is closed (a dead link is noticed within 2x). [default: 10]"],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is closed (a dead link is noticed within 2x). [default: 10]",
+        ],
     ]
 
     def opt_token(self, value: str) -> None:
