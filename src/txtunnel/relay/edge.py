@@ -42,7 +42,11 @@ from txtunnel.wslink import LINK_PATH
 if TYPE_CHECKING:
     from txtunnel.relay.service import Relay
 
-__all__ = ["EdgeFactory", "EdgeProtocol"]
+__all__ = ["EdgeFactory", "EdgeProtocol", "RETRY_AFTER"]
+
+#: Seconds a visitor is asked to wait (C{Retry-After}) while a tunnel's
+#: agent is reconnecting or the relay is shutting down.
+RETRY_AFTER = 5
 
 
 class _Fail:
@@ -53,6 +57,17 @@ class _Fail:
 
     def __init__(self, status: int, reason: str, answer: Answer | None = None) -> None:
         self.answer = answer if answer is not None else Answer(status, reason)
+
+
+def _unavailable(reason: str) -> _Fail:
+    """
+    A 503 that tells the visitor when to try again.
+    """
+    return _Fail(
+        503,
+        f"{reason}; try again shortly",
+        Answer(503, f"{reason}; try again shortly", [("Retry-After", str(RETRY_AFTER))]),
+    )
 
 
 @implementer(IPushProducer)
@@ -244,7 +259,11 @@ class EdgeProtocol(Protocol):
                 return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
             return ("wait", None) if self._busy else ("link", None)
         tunnel = self.relay.hosts.get(name or "")
+        if self.relay.draining:
+            return ("fail", _unavailable("this relay is shutting down"))
         if tunnel is None:
+            if self.relay.heldFor("http", name or "") is not None:
+                return ("fail", _unavailable(f"the agent serving {name!r} is reconnecting"))
             return ("fail", _Fail(404, f"no tunnel named {name!r} on this relay"))
         if self._stream is not None and self._tunnel is not tunnel and self._busy:
             return ("wait", None)

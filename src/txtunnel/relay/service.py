@@ -69,6 +69,12 @@ class Relay:
         self.gates: list[IVisitorGate] = []
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
+        #: C{(namespace, key) -> wall time}: claims held for an agent that
+        #: is away, so visitors are told it is coming back (503) rather
+        #: than that there is no such tunnel (404).
+        self.held: dict[tuple[str, str], float] = {}
+        #: Set while the relay drains on shutdown: no new streams start.
+        self.draining = False
         self.linkFactory = LinkServerFactory(
             lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
             reactor,
@@ -92,6 +98,20 @@ class Relay:
         Wall-clock time for holds that must survive a restart of the relay.
         """
         return float(self.reactor.seconds())
+
+    def heldFor(self, namespace: str, key: str) -> float | None:
+        """
+        Seconds left on the hold of an away agent's claim, or C{None} when
+        nothing is held under that name.
+        """
+        until = self.held.get((namespace, key))
+        if until is None:
+            return None
+        left = until - self.wallClock()
+        if left <= 0:
+            del self.held[(namespace, key)]
+            return None
+        return left
 
     def checkToken(self, token: str | None) -> bool:
         """
@@ -231,6 +251,8 @@ class RelayService(MultiService):
         # Tunnels of the previous run get the grace period to come back.
         yield store.holdAll(relay.wallClock() + relay.grace)
         relay.store = store
+        for (namespace, key), until in store.heldClaims().items():
+            relay.held[(namespace, key)] = until
         for port in self.listening:
             if port is tlsListening:
                 continue

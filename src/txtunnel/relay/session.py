@@ -164,6 +164,9 @@ class RelaySession:
                 binding.close()
                 return
             tunnel.binding = binding
+            claim = getattr(binding, "claim", None)
+            if claim is not None:
+                self.relay.held.pop(tuple(claim), None)
             message: dict[str, Any] = {"op": "bound", "id": bid, "address": binding.address}
             reclaim = getattr(binding, "reclaim", None)
             if isinstance(reclaim, dict) and reclaim:
@@ -209,5 +212,6 @@ class RelaySession:
             if claim is not None and self.relay.grace > 0 and self.relay.store is not None:
                 # Kept for this agent: it gets the same address if it is back in time.
                 self.relay.store.hold(claim[0], claim[1], self.owner, until)
+                self.relay.held[(claim[0], claim[1])] = until
         self.tunnels.clear()
         self.log.info("agent {peer} disconnected: {reason}", peer=self.peer, reason=reason)
