@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from txtunnel.agent.session import AgentSession
 from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
+from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
@@ -191,7 +192,7 @@ class AgentService(MultiService):
         keepalive: float = 10.0,
         window: int = DEFAULT_WINDOW,
         backoff: Backoff | None = None,
-        drainTimeout: float = 30.0,
+        drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
         clockWatch: bool = True,
     ) -> None:
         super().__init__()
@@ -253,12 +254,32 @@ class AgentService(MultiService):
             self.clockWatch.start()
 
     def stopService(self) -> Deferred[Any]:
+        """
+        Say goodbye (the relay stops routing new visitors here and lets
+        idle connections go), let the streams in flight finish for up to
+        C{drainTimeout} seconds, then close the link and stop.
+        """
         self.agent.stopping = True
         if self.clockWatch is not None:
             self.clockWatch.stop()
         self.agent.states.event("close", reason="shutting down")
         session = self.agent.session
-        if session is not None:
-            session.goodbye()
-            session.carrier.closeLink("agent shutting down")
-        return super().stopService()  # type: ignore[no-any-return]
+        if session is None:
+            return super().stopService()  # type: ignore[no-any-return]
+        session.goodbye()
+
+        def openStreams() -> int:
+            if self.agent.session is not session or session.link.closed:
+                return 0
+            return len(session.link.streams)
+
+        d = drain(self.agent.reactor, openStreams, self.drainTimeout)
+
+        def drained(left: int) -> Deferred[Any]:
+            if left:
+                self.log.warn("drain timeout: closing {left} streams still open", left=left)
+            if not session.link.closed:
+                session.carrier.closeLink("agent shutting down")
+            return super(AgentService, self).stopService()  # type: ignore[no-any-return]
+
+        return d.addCallback(drained)

@@ -164,11 +164,33 @@ class EdgeProtocol(Protocol):
         self._gating: RequestHead | None = None
         self._passed: tuple[RequestHead, Any, VisitorRequest] | None = None
         self.clientIP = "?"
+        #: Close once no response is owed (the relay or the agent drains).
+        self._closeWhenIdle = False
+
+    @property
+    def tunnel(self) -> Any:
+        """
+        The tunnel this connection has a stream open to, if any.
+        """
+        return self._tunnel
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.clientIP = getattr(peer, "host", "?")
         setNoDelay(self.transport)
+        self.relay.edges.add(self)
+
+    def closeWhenIdle(self) -> None:
+        """
+        Close this visitor connection once it owes no response: at once if
+        it is idle, else after the response in flight is complete.
+        """
+        if self._delegate is not None or self._lost:
+            return
+        self._closeWhenIdle = True
+        if not self._busy and not self._queue and self._gating is None and self._framer.idle:
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- reading
 
@@ -377,7 +399,7 @@ class EdgeProtocol(Protocol):
             self._waiting = False
             self._resume("wait")
             self._pump()
-        elif self._visitorDone and not self._queue:
+        elif (self._visitorDone or self._closeWhenIdle) and not self._queue:
             self._closeStream()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -473,6 +495,7 @@ class EdgeProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._lost = True
+        self.relay.edges.discard(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -19,6 +20,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txtunnel.drain import drain
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.relay.edge import EdgeFactory
@@ -75,6 +77,8 @@ class Relay:
         self.held: dict[tuple[str, str], float] = {}
         #: Set while the relay drains on shutdown: no new streams start.
         self.draining = False
+        #: Open visitor connections on the HTTP(S) edge.
+        self.edges: set[Any] = set()
         self.linkFactory = LinkServerFactory(
             lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
             reactor,
@@ -112,6 +116,22 @@ class Relay:
             del self.held[(namespace, key)]
             return None
         return left
+
+    def releaseIdle(self, which: Callable[[Any], bool] = lambda edge: True) -> None:
+        """
+        Ask the visitor connections picked by C{which} to close as soon as
+        they owe no response (at once if they owe none): a drain waits for
+        requests in flight, not for idle keep-alive connections.
+        """
+        for edge in list(self.edges):
+            if which(edge):
+                edge.closeWhenIdle()
+
+    def openStreams(self) -> int:
+        """
+        Streams open on all agents' links.
+        """
+        return sum(len(session.link.streams) for session in self.sessions)
 
     def checkToken(self, token: str | None) -> bool:
         """
@@ -297,16 +317,34 @@ class RelayService(MultiService):
             reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
+        """
+        Stop accepting (listeners closed, new requests answered 503), let
+        the streams in flight finish for up to C{drain-timeout} seconds,
+        then close every link; agents' names are held for them as after any
+        drop, so they come back to the same addresses.
+        """
         super().stopService()
-        for session in list(self.relay.sessions):
-            session.carrier.closeLink("relay shutting down")
-            session.linkLost("relay shutting down")
+        relay = self.relay
+        relay.draining = True
         ports, self.listening = self.listening, []
         d: Deferred[Any] = DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
-        store = self.relay.store
+        timeout = float(relay.settings.get("drain-timeout", 0.0))
+        d.addCallback(lambda _: drain(relay.reactor, relay.openStreams, timeout, relay.releaseIdle))
+        d.addCallback(self._closeLinks)
+        store = relay.store
         if isinstance(store, SQLiteStore):
             d.addBoth(lambda r: store.close())
         return d
+
+    def _closeLinks(self, left: int) -> None:
+        if left:
+            self.log.warn("drain timeout: closing {left} streams still open", left=left)
+        for session in list(self.relay.sessions):
+            session.carrier.closeLink("relay shutting down")
+            session.linkLost("relay shutting down")
+        for edge in list(self.relay.edges):
+            if edge.transport is not None:
+                edge.transport.abortConnection()
 
 
 async def _stop(port: IListeningPort) -> None:

@@ -9,6 +9,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,6 +48,8 @@ class RelayTunnel:
         self.binding: IBinding | None = None
 
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
+        if self.session.relay.draining:
+            raise ConnectionLost("the relay is shutting down")
         return self.session.link.openStream(dict(header, tunnel=self.id), protocol)
 
     def __repr__(self) -> str:
@@ -94,8 +97,12 @@ class RelaySession:
             elif op == "unbind":
                 self._unbind(message)
             elif op == "bye":
-                # A clean goodbye: nothing is kept for this agent.
+                # A clean goodbye: nothing is kept for this agent, and
+                # visitors' idle connections to it let go of their streams
+                # so that it can finish draining.
+                tunnels = set(self.tunnels.values())
                 self._unbindAll()
+                self.relay.releaseIdle(lambda edge: edge.tunnel in tunnels)
             else:
                 self.log.warn("agent {peer} sent unknown control op {op!r}; ignored", peer=self.peer, op=op)
 
