@@ -341,10 +341,13 @@ class RelayService(MultiService):
             self.log.warn("drain timeout: closing {left} streams still open", left=left)
         for session in list(self.relay.sessions):
             session.carrier.closeLink("relay shutting down")
+            # Streams still open are reset now (their visitors get a 502 or
+            # a closed connection), not after the close handshake.
+            session.link.connectionLost("relay shutting down")
             session.linkLost("relay shutting down")
         for edge in list(self.relay.edges):
-            if edge.transport is not None:
-                edge.transport.abortConnection()
+            if edge.transport is not None and edge._delegate is None:
+                edge.transport.loseConnection()
 
 
 async def _stop(port: IListeningPort) -> None:
