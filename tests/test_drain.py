@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import Relay, RunningAgent, curl, originSite, startAgent, startRelay
 from txtunnel.drain import drain

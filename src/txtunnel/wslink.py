@@ -52,6 +52,9 @@ CLOSE_PROTOCOL_ERROR = 4002
 CLOSE_REFUSED = 4003
 CLOSE_NORMAL = 1000
 
+#: Close reasons for a link found dead, dropped at once.
+DEAD_LINK_REASONS = frozenset({"keepalive timeout", "probe timeout"})
+
 
 def _options(factory: Any) -> None:
     factory.setProtocolOptions(
@@ -129,6 +132,10 @@ class _LinkCarrierMixin:
         else:
             code = CLOSE_NORMAL
         self.sendClose(code, reason[:120])  # type: ignore[attr-defined]
+        if reason in DEAD_LINK_REASONS:
+            # Nothing comes back on a dead link: waiting for the close
+            # handshake would only delay the reconnect.
+            self.dropConnection(abort=True)  # type: ignore[attr-defined]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         link = self.link
