@@ -9,6 +9,7 @@ Each test is bounded in time; run them with C{-m faults}.
 from __future__ import annotations
 
 import hashlib
+import os
 import select
 import signal
 import socket
@@ -21,11 +22,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_contract import STOPPED_BY_SIGTERM, Proc, env, freePort, procs, startRelay, twistd  # noqa: F401
+from tests.test_contract import STOPPED_BY_SIGTERM, Proc, freePort, startRelay, twistd
 
 pytestmark = [pytest.mark.faults, pytest.mark.contract]
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("TXTUNNEL_")}
+    e["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
+    e["HOME"] = str(tmp_path / "home")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
 
 
 def sha256File(path: Path) -> str:
@@ -69,7 +87,7 @@ def origin(files: Path) -> Iterator[int]:
     p.stop()
 
 
-def agent(procs: list[Proc], env: dict[str, str], relayPort: int, *args: str) -> Proc:  # noqa: F811
+def agent(procs: list[Proc], env: dict[str, str], relayPort: int, *args: str) -> Proc:
     return twistd(
         procs,
         env,
@@ -140,7 +158,7 @@ def test_relay_killed_mid_transfer_and_restarted(
     env: dict[str, str],
     origin: int,
     files: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """
     kill -9 the relay during a 100 MiB transfer and start it again on the
@@ -172,7 +190,7 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     procs: list[Proc],
     env: dict[str, str],
     origin: int,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """
     kill -9 the agent: a download in flight ends with an error within 2 s,
@@ -258,7 +276,7 @@ def test_stalled_link_is_detected_within_two_keepalives(
     procs: list[Proc],
     env: dict[str, str],
     origin: int,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """
     With --keepalive 1 on both sides and a proxy that silently stops
@@ -293,7 +311,7 @@ def test_relay_sigterm_drains(
     env: dict[str, str],
     origin: int,
     files: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """
     SIGTERM on a twistd relay while a 100 MiB download is in flight: the
@@ -320,7 +338,7 @@ def test_agent_sigterm_drains(
     env: dict[str, str],
     origin: int,
     files: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """
     SIGTERM on a twistd agent while a 100 MiB download is in flight: new
