@@ -21,7 +21,16 @@ __all__ = ["Options", "makeService"]
 DEFAULT_RELAY = "ws://localhost:8080"
 
 #: Keys a [tunnel:NAME] section may have.
-TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
+TUNNEL_KEYS = (
+    "type",
+    "target",
+    "subdomain",
+    "remote-port",
+    "response-timeout",
+    "udp-idle-timeout",
+    "sse-heartbeat",
+    "pool",
+)
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls")
@@ -69,6 +78,20 @@ def idleTimeout(text: str) -> float:
     if not 0 < value <= MAX_IDLE_TIMEOUT:
         raise ValueError(f"{text!r} must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} seconds")
     return value
+
+
+def poolKey(text: str) -> str | None:
+    """
+    A pool key is a shared secret: long enough not to be guessed.
+    """
+    from txtunnel.relay.pool import MAX_POOL_KEY, MIN_POOL_KEY
+
+    text = str(text).strip()
+    if not text:
+        return None
+    if not MIN_POOL_KEY <= len(text) <= MAX_POOL_KEY:
+        raise ValueError(f"a pool key must be {MIN_POOL_KEY} to {MAX_POOL_KEY} characters (it is a shared secret)")
+    return text
 
 
 def moreThanZero(text: str) -> float:
@@ -134,6 +157,7 @@ class Options(ConfigOptions):
         ("reconnect-attempts", 0, attemptCount),
         ("reconnect-jitter", 0.2, fraction),
         ("drain-timeout", 30.0, positiveFloat),
+        ("pool", None, poolKey),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -151,6 +175,13 @@ class Options(ConfigOptions):
         ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
+        [
+            "pool",
+            None,
+            None,
+            "Serve the --subdomain together with the other agents given the same KEY (a shared secret of "
+            "16+ characters): the relay spreads visitors over them. HTTP tunnels only.",
+        ],
         [
             "response-timeout",
             None,
@@ -260,6 +291,8 @@ class Options(ConfigOptions):
                 options["subdomain"] = self["subdomain"]
             if self["remote-port"]:
                 options["remote-port"] = self["remote-port"]
+            if self["pool"]:
+                options["pool"] = self["pool"]
             if kind == "udp":
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
@@ -298,6 +331,7 @@ class Options(ConfigOptions):
                     ("response-timeout", positiveFloat),
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
+                    ("pool", poolKey),
                 ):
                     if key in values:
                         try:
@@ -309,6 +343,14 @@ class Options(ConfigOptions):
                 except ValueError as e:
                     raise ConfigError(f"{where} target: {e}") from None
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
+        for spec in self.tunnels:
+            if spec["options"].get("pool"):
+                if spec["type"] != "http":
+                    raise ConfigError(f"tunnel {spec['name']!r}: only http tunnels can be pooled (--pool)")
+                if not spec["options"].get("subdomain"):
+                    raise ConfigError(
+                        f"tunnel {spec['name']!r}: a pooled tunnel needs a --subdomain, the name its agents share"
+                    )
         if not self.tunnels:
             raise ConfigError(
                 "nothing to tunnel: give --http, --tcp, --udp or --tls TARGET, or [tunnel:NAME] sections in --config"

@@ -28,9 +28,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, nameRequest
+from txtunnel.errors import BindError
 from txtunnel.http1 import errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.names import checkName
+from txtunnel.relay.pool import Pool, PooledBinding, poolOwner
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
 
@@ -38,6 +41,35 @@ __all__ = ["HTTPForwarder"]
 
 #: Seconds the local service may take to start answering a request.
 DEFAULT_RESPONSE_TIMEOUT = 120.0
+
+
+@inlineCallbacks
+def joinPool(relay: IRelay, tunnel: IRelayTunnel) -> Any:
+    """
+    Bind C{tunnel} into the pool serving the name it asks for, making the
+    pool if there is none yet; the pool key's hash owns the name's claim.
+    """
+    owner = poolOwner(tunnel.request.get("pool"))
+    asked = tunnel.request.get("name")
+    if not isinstance(asked, str):
+        raise BindError("a pooled tunnel needs a subdomain: every agent of the pool asks for the same one")
+    try:
+        name = checkName(asked)
+    except ValueError as e:
+        raise BindError(str(e)) from None
+    current = relay.hosts.get(name)
+    if current is None:
+        claimed = yield relay.store.claim("http", name, owner)
+        current = relay.hosts.get(name)
+        if current is None:
+            if not claimed:
+                raise BindError(f"the subdomain {name!r} is in use on this relay; choose another")
+            current = Pool(name, owner)
+            relay.hosts.add(name, current)
+    if not isinstance(current, Pool) or not current.admits(owner):
+        raise BindError(f"the subdomain {name!r} is in use on this relay by another agent or pool")
+    current.add(tunnel)
+    return PooledBinding(relay, tunnel, current)
 
 
 @implementer(IBinding)
@@ -151,10 +183,16 @@ class HTTPForwarder:
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
-        return nameRequest(tunnel)
+        request = nameRequest(tunnel)
+        if tunnel.options.get("pool"):
+            request["pool"] = tunnel.options["pool"]
+        return request
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
+        if tunnel.request.get("pool") is not None:
+            binding = yield joinPool(relay, tunnel)
+            return binding
         name = yield claimName(relay, relay.hosts, "http", tunnel, "subdomain")
         return HTTPBinding(relay, tunnel, name)
 

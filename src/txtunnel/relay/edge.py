@@ -168,11 +168,11 @@ class EdgeProtocol(Protocol):
         self._closeWhenIdle = False
 
     @property
-    def tunnel(self) -> Any:
+    def link(self) -> Any:
         """
-        The tunnel this connection has a stream open to, if any.
+        The agent link this connection has a stream open on, if any.
         """
-        return self._tunnel
+        return self._stream.link if self._stream is not None else None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]

@@ -100,9 +100,8 @@ class RelaySession:
                 # A clean goodbye: nothing is kept for this agent, and
                 # visitors' idle connections to it let go of their streams
                 # so that it can finish draining.
-                tunnels = set(self.tunnels.values())
                 self._unbindAll()
-                self.relay.releaseIdle(lambda edge: edge.tunnel in tunnels)
+                self.relay.releaseIdle(lambda edge: edge.link is self.link)
             else:
                 self.log.warn("agent {peer} sent unknown control op {op!r}; ignored", peer=self.peer, op=op)
 
@@ -218,7 +217,8 @@ class RelaySession:
             claim = getattr(binding, "claim", None)
             if claim is not None and self.relay.grace > 0 and self.relay.store is not None:
                 # Kept for this agent: it gets the same address if it is back in time.
-                self.relay.store.hold(claim[0], claim[1], self.owner, until)
+                owner = getattr(binding, "claimOwner", self.owner)
+                self.relay.store.hold(claim[0], claim[1], owner, until)
                 self.relay.held[(claim[0], claim[1])] = until
         self.tunnels.clear()
         self.log.info("agent {peer} disconnected: {reason}", peer=self.peer, reason=reason)
