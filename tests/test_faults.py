@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -358,3 +359,83 @@ def test_agent_sigterm_drains(
     assert transfer.wait(30) == 0, transfer.stderr.read()  # type: ignore[union-attr]
     assert sha256File(out) == sha256File(files / "big")
     assert a.popen.wait(10) in STOPPED_BY_SIGTERM
+
+
+def _origin(procs: list[Proc], directory: Path) -> int:
+    port = freePort()
+    procs.append(
+        Proc([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)])
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("origin did not start")
+
+
+def test_pooled_agent_killed_under_load(procs: list[Proc], env: dict[str, str], tmp_path: Path) -> None:
+    """
+    Two agents pool one name; under a steady load of requests one is
+    killed (-9).  Requests in flight on it may fail, but every request
+    started after the failover point (the kill + 0.5 s) is answered by the
+    other, and both served before.
+    """
+    import http.client
+
+    origins = []
+    for name in ("A", "B"):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "who").write_text(name)
+        origins.append(_origin(procs, directory))
+    relay, port = startRelay(procs, env, tmp_path / "state")
+    key = "pool-key-for-the-fault-test"
+    members = [
+        agent(
+            procs,
+            dict(env, XDG_STATE_HOME=str(tmp_path / f"xdg{i}")),
+            port,
+            "--http",
+            str(o),
+            "-s",
+            "web",
+            "--pool",
+            key,
+        )
+        for i, o in enumerate(origins)
+    ]
+    for m in members:
+        ready(m)
+    results: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/who", headers={"Host": f"web.localhost:{port}", "Connection": "close"})
+                r = c.getresponse()
+                body = r.read().decode()
+                c.close()
+                results.append((started, body if r.status == 200 else f"status {r.status}"))
+            except (OSError, http.client.HTTPException) as e:
+                results.append((started, f"error {e!r}"))
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1.5)
+    killed = time.monotonic()
+    members[0].popen.send_signal(signal.SIGKILL)
+    time.sleep(2.0)
+    stop.set()
+    for w in workers:
+        w.join(10)
+    before = [body for t, body in results if t < killed]
+    after = [body for t, body in results if t >= killed + 0.5]
+    assert {"A", "B"} <= set(before), Counter(before)
+    assert after and set(after) == {"B"}, Counter(after)
