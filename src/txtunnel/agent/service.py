@@ -18,6 +18,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.agent.breaker import (
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_FAILURES,
+    CircuitBreaker,
+    HealthCheck,
+)
 from txtunnel.agent.session import AgentSession
 from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
@@ -54,6 +60,20 @@ class AgentTunnel:
         self.lastAddress: str | None = None
         #: What to send back to the relay to get the same address again.
         self.reclaim: dict[str, Any] = {}
+        #: Fails fast (503) while the local service keeps failing.
+        self.breaker = CircuitBreaker(
+            reactor,
+            threshold=int(options.get("breaker-failures", DEFAULT_BREAKER_FAILURES)),
+            cooldown=float(options.get("breaker-cooldown", DEFAULT_BREAKER_COOLDOWN)),
+            name=name,
+        )
+        check = options.get("health-check")
+        #: Probes the local service on a schedule, when configured.
+        self.health: HealthCheck | None = None
+        if check:
+            self.health = HealthCheck(
+                reactor, target, check, self.breaker, interval=float(options.get("health-interval", 10.0))
+            )
 
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
@@ -252,6 +272,9 @@ class AgentService(MultiService):
         super().startService()
         if self.clockWatch is not None:
             self.clockWatch.start()
+        for tunnel in self.agent.tunnels:
+            if tunnel.health is not None:
+                tunnel.health.start()
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -262,6 +285,9 @@ class AgentService(MultiService):
         self.agent.stopping = True
         if self.clockWatch is not None:
             self.clockWatch.stop()
+        for tunnel in self.agent.tunnels:
+            if tunnel.health is not None:
+                tunnel.health.stop()
         self.agent.states.event("close", reason="shutting down")
         session = self.agent.session
         if session is None:

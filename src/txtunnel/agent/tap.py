@@ -30,6 +30,10 @@ TUNNEL_KEYS = (
     "udp-idle-timeout",
     "sse-heartbeat",
     "pool",
+    "breaker-failures",
+    "breaker-cooldown",
+    "health-check",
+    "health-interval",
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
@@ -92,6 +96,12 @@ def poolKey(text: str) -> str | None:
     if not MIN_POOL_KEY <= len(text) <= MAX_POOL_KEY:
         raise ValueError(f"a pool key must be {MIN_POOL_KEY} to {MAX_POOL_KEY} characters (it is a shared secret)")
     return text
+
+
+def healthCheck(text: str) -> tuple[str, str] | None:
+    from txtunnel.agent.breaker import parseHealthCheck
+
+    return parseHealthCheck(text)
 
 
 def moreThanZero(text: str) -> float:
@@ -158,6 +168,10 @@ class Options(ConfigOptions):
         ("reconnect-jitter", 0.2, fraction),
         ("drain-timeout", 30.0, positiveFloat),
         ("pool", None, poolKey),
+        ("breaker-failures", 5, attemptCount),
+        ("breaker-cooldown", 10.0, moreThanZero),
+        ("health-check", None, healthCheck),
+        ("health-interval", 10.0, moreThanZero),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -236,6 +250,27 @@ class Options(ConfigOptions):
             "Spread of each wait as a fraction (0.2 = +-20%), so agents do not all return at once. [default: 0.2]",
         ],
         [
+            "breaker-failures",
+            None,
+            None,
+            "Failures in a row to reach the local service after which visitors get 503 at once for "
+            "--breaker-cooldown seconds (circuit breaker); 0 turns it off. [default: 5]",
+        ],
+        [
+            "breaker-cooldown",
+            None,
+            None,
+            "Seconds an open circuit answers 503 before one request is let through to test the service. [default: 10]",
+        ],
+        [
+            "health-check",
+            None,
+            None,
+            "Check the local service every --health-interval seconds: 'tcp' (connect) or 'http:/PATH' "
+            "(GET, any status below 500 is healthy); results open and close the circuit breaker. [default: off]",
+        ],
+        ["health-interval", None, None, "Seconds between health checks. [default: 10]"],
+        [
             "drain-timeout",
             None,
             None,
@@ -277,6 +312,11 @@ class Options(ConfigOptions):
                 "put several tunnels in [tunnel:NAME] sections"
             )
         common = {"response-timeout": self["response-timeout"]}
+        # Resilience settings only when given: the tunnels fall back to the
+        # same defaults.
+        for key in ("breaker-failures", "breaker-cooldown", "health-check", "health-interval"):
+            if key not in self.defaulted:
+                common[key] = self[key]
         if not given:
             for key in ("subdomain", "remote-port"):
                 if self[key] and key not in self.defaulted:
@@ -332,6 +372,10 @@ class Options(ConfigOptions):
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
                     ("pool", poolKey),
+                    ("breaker-failures", attemptCount),
+                    ("breaker-cooldown", moreThanZero),
+                    ("health-check", healthCheck),
+                    ("health-interval", moreThanZero),
                 ):
                     if key in values:
                         try:

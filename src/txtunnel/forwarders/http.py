@@ -18,18 +18,20 @@ streams alive with a heartbeat comment.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, nameRequest
 from txtunnel.errors import BindError
-from txtunnel.http1 import errorResponse
+from txtunnel.http1 import Answer, errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 from txtunnel.names import checkName
@@ -41,6 +43,20 @@ __all__ = ["HTTPForwarder"]
 
 #: Seconds the local service may take to start answering a request.
 DEFAULT_RESPONSE_TIMEOUT = 120.0
+
+
+def refuseOpenCircuit(tunnel: IAgentTunnel, stream: Stream, breaker: Any) -> None:
+    """
+    Answer 503 at once while the tunnel's circuit breaker is open: the
+    local service has been failing, and trying it again would only make
+    this visitor wait for the same failure.
+    """
+    host, port = tunnel.target
+    wait = max(1, math.ceil(breaker.retryAfter()))
+    reason = f"the local service at {host}:{port} is failing; not trying it for {wait}s (circuit open)"
+    stream.attach(Protocol())
+    stream.write(Answer(503, reason, [("Retry-After", str(wait))]).toBytes())
+    stream.loseConnection()
 
 
 @inlineCallbacks
@@ -113,6 +129,10 @@ class _Watch:
             self.call = self.tunnel.reactor.callLater(self.timeout, self.expired)
 
     def responseBytes(self) -> None:
+        if not self.answered:
+            breaker = getattr(self.tunnel, "breaker", None)
+            if breaker is not None:
+                breaker.success()
         self.answered = True
         self.cancel()
 
@@ -125,6 +145,9 @@ class _Watch:
         self.call = None
         host, port = self.tunnel.target
         reason = f"the local service at {host}:{port} did not answer within {self.timeout:g}s"
+        breaker = getattr(self.tunnel, "breaker", None)
+        if breaker is not None and not self.answered:
+            breaker.failure(reason)
         if not self.answered:
             self.stream.write(errorResponse(504, reason))
             self.stream.loseConnection()
@@ -197,6 +220,10 @@ class HTTPForwarder:
         return HTTPBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
+        breaker = getattr(tunnel, "breaker", None)
+        if breaker is not None and not breaker.allow():
+            refuseOpenCircuit(tunnel, stream, breaker)
+            return
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
         interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
@@ -225,6 +252,8 @@ class HTTPForwarder:
                 status, reason = 502, f"cannot reach the local service at {host}:{port}"
                 self.log.failure("unexpected error connecting to {host}:{port}", f, host=host, port=port)
             self.log.warn("{reason}", reason=reason)
+            if breaker is not None:
+                breaker.failure(reason)
             stream.write(errorResponse(status, reason))
             stream.loseConnection()
 
