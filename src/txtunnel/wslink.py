@@ -235,6 +235,9 @@ class LinkClientFactory(WebSocketClientFactory):  # type: ignore[misc]
         keepaliveTimeout: float,
     ) -> None:
         super().__init__(url=url, headers={})
+        #: Called C{(carrier, code, reason)} when a link closes before its
+        #: session started (a refused or failed handshake).
+        self.onLinkLost: Callable[[Any, int | None, str | None], object] | None = None
         self.sessionFactory = sessionFactory
         self.clock = clock
         self.window = window
