@@ -186,3 +186,31 @@ def test_pool_from_a_tunnel_section(tmp_path: Any) -> None:
     options = agentTap.Options(environ={})
     options.parseOptions(["--config", str(ini)])
     assert options.tunnels[0]["options"]["pool"] == KEY
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "pool, subdomain, reason",
+    [("short", "web", "pool key must be"), (KEY, None, "needs a subdomain"), (7, "web", "pool key must be")],
+)
+async def test_relay_refuses_a_bad_pool_key(
+    relay: Relay, agents: list[RunningAgent], origins: list[int], pool: Any, subdomain: str | None, reason: str
+) -> None:
+    """
+    The relay checks the pool fields itself (an agent may skip the checks
+    the txtunnel agent makes): a bad key, or a pool without a name, is
+    refused with the reason.
+    """
+    from txtunnel.agent.service import AgentService
+
+    options = agentTap.Options(environ={})
+    options.parseOptions(["--relay", relay.url, "--http", str(origins[0])])
+    agent = agentTap.buildAgent(options, reactor)
+    agent.tunnels[0].options["pool"] = pool
+    if subdomain:
+        agent.tunnels[0].options["subdomain"] = subdomain
+    service = AgentService(agent)
+    service.startService()
+    agents.append(RunningAgent(agent, service))
+    with pytest.raises(RuntimeError, match=reason):
+        await agent.ready

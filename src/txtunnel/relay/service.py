@@ -103,6 +103,15 @@ class Relay:
         """
         return float(self.reactor.seconds())
 
+    def pruneHeld(self) -> None:
+        """
+        Forget holds that have ended, so the table stays as small as the
+        set of agents that are away.
+        """
+        now = self.wallClock()
+        for claim in [claim for claim, until in self.held.items() if until <= now]:
+            del self.held[claim]
+
     def heldFor(self, namespace: str, key: str) -> float | None:
         """
         Seconds left on the hold of an away agent's claim, or C{None} when

@@ -209,6 +209,7 @@ class RelaySession:
         self.state = "closed"
         self.relay.sessions.discard(self)
         until = self.relay.wallClock() + self.relay.grace
+        self.relay.pruneHeld()
         for tunnel in self.tunnels.values():
             binding = tunnel.binding
             if binding is None:
