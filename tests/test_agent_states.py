@@ -324,3 +324,17 @@ async def test_real_agent_states_across_a_dropped_link(relay: Relay, agents: lis
     assert seen == ["reconnecting", "connecting", "negotiating", "connected"]
     await agent.stop()
     assert agent.agent.state is LinkState.CLOSED
+
+
+def test_txtunnel_command_takes_the_reconnect_options() -> None:
+    """
+    C{txtunnel http} has the same reconnect options as C{twistd tunnelagent}.
+    """
+    from txtunnel.cli import Options
+
+    options = Options()
+    options.parseOptions(
+        ["http", "8000", "--reconnect-attempts", "2", "--reconnect-jitter", "0", "--drain-timeout", "3"]
+    )
+    settings = agentTap.serviceSettings(options.subOptions)
+    assert (settings["backoff"].attempts, settings["backoff"].jitter, settings["drainTimeout"]) == (2, 0.0, 3.0)
