@@ -133,6 +133,7 @@ class Options(ConfigOptions):
         ("token", [], tokenList),
         ("keepalive", 10.0, positiveFloat),
         ("grace", 1800.0, positiveFloat),
+        ("drain-timeout", 30.0, positiveFloat),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -171,7 +172,20 @@ class Options(ConfigOptions):
             "Seconds a disconnected agent's names and ports are kept for it to reconnect to; 0 frees "
             "them at once. [default: 1800]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is closed. [default: 10]"],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is closed (a dead link is noticed "
+            "within 2x). [default: 10]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On shutdown (SIGTERM), seconds requests and streams in flight may take to finish; new ones "
+            "are refused (503) meanwhile. [default: 30]",
+        ],
     ]
 
     def opt_token(self, value: str) -> None:
