@@ -1,5 +1,6 @@
 """
-The relay's HTTPS certificates and TLS settings (txtunnel.tlscontext):
+The relay's HTTPS certificates and TLS settings (txtunnel.certificates,
+txtunnel.tlscontext):
 SNI choice, TLS versions and ciphers, ALPN, the self-signed development
 certificate, and the --https options -- in memory and through a real relay
 with curl.
@@ -21,15 +22,14 @@ from twisted.python import usage
 
 from tests.conftest import RunningAgent, curl, startAgent, startRelay
 from tests.pki import CA
-from txtunnel.relay import tap as relayTap
-from txtunnel.tlscontext import (
+from txtunnel.certificates import (
     CertificateError,
     DevelopmentCA,
-    ServerTLS,
     loadServerCertificate,
     serverCertificatesFromDirectory,
-    splitHTTPSEndpoint,
 )
+from txtunnel.relay import tap as relayTap
+from txtunnel.tlscontext import ServerTLS, splitHTTPSEndpoint
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txtunnel.certificates import DevelopmentCA
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW
@@ -28,7 +29,7 @@ from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.store import SQLiteStore
-from txtunnel.tlscontext import DEFAULT_ALPN, DevelopmentCA, ServerTLS
+from txtunnel.tlscontext import DEFAULT_ALPN, ServerTLS
 from txtunnel.wslink import LinkServerFactory
 
 __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
