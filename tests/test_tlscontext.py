@@ -375,6 +375,30 @@ async def test_sni_certificates_through_relay(tmp_path: Path, agents: list[Runni
 
 
 @pytest_twisted.ensureDeferred
+async def test_ssl_endpoint_on_http_listener(tmp_path: Path, agents: list[RunningAgent], origin: int) -> None:
+    """
+    An ssl: endpoint given to --http (not a documented use, but one that
+    worked) still serves curl, which offers ALPN.
+    """
+    ca = CA(tmp_path, "http")
+    both, _ = ca.server("both", "*.tunnels.test")
+    relay = await startRelay(
+        str(tmp_path / "state"), "--domain", "tunnels.test", "--http", f"ssl:0:interface=127.0.0.1:privateKey={both}"
+    )
+    try:
+        await startAgent(
+            agents, relay, "--relay", f"wss://127.0.0.1:{relay.port}", "--insecure", "--http", str(origin), "-s", "a"
+        )
+        code, out, err = await curl(
+            "--cacert", str(ca.path), "--resolve", f"a.tunnels.test:{relay.port}:127.0.0.1",
+            f"https://a.tunnels.test:{relay.port}/hello",
+        )  # fmt: skip
+        assert code == 0 and b"hello from origin" in out, err
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
 async def test_development_certificates(tmp_path: Path, agents: list[RunningAgent], origin: int) -> None:
     """
     --https with no certificate makes a development CA in the state
