@@ -352,8 +352,11 @@ class LinkClientTLS:
         if not ok:
             if self.lastError is None:
                 why = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
-                subject = cert.to_cryptography().subject.rfc4514_string() if cert is not None else "?"
-                self.lastError = f"{why} ({subject})"
+                which = "?"
+                if cert is not None:
+                    failed = cert.to_cryptography()
+                    which = f"{failed.subject.rfc4514_string()}, issued by {failed.issuer.rfc4514_string()}"
+                self.lastError = f"{why} ({which[:300]})"
             return False
         if depth == 0:
             identity: Any = IPAddress_ID(self.hostname) if _isAddress(self.hostname) else DNS_ID(self.hostname)
