@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.python import usage
 
-from tests.conftest import RunningAgent, curl, startAgent, startRelay
+from tests.conftest import RunningAgent, curl, inThread, startAgent, startRelay
 from tests.pki import CA
 from txtunnel.certificates import (
     CertificateError,
@@ -357,6 +357,22 @@ async def test_sni_certificates_through_relay(tmp_path: Path, agents: list[Runni
             assert (code == 0) == ok, (name, caFile, err)
             if ok:
                 assert b"hello from origin" in out and b"x-forwarded-proto=https" in out
+        # ALPN on the live listener: http/1.1 by default; the list can be
+        # changed (as an HTTP/2 edge would) and is read per handshake.
+        import socket
+        import ssl
+
+        def alpn(offered: list[str]) -> str | None:
+            context = ssl.create_default_context(cafile=str(wildCA.path))
+            context.set_alpn_protocols(offered)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="plain.tunnels.test") as tls:
+                    return tls.selected_alpn_protocol()
+
+        assert await inThread(alpn, ["h2", "http/1.1"]) == "http/1.1"
+        assert relay.relay.serverTLS is not None
+        relay.relay.serverTLS.acceptableProtocols = (b"h2", b"http/1.1")
+        assert await inThread(alpn, ["h2", "http/1.1"]) == "h2"
         # TLS 1.1 is refused by the relay, not just by curl.
         code, out, err = await curl(
             "--cacert",
