@@ -357,8 +357,7 @@ async def test_sni_certificates_through_relay(tmp_path: Path, agents: list[Runni
             assert (code == 0) == ok, (name, caFile, err)
             if ok:
                 assert b"hello from origin" in out and b"x-forwarded-proto=https" in out
-        # ALPN on the live listener: http/1.1 by default; the list can be
-        # changed (as an HTTP/2 edge would) and is read per handshake.
+        # ALPN on the live listener: the relay's list, read per handshake.
         import socket
         import ssl
 
@@ -369,8 +368,11 @@ async def test_sni_certificates_through_relay(tmp_path: Path, agents: list[Runni
                 with context.wrap_socket(raw, server_hostname="plain.tunnels.test") as tls:
                     return tls.selected_alpn_protocol()
 
-        assert await inThread(alpn, ["h2", "http/1.1"]) == "http/1.1"
+        assert await inThread(alpn, ["h2", "http/1.1"]) == relay.relay.alpnProtocols[0].decode()
+        assert await inThread(alpn, ["http/1.1"]) == "http/1.1"
         assert relay.relay.serverTLS is not None
+        relay.relay.serverTLS.acceptableProtocols = (b"http/1.1",)
+        assert await inThread(alpn, ["h2", "http/1.1"]) == "http/1.1"
         relay.relay.serverTLS.acceptableProtocols = (b"h2", b"http/1.1")
         assert await inThread(alpn, ["h2", "http/1.1"]) == "h2"
         # TLS 1.1 is refused by the relay, not just by curl.
