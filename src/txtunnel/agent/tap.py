@@ -67,7 +67,7 @@ def clientCA(text: str) -> str | None:
     """
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from txtunnel.tlscontext import CertificateError, readCertificateAuthorities
+    from txtunnel.certificates import CertificateError, readCertificateAuthorities
 
     path = optionalFile(text)
     if path is None:
@@ -364,7 +364,8 @@ class Options(ConfigOptions):
                 raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
 
     def postOptions(self) -> None:
-        from txtunnel.tlscontext import CertificateError, linkClientTLS
+        from txtunnel.certificates import CertificateError
+        from txtunnel.tlscontext import linkClientTLS
 
         try:
             parser = self.loadSettings()

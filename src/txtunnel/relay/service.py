@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txtunnel.certificates import DevelopmentCA, loadServerCertificate
 from txtunnel.drain import drain
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
@@ -30,7 +31,7 @@ from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.store import SQLiteStore
-from txtunnel.tlscontext import DEFAULT_ALPN, DevelopmentCA, ServerTLS
+from txtunnel.tlscontext import DEFAULT_ALPN, ServerTLS, splitHTTPSEndpoint
 from txtunnel.wslink import LinkServerFactory
 
 __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
@@ -266,9 +267,14 @@ class RelayService(MultiService):
         if not relay._tokens:
             self.log.warn("no --token given: any agent can open tunnels on this relay (fine for development only)")
         if settings["http"]:
-            port = yield listenWithFallback(
-                relay.reactor, settings["http"], EdgeFactory(relay, "http"), self.httpDefaulted, "HTTP"
-            )
+            endpoint, certFile, keyFile, chainFile = splitHTTPSEndpoint(settings["http"])
+            httpFactory: Any = EdgeFactory(relay, "http")
+            if certFile is not None:
+                # An ssl: endpoint given to --http: TLS as on --https (ALPN
+                # included, which curl and browsers need), served as before.
+                certificate = loadServerCertificate(certFile, keyFile, chainFile)
+                httpFactory = TLSMemoryBIOFactory(ServerTLS([certificate], relay.alpnProtocols), False, httpFactory)
+            port = yield listenWithFallback(relay.reactor, endpoint, httpFactory, self.httpDefaulted, "HTTP")
             self.listening.append(port)
             relay.httpPort = getattr(port.getHost(), "port", None)
         if settings["https"]:

@@ -231,7 +231,8 @@ class Options(ConfigOptions):
         Read every HTTPS certificate now, so a bad file is a usage error
         naming it; C{https-endpoint} is the plain endpoint TLS wraps.
         """
-        from txtunnel.tlscontext import loadServerCertificate, serverCertificatesFromDirectory, splitHTTPSEndpoint
+        from txtunnel.certificates import loadServerCertificate, serverCertificatesFromDirectory
+        from txtunnel.tlscontext import splitHTTPSEndpoint
 
         certs, keys = self["https-cert"], self["https-key"]
         if keys and len(keys) != len(certs):
@@ -255,7 +256,7 @@ class Options(ConfigOptions):
             found.extend(serverCertificatesFromDirectory(self["https-cert-dir"]))
         #: Certificates for the HTTPS listener; empty means a self-signed one.
         self["https-certificates"] = found
-        from txtunnel.tlscontext import readCertificateAuthorities
+        from txtunnel.certificates import readCertificateAuthorities
 
         cas = [ca for path in self["agent-ca"] for ca in readCertificateAuthorities(path, "agent CA file")]
         if cas and not self["https"]:
