@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from txtunnel.interfaces import IForwarder, IRelay, IStore
 from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.metrics import RelayMetrics
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
@@ -65,6 +66,8 @@ class Relay:
         self.httpsPort: int | None = None
         self.tlsPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
+        #: This relay's own metrics registry (see L{txtunnel.metrics}).
+        self.metrics = RelayMetrics(self)
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
         self.linkFactory = LinkServerFactory(

@@ -46,7 +46,9 @@ class RelayTunnel:
         self.binding: IBinding | None = None
 
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
-        return self.session.link.openStream(dict(header, tunnel=self.id), protocol)
+        stream = self.session.link.openStream(dict(header, tunnel=self.id), protocol)
+        self.session.relay.metrics.streamOpened(self.type)
+        return stream
 
     def __repr__(self) -> str:
         return f"<RelayTunnel {self.type}#{self.id} of {self.session.peer}>"
@@ -73,9 +75,16 @@ class RelaySession:
         self.tunnels: dict[int, RelayTunnel] = {}
         link.controlReceived = self.controlReceived
         link.streamOpened = lambda stream: stream.reset("refused", "the relay opens streams, agents do not")
+        link.streamClosed = self._streamClosed
         relay.sessions.add(self)
 
+    def _streamClosed(self, stream: Stream) -> None:
+        tunnel = self.tunnels.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
+        kind = tunnel.type if tunnel is not None else "unknown"
+        self.relay.metrics.streamClosed(kind, stream.bytesSent, stream.bytesReceived)
+
     def _refuse(self, code: str, reason: str) -> None:
+        self.relay.metrics.linkRefused(code)
         self.log.warn("refusing agent {peer}: {reason}", peer=self.peer, reason=reason, code=code)
         self.link.sendControl({"op": "error", "code": code, "reason": reason})
         self.carrier.closeLink(f"refused: {reason}")
@@ -124,6 +133,7 @@ class RelaySession:
         if isinstance(window, int) and 1024 <= window <= (1 << 30):
             self.link.peerWindow = window
         self.state = "ready"
+        self.relay.metrics.linkAccepted()
         self.link.sendControl(
             {
                 "op": "welcome",
@@ -149,6 +159,7 @@ class RelaySession:
             )
             return
         if len(self.tunnels) >= MAX_TUNNELS_PER_LINK:
+            self.relay.metrics.limitRejected("tunnels-per-link")
             self.link.sendControl(
                 {"op": "refused", "id": bid, "reason": f"at most {MAX_TUNNELS_PER_LINK} tunnels per agent"}
             )
@@ -195,6 +206,8 @@ class RelaySession:
     def linkLost(self, reason: str) -> None:
         if self.state == "closed":
             return
+        if self.state == "ready":
+            self.relay.metrics.linkLost()
         self.state = "closed"
         self.relay.sessions.discard(self)
         until = self.relay.wallClock() + self.relay.grace
