@@ -16,6 +16,7 @@ property-tested against C{h11} as an oracle.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Union
 
 import attrs
@@ -24,6 +25,8 @@ import httptools
 from txtunnel.chunked import ChunkError, ChunkScanner
 
 __all__ = [
+    "STATUS_TEXT",
+    "Answer",
     "BodyBytes",
     "HTTPError",
     "RawBytes",
@@ -76,11 +79,22 @@ class RequestHead:
     def path(self) -> bytes:
         return self.target.split(b"?", 1)[0]
 
-    def withForwarded(self, clientIP: str, proto: str, host: bytes) -> bytes:
+    def withForwarded(
+        self,
+        clientIP: str,
+        proto: str,
+        host: bytes,
+        add: Sequence[tuple[bytes, bytes]] = (),
+        drop: Collection[bytes] = (),
+    ) -> bytes:
         """
         The head with C{X-Forwarded-For} extended by C{clientIP} and
-        C{X-Forwarded-Proto}/C{-Host} set; every other byte unchanged.
+        C{X-Forwarded-Proto}/C{-Host} set; every other byte unchanged but
+        for headers named (lower-case) in C{drop}, which are removed, and
+        those in C{add}, which are appended after removing any the visitor
+        sent under the same names (so a visitor cannot forge them).
         """
+        replaced = {b"x-forwarded-proto", b"x-forwarded-host", *drop, *(name.lower() for name, _ in add)}
         lines = self.raw[:-4].split(b"\r\n")
         kept = [lines[0]]
         forwardedFor: list[bytes] = []
@@ -88,14 +102,16 @@ class RequestHead:
             name = line.split(b":", 1)[0].strip().lower()
             if name == b"x-forwarded-for":
                 forwardedFor.append(line.split(b":", 1)[1].strip())
-            elif name in (b"x-forwarded-proto", b"x-forwarded-host"):
-                continue
-            else:
+            elif name not in replaced:
                 kept.append(line)
         forwardedFor.append(clientIP.encode("ascii"))
         kept.append(b"X-Forwarded-For: " + b", ".join(v for v in forwardedFor if v))
         kept.append(b"X-Forwarded-Proto: " + proto.encode("ascii"))
         kept.append(b"X-Forwarded-Host: " + host)
+        for name, value in add:
+            if any(c in name + value for c in b"\r\n\0"):
+                raise ValueError(f"header {name!r} holds a line break")
+            kept.append(name + b": " + value)
         return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
@@ -339,12 +355,18 @@ class RequestFramer:
             self._state = _HEAD
 
 
-_STATUS_TEXT = {
+STATUS_TEXT = {
+    302: "Found",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
+    413: "Content Too Large",
     414: "URI Too Long",
     426: "Upgrade Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
@@ -352,16 +374,46 @@ _STATUS_TEXT = {
 }
 
 
+@attrs.frozen
+class Answer:
+    """
+    A response the relay or agent gives itself, in place of the local
+    service's: a status, a short reason (the plain-text body when no
+    C{body} is given) and any extra headers (C{WWW-Authenticate},
+    C{Retry-After}, C{Location}, C{Set-Cookie}).  It always closes the
+    connection, so nothing after it is ever read as the next response.
+    """
+
+    status: int
+    reason: str
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes | None = None
+    contentType: str = "text/plain; charset=utf-8"
+
+    def toBytes(self) -> bytes:
+        """
+        The complete response, self-delimited.
+
+        @raise ValueError: if a header name or value holds a line break.
+        """
+        text = STATUS_TEXT.get(self.status, "Error")
+        body = self.body if self.body is not None else f"{self.status} {text}: {self.reason}\n".encode()
+        lines = [
+            f"HTTP/1.1 {self.status} {text}",
+            f"Content-Type: {self.contentType}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            "X-Txtunnel-Error: 1",
+        ]
+        for name, value in self.headers:
+            if any(c in name + value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} holds a line break")
+            lines.append(f"{name}: {value}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+
+
 def errorResponse(status: int, reason: str) -> bytes:
     """
     A complete, self-delimited plain-text response that closes the connection.
     """
-    body = f"{status} {_STATUS_TEXT.get(status, 'Error')}: {reason}\n".encode()
-    return (
-        f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n"
-        "X-Txtunnel-Error: 1\r\n"
-        "\r\n"
-    ).encode() + body
+    return Answer(status, reason).toBytes()

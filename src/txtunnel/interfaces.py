@@ -17,6 +17,9 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from txtunnel.gates import VisitorRequest
+    from txtunnel.http1 import Answer
+
 __all__ = [
     "IAgentTunnel",
     "IBinding",
@@ -25,6 +28,7 @@ __all__ = [
     "IRelay",
     "IRelayTunnel",
     "IStore",
+    "IVisitorGate",
 ]
 
 
@@ -101,6 +105,10 @@ class IRelay(Interface):
     settings = Attribute("The relay's parsed options (a C{dict}).")
     publicInterface = Attribute("The address TCP/UDP tunnel ports listen on, e.g. C{'127.0.0.1'}.")
     publicHost = Attribute("The host name to put in C{tcp://} and C{udp://} addresses.")
+    gates = Attribute(
+        "The relay's ordered list of L{txtunnel.gates.IVisitorGate}s that every visitor request to an HTTP tunnel"
+        " passes before it is forwarded."
+    )
 
     def httpURL(name: str) -> str:
         """
@@ -195,4 +203,21 @@ class IStore(Interface):
         """
         Drop every claim in C{namespace}; used at start-up for claims that
         lived only as long as the process that made them.
+        """
+
+
+class IVisitorGate(Interface):
+    """
+    A check on visitor requests (a L{txtunnel.gates.VisitorRequest}) to HTTP tunnels, run by the relay's edge.
+
+    A gate may also provide C{validate(bindRequest: dict) -> None}, called
+    when an agent binds a tunnel, raising L{txtunnel.errors.BindError} for
+    per-tunnel settings it cannot accept (a bad CIDR, say), so a mistake is
+    reported to the agent and never becomes an open tunnel.
+    """
+
+    def check(request: VisitorRequest) -> Answer | None | Deferred[Answer | None]:
+        """
+        Decide on C{request}: C{None} lets it go on (to the next gate, then
+        the tunnel); a L{txtunnel.http1.Answer} is sent to the visitor instead.
         """

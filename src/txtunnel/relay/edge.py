@@ -24,14 +24,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.http1 import (
+    Answer,
     BodyBytes,
     HTTPError,
     RawBytes,
     RequestEnd,
     RequestFramer,
     RequestHead,
-    errorResponse,
 )
 from txtunnel.link import Stream, StreamReset
 from txtunnel.responses import ResponseFramer
@@ -46,12 +47,12 @@ __all__ = ["EdgeFactory", "EdgeProtocol"]
 
 class _Fail:
     """
-    A queued error answer, sent once any earlier response has finished.
+    A queued answer of the relay's own, sent once any earlier response has
+    finished.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
-        self.status = status
-        self.reason = reason
+    def __init__(self, status: int, reason: str, answer: Answer | None = None) -> None:
+        self.answer = answer if answer is not None else Answer(status, reason)
 
 
 @implementer(IPushProducer)
@@ -143,6 +144,10 @@ class EdgeProtocol(Protocol):
         self._lost = False
         self._visitorDone = False
         self._raw = False
+        #: The head being checked by the relay's gates, and the verdict on
+        #: the last head they let through (with its tunnel).
+        self._gating: RequestHead | None = None
+        self._passed: tuple[RequestHead, Any, VisitorRequest] | None = None
         self.clientIP = "?"
 
     def connectionMade(self) -> None:
@@ -186,7 +191,7 @@ class EdgeProtocol(Protocol):
 
     def _pump(self) -> None:
         queue = self._queue
-        while queue and not self._waiting and self._delegate is None and not self._lost:
+        while queue and not self._waiting and self._gating is None and self._delegate is None and not self._lost:
             event = queue[0]
             if isinstance(event, (BodyBytes, RawBytes)):
                 queue.popleft()
@@ -204,6 +209,12 @@ class EdgeProtocol(Protocol):
                 if kind == "fail":
                     queue[0] = target
                     continue
+                if kind == "tunnel":
+                    verdict = self._admit(event, target)
+                    if verdict == "wait":
+                        return
+                    if verdict == "again":
+                        continue
                 queue.popleft()
                 if kind == "link":
                     self._closeStream()
@@ -215,7 +226,7 @@ class EdgeProtocol(Protocol):
                     self._wait()
                     return
                 queue.popleft()
-                self._answer(event.status, event.reason)
+                self._send(event.answer)
 
     def _decide(self, head: RequestHead) -> tuple[str, Any]:
         """
@@ -239,6 +250,54 @@ class EdgeProtocol(Protocol):
             return ("wait", None)
         return ("tunnel", tunnel)
 
+    def _admit(self, head: RequestHead, tunnel: Any) -> str:
+        """
+        Ask the relay's gates about C{head} for C{tunnel}: C{"pass"}, or
+        C{"again"} when a gate answered at once (the queue now holds its
+        answer), or C{"wait"} when a gate takes time -- the connection waits,
+        paused, and the verdict resumes the pump.
+        """
+        gates = self.relay.gates
+        passed = self._passed
+        if not gates or (passed is not None and passed[0] is head and passed[1] is tunnel):
+            return "pass"
+        host = head.header(b"host") or b""
+        request = VisitorRequest(
+            head=head,
+            clientIP=self.clientIP,
+            scheme=self.scheme,
+            host=host,
+            name=self.relay.hosts.split(host)[1] or "",
+            tunnel=tunnel,
+        )
+        self._gating = head
+        verdicts: list[Answer | None] = []
+        runGates(gates, request).addCallback(self._verdict, verdicts, head, tunnel, request)
+        if self._gating is not head:
+            return "pass" if verdicts == [None] else "again"
+        self._pause("gate")
+        return "wait"
+
+    def _verdict(
+        self,
+        answer: Answer | None,
+        verdicts: list[Answer | None],
+        head: RequestHead,
+        tunnel: Any,
+        request: VisitorRequest,
+    ) -> None:
+        if self._gating is not head:
+            return
+        self._gating = None
+        verdicts.append(answer)
+        if answer is None:
+            self._passed = (head, tunnel, request)
+        elif self._queue and self._queue[0] is head:
+            self._queue[0] = _Fail(answer.status, answer.reason, answer)
+        if "gate" in self._pauses and not self._lost:
+            self._resume("gate")
+            self._pump()
+
     def _forward(self, head: RequestHead, tunnel: Any) -> None:
         if self._stream is not None and self._tunnel is not tunnel:
             self._closeStream()
@@ -251,7 +310,15 @@ class EdgeProtocol(Protocol):
             # ends, so does the connection.
             self._raw = True
         self._responder.framer.expect(head.method)
-        self._stream.write(head.withForwarded(self.clientIP, self.scheme, head.header(b"host") or b""))
+        host = head.header(b"host") or b""
+        passed = self._passed
+        if passed is not None and passed[0] is head:
+            request = passed[2]
+            self._stream.write(
+                head.withForwarded(self.clientIP, self.scheme, host, request.addHeaders, request.dropHeaders)
+            )
+        else:
+            self._stream.write(head.withForwarded(self.clientIP, self.scheme, host))
 
     def _open(self, tunnel: Any) -> bool:
         responder = _ToVisitor(self)
@@ -332,15 +399,21 @@ class EdgeProtocol(Protocol):
                 protocol.dataReceived(event.data)
 
     def _answer(self, status: int, reason: str) -> None:
+        self._send(Answer(status, reason))
+
+    def _send(self, answer: Answer) -> None:
         self._failed = True
         self._queue.clear()
         self._closeStream()
         transport = self.transport
         if transport is not None and not self._lost:
             self.log.debug(
-                "answering {client} with {status}: {reason}", client=self.clientIP, status=status, reason=reason
+                "answering {client} with {status}: {reason}",
+                client=self.clientIP,
+                status=answer.status,
+                reason=answer.reason,
             )
-            transport.write(errorResponse(status, reason))
+            transport.write(answer.toBytes())
             transport.loseConnection()
 
     # -- flow control

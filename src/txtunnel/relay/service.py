@@ -19,7 +19,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txtunnel.interfaces import IForwarder, IRelay, IStore
+from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW
 from txtunnel.metrics import RelayMetrics
 from txtunnel.relay.edge import EdgeFactory
@@ -68,6 +68,8 @@ class Relay:
         self._tokens = [hashToken(t) for t in settings["token"]]
         #: This relay's own metrics registry (see L{txtunnel.metrics}).
         self.metrics = RelayMetrics(self)
+        #: The checks every visitor request to an HTTP tunnel passes, in order.
+        self.gates: list[IVisitorGate] = []
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
         self.linkFactory = LinkServerFactory(

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from txtunnel.errors import BindError
 from txtunnel.frames import PROTOCOL_VERSION
+from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
 from txtunnel.link import Link, Stream
 
@@ -166,7 +167,8 @@ class RelaySession:
             return
         tunnel = RelayTunnel(self, bid, kind, message)
         self.tunnels[bid] = tunnel
-        d = maybeDeferred(forwarder.bind, self.relay, tunnel)
+        d = maybeDeferred(validateBind, self.relay.gates, message)
+        d.addCallback(lambda _: forwarder.bind(self.relay, tunnel))
 
         def bound(binding: IBinding) -> None:
             if self.state == "closed" or self.tunnels.get(bid) is not tunnel:
