@@ -75,8 +75,9 @@ class Relay:
 async def startRelay(tmp: str, *args: str) -> Relay:
     low, high = freePortRange(20)
     options = relayTap.Options(environ={})
+    noAdmin = ["--admin", ""]  # no admin site on its fixed default port unless a test asks
     options.parseOptions(
-        ["--http", "tcp:0:interface=127.0.0.1", "--tcp-ports", f"{low}-{high}", "--state-dir", tmp, *args]
+        ["--http", "tcp:0:interface=127.0.0.1", "--tcp-ports", f"{low}-{high}", "--state-dir", tmp, *noAdmin, *args]
     )
     service: Any = relayTap.makeService(options, reactor)
     service.startService()
@@ -118,9 +119,10 @@ def agents() -> Iterator[list[RunningAgent]]:
 
 async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True) -> RunningAgent:
     options = agentTap.Options(environ={})
-    options.parseOptions(["--relay", relay.url, *args])
+    # No admin site or inspector unless a test asks (they default to fixed ports).
+    options.parseOptions(["--relay", relay.url, "--admin", "", "--inspect", "", *args])
     agent = agentTap.buildAgent(options, reactor)
-    service = AgentService(agent, keepalive=options["keepalive"])
+    service = AgentService(agent, keepalive=options["keepalive"], **agentTap.observeSettings(options))
     service.startService()
     running = RunningAgent(agent, service)
     agents.append(running)

@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import getopt
 import sys
-import time
-from typing import Any, TextIO
+from typing import Any
 
-from twisted.logger import (
-    FileLogObserver,
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-    globalLogBeginner,
-)
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 import txtunnel
 from txtunnel.agent import tap as agentTap
 from txtunnel.config import ConfigOptions
+from txtunnel.logs import FORMATS, startLogging
 from txtunnel.relay import tap as relayTap
 
 __all__ = ["main"]
@@ -56,8 +49,26 @@ def interspersed(options: usage.Options, args: list[str]) -> list[str]:
     return flat + rest
 
 
+def logFormat(text: str) -> str:
+    if text not in FORMATS:
+        raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}, not {text!r}")
+    return text
+
+
+#: Logging options every command takes too ('txtunnel http 8000 -v').
+LOG_FLAGS: list[list[Any]] = [
+    ["verbose", "v", "Log debug messages too."],
+    ["quiet", "q", "Log warnings and errors only."],
+]
+LOG_PARAMETERS: list[list[Any]] = [
+    ["log-format", None, None, "Log lines as text (for people) or json (one object per line).", logFormat]
+]
+
+
 def _agentCommand(kind: str) -> type[agentTap.Options]:
     class Command(agentTap.Options):
+        optFlags = LOG_FLAGS
+        optParameters = LOG_PARAMETERS
         synopsis = "TARGET [options]"
         longdesc = f"Expose the local {kind.upper()} service at TARGET (PORT or HOST:PORT) through a relay."
 
@@ -72,28 +83,35 @@ def _agentCommand(kind: str) -> type[agentTap.Options]:
     return Command
 
 
+class RelayCommand(relayTap.Options):
+    optFlags = LOG_FLAGS
+    optParameters = LOG_PARAMETERS
+
+
 class DemoOptions(usage.Options):
+    optFlags = LOG_FLAGS
     synopsis = "[options]"
     opt_version = ConfigOptions.opt_version
     longdesc = (
         "Start a development relay, a small local web page and an agent that tunnels it, "
         "all in this process, and print the public URL."
     )
-    optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."]]
+    optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."], *LOG_PARAMETERS]
 
 
 class Options(usage.Options):
-    synopsis = "Usage: txtunnel [-v|-q] COMMAND [options]"
+    synopsis = "Usage: txtunnel [-v|-q] [--log-format text|json] COMMAND [options]"
     longdesc = "txtunnel: share local services through a relay. Run 'txtunnel COMMAND --help' for a command's options."
     subCommands = [
         ["http", None, _agentCommand("http"), "Expose a local HTTP service."],
         ["tcp", None, _agentCommand("tcp"), "Expose a local TCP service."],
         ["udp", None, _agentCommand("udp"), "Expose a local UDP service."],
         ["tls", None, _agentCommand("tls"), "Expose a local TLS service by passthrough (SNI routing)."],
-        ["relay", None, relayTap.Options, "Run a relay in the foreground."],
+        ["relay", None, RelayCommand, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
     ]
-    optFlags = [["verbose", "v", "Log debug messages too."], ["quiet", "q", "Log warnings and errors only."]]
+    optFlags = LOG_FLAGS
+    optParameters = LOG_PARAMETERS
 
     def opt_version(self) -> None:
         """
@@ -107,25 +125,16 @@ class Options(usage.Options):
             raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay or demo")
 
 
-def _format(event: dict[str, Any]) -> str | None:
-    text = formatEvent(event)
-    if "log_failure" in event:
-        text += "\n" + event["log_failure"].getTraceback()
-    level = event.get("log_level")
-    prefix = ""
-    if level in (LogLevel.warn,):
-        prefix = "warning: "
-    elif level in (LogLevel.error, LogLevel.critical):
-        prefix = "error: "
-    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("log_time", time.time())))
-    return f"{stamp} {prefix}{text}\n"
-
-
-def startLogging(out: TextIO, level: LogLevel) -> None:
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(FileLogObserver(out, _format), [predicate])], redirectStandardIO=False
-    )
+def logSettings(options: usage.Options) -> tuple[LogLevel, str]:
+    """
+    The log level and format from the options given before or after the
+    command (the command's win).
+    """
+    sub: Any = options.subOptions or {}
+    verbose = options["verbose"] or sub.get("verbose")
+    quiet = options["quiet"] or sub.get("quiet")
+    level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
+    return level, sub.get("log-format") or options["log-format"] or "text"
 
 
 def _runAgent(options: agentTap.Options, reactor: Any) -> int:
@@ -141,7 +150,7 @@ def _runAgent(options: agentTap.Options, reactor: Any) -> int:
 
     agent.fatalHooks.append(fatal)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    service = AgentService(agent, keepalive=options["keepalive"])
+    service = AgentService(agent, keepalive=options["keepalive"], **agentTap.observeSettings(options))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
@@ -252,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"txtunnel: {e}", file=sys.stderr)
         print(f"Run 'txtunnel {options.subCommand or ''} --help' for usage.".replace("  ", " "), file=sys.stderr)
         sys.exit(2)
-    level = LogLevel.debug if options["verbose"] else LogLevel.warn if options["quiet"] else LogLevel.info
-    startLogging(sys.stderr, level)
+    level, format = logSettings(options)
+    startLogging(sys.stderr, level, format)
     from twisted.internet import reactor
 
     command = options.subCommand

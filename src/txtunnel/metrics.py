@@ -39,6 +39,14 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 LIMITS = ("tunnels-per-link", "request-head")
 
 
+def _now(reactor: Any) -> float:
+    """
+    The reactor's time, or 0 for one that keeps none (a bare MemoryReactor).
+    """
+    seconds = getattr(reactor, "seconds", None)
+    return float(seconds()) if seconds is not None else 0.0
+
+
 def methodLabel(method: bytes | str) -> str:
     text = method.decode("ascii", "replace") if isinstance(method, bytes) else method
     return text if text in METHODS else "OTHER"
@@ -66,6 +74,16 @@ class _Live:
 
     def describe(self) -> list[Metric]:
         return []
+
+
+class _WithoutCreated:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
 
 
 class _StreamBytes:
@@ -116,9 +134,11 @@ class _Common:
 
     def render(self) -> bytes:
         """
-        The text exposition format, for C{/metrics}.
+        The text exposition format, for C{/metrics}, without the
+        C{_created} series (timestamps nobody graphs, which would double
+        the page).
         """
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
 
     # -- hooks
 
@@ -172,17 +192,19 @@ class RelayMetrics(_Common):
 
     def __init__(self, relay: Any) -> None:
         self.relay = relay
+        self.started = _now(relay.reactor)
         super().__init__()
         p = self.prefix
-        self.linksAccepted = Counter(
-            f"{p}_links", "Agent links that completed the hello.", registry=self.registry
-        )
+        self.linksAccepted = Counter(f"{p}_links", "Agent links that completed the hello.", registry=self.registry)
         self.linksLost = Counter(f"{p}_links_lost", "Agent links that ended.", registry=self.registry)
         self.linkRefusals = Counter(
             f"{p}_link_refusals", "Agent links refused, by error code.", ["code"], registry=self.registry
         )
         self.limitRejections = Counter(
-            f"{p}_limit_rejections", "Requests or binds refused by a limit, by limit.", ["limit"], registry=self.registry
+            f"{p}_limit_rejections",
+            "Requests or binds refused by a limit, by limit.",
+            ["limit"],
+            registry=self.registry,
         )
         for limit in LIMITS:
             self.limitRejections.labels(limit)
@@ -252,6 +274,7 @@ class AgentMetrics(_Common):
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
+        self.started = _now(agent.reactor)
         self._everUp = False
         super().__init__()
         p = self.prefix

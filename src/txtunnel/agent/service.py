@@ -11,14 +11,17 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txtunnel.admin import IAdminSubject
 from txtunnel.agent.session import AgentSession
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.metrics import AgentMetrics, _now
+from txtunnel.traffic import Traffic
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
 __all__ = ["Agent", "AgentService", "AgentTunnel"]
@@ -50,11 +53,14 @@ class AgentTunnel:
         self.lastAddress: str | None = None
         #: What to send back to the relay to get the same address again.
         self.reclaim: dict[str, Any] = {}
+        #: Where the HTTP forwarder reports requests (L{txtunnel.traffic}), set by the agent.
+        self.traffic: Traffic | None = None
 
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
 
 
+@implementer(IAdminSubject)
 class Agent:
     """
     What the agent's parts share: its tunnels and how it reacts to the relay.
@@ -87,10 +93,45 @@ class Agent:
         self._answered: set[str] = set()
         #: Called with the reason when the agent gives up (see L{fatal}).
         self.fatalHooks: list[Callable[[str], object]] = []
+        #: This agent's own metrics registry (see L{txtunnel.metrics}).
+        self.metrics = AgentMetrics(self)
+        #: Requests seen by HTTP tunnels, for the inspector, console and metrics.
+        self.traffic = Traffic(reactor, metrics=self.metrics)
+        for tunnel in tunnels:
+            tunnel.traffic = self.traffic
 
     def sessionStarted(self, session: AgentSession) -> None:
         self.session = session
         self._answered.clear()
+        self.metrics.linkUp()
+
+    def isReady(self) -> tuple[bool, str]:
+        """
+        Ready while the link is up and at least one tunnel is bound.
+        """
+        if self.failure is not None:
+            return False, self.failure
+        if self.session is None or self.session.state == "hello":
+            return False, "not connected to the relay"
+        if not any(t.address for t in self.tunnels):
+            return False, "no tunnel bound yet"
+        return True, "connected"
+
+    def stats(self) -> dict[str, Any]:
+        """
+        The link and the tunnels, for the admin C{/stats} page.
+        """
+        session = self.session
+        return {
+            "relay": self.relayURL,
+            "state": session.state if session is not None else "disconnected",
+            "streams": len(session.link.streams) if session is not None else 0,
+            "tunnels": [
+                {"name": t.name, "type": t.type, "target": f"{t.target[0]}:{t.target[1]}", "address": t.address}
+                for t in self.tunnels
+            ],
+            "uptime": round(_now(self.reactor) - self.metrics.started, 3),
+        }
 
     def sessionEnded(self, session: AgentSession, reason: str) -> None:
         if self.session is session:
@@ -143,9 +184,25 @@ class AgentService(MultiService):
         *,
         keepalive: float = 10.0,
         window: int = DEFAULT_WINDOW,
+        admin: str = "",
+        adminToken: str | None = None,
+        adminDefaulted: bool = False,
+        inspect: str = "",
+        inspectDefaulted: bool = False,
     ) -> None:
         super().__init__()
         self.agent = agent
+        #: Endpoints of the admin site and the inspector ("" for none), and
+        #: whether each is the default (then a taken port moves on).
+        self.admin = (admin, adminDefaulted)
+        self.adminToken = adminToken
+        self.inspect = (inspect, inspectDefaulted)
+        self.listening: list[Any] = []
+        #: Ports the admin site and the inspector listen on, once they do.
+        self.adminPort: int | None = None
+        self.inspectPort: int | None = None
+        if inspect:
+            agent.traffic.keep = True
         wsURL, endpoint = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,
@@ -168,6 +225,36 @@ class AgentService(MultiService):
     def startService(self) -> None:
         self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
         super().startService()
+        self.sitesReady = self._listen()
+
+    @inlineCallbacks
+    def _listen(self) -> Any:
+        from txtunnel.admin import AdminSite
+        from txtunnel.inspector import InspectorSite
+        from txtunnel.relay.service import listenWithFallback
+
+        sites = (
+            ("admin", self.admin, lambda: AdminSite(self.agent, self.adminToken), "admin endpoint on"),
+            ("inspector", self.inspect, lambda: InspectorSite(self.agent), "traffic inspector on"),
+        )
+        for what, (endpoint, defaulted), site, says in sites:
+            if not endpoint:
+                continue
+            try:
+                port = yield listenWithFallback(self.agent.reactor, endpoint, site(), defaulted, what)
+            except Exception as e:
+                self.log.error("cannot start the {what} on {endpoint}: {error}", what=what, endpoint=endpoint, error=e)
+                continue
+            if not self.running:
+                yield port.stopListening()
+                return
+            self.listening.append(port)
+            host = port.getHost()
+            number = getattr(host, "port", None)
+            setattr(self, "adminPort" if what == "admin" else "inspectPort", number)
+            self.log.info(
+                "{says} http://{host}:{port}/", says=says, host=getattr(host, "host", "?"), port=number, what=what
+            )
 
     def stopService(self) -> Deferred[Any]:
         self.agent.stopping = True
@@ -175,4 +262,7 @@ class AgentService(MultiService):
         if session is not None:
             session.goodbye()
             session.carrier.closeLink("agent shutting down")
+        ports, self.listening = self.listening, []
+        for port in ports:
+            port.stopListening()
         return super().stopService()  # type: ignore[no-any-return]

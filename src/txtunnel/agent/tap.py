@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, adminToken, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
 from txtunnel.names import checkName
 from txtunnel.wslink import relayEndpointString
@@ -19,12 +19,20 @@ from txtunnel.wslink import relayEndpointString
 __all__ = ["Options", "makeService"]
 
 DEFAULT_RELAY = "ws://localhost:8080"
+DEFAULT_ADMIN = "tcp:4041:interface=127.0.0.1"
+DEFAULT_INSPECT = "tcp:4040:interface=127.0.0.1"
 
 #: Keys a [tunnel:NAME] section may have.
 TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls")
+
+
+def endpoint(text: str) -> str:
+    from txtunnel.relay.tap import endpointString
+
+    return endpointString(text)
 
 
 def relayURL(text: str) -> str:
@@ -102,6 +110,9 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("admin", DEFAULT_ADMIN, endpoint),
+        ("admin-token", None, adminToken),
+        ("inspect", DEFAULT_INSPECT, endpoint),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -147,7 +158,28 @@ class Options(ConfigOptions):
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        [
+            "admin",
+            None,
+            None,
+            "Endpoint for the agent's admin site (/metrics, /health, /stats); empty turns it off. The default "
+            f"port moves to the next free one if taken. [default: {DEFAULT_ADMIN}]",
+        ],
+        ["admin-token", None, None, "Bearer token /stats on the admin endpoint asks for. [default: none, /stats off]"],
+        [
+            "inspect",
+            None,
+            None,
+            "Endpoint for the traffic inspector (web page and JSON API of the HTTP requests through this agent); "
+            f"empty turns it off. The default port moves to the next free one if taken. [default: {DEFAULT_INSPECT}]",
+        ],
     ]
+
+    def opt_no_inspect(self) -> None:
+        """
+        Turn the traffic inspector off (the same as --inspect "").
+        """
+        self["inspect"] = ""
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__(environ)
@@ -315,4 +347,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    return AgentService(agent, keepalive=options["keepalive"])
+    return AgentService(agent, keepalive=options["keepalive"], **observeSettings(options))
+
+
+def observeSettings(options: Options) -> dict[str, Any]:
+    """
+    The admin and inspector settings of L{AgentService}, from the options.
+    """
+    return {
+        "admin": options["admin"],
+        "adminToken": options["admin-token"],
+        "adminDefaulted": "admin" in options.defaulted,
+        "inspect": options["inspect"],
+        "inspectDefaulted": "inspect" in options.defaulted,
+    }

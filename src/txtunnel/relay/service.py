@@ -19,9 +19,10 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txtunnel.admin import AdminSite, IAdminSubject
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW
-from txtunnel.metrics import RelayMetrics
+from txtunnel.metrics import RelayMetrics, _now
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
@@ -42,7 +43,7 @@ def hashToken(token: str) -> bytes:
     return hashlib.sha256(b"txtunnel-token:" + token.encode("utf-8")).digest()
 
 
-@implementer(IRelay)
+@implementer(IRelay, IAdminSubject)
 class Relay:
     """
     What all of a relay's parts share.
@@ -65,6 +66,7 @@ class Relay:
         self.httpPort: int | None = None
         self.httpsPort: int | None = None
         self.tlsPort: int | None = None
+        self.adminPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
         #: This relay's own metrics registry (see L{txtunnel.metrics}).
         self.metrics = RelayMetrics(self)
@@ -111,6 +113,35 @@ class Relay:
         for known in self._tokens:
             ok |= hmac.compare_digest(candidate, known)
         return ok
+
+    def isReady(self) -> tuple[bool, str]:
+        """
+        Ready once listening with its store open (see L{txtunnel.admin}).
+        """
+        if self.store is None or (self.httpPort is None and self.httpsPort is None):
+            return False, "starting"
+        return True, "listening"
+
+    def stats(self) -> dict[str, Any]:
+        """
+        Links and tunnels, for the admin C{/stats} page.
+        """
+        agents = []
+        for session in sorted(self.sessions, key=lambda s: s.peer):
+            tunnels = [
+                {"type": t.type, "address": t.binding.address}
+                for t in session.tunnels.values()
+                if t.binding is not None
+            ]
+            agents.append(
+                {"peer": session.peer, "state": session.state, "streams": len(session.link.streams), "tunnels": tunnels}
+            )
+        return {
+            "domain": self.domain,
+            "agents": agents,
+            "connections": dict(self.metrics.connections),
+            "uptime": round(_now(self.reactor) - self.metrics.started, 3),
+        }
 
     def httpURL(self, name: str) -> str:
         if self.httpPort is not None:
@@ -188,9 +219,17 @@ class RelayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, relay: Relay, *, httpDefaulted: bool = False, stateDirDefaulted: bool = False) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        httpDefaulted: bool = False,
+        stateDirDefaulted: bool = False,
+        adminDefaulted: bool = False,
+    ) -> None:
         super().__init__()
         self.relay = relay
+        self.adminDefaulted = adminDefaulted
         self.httpDefaulted = httpDefaulted
         self.stateDirDefaulted = stateDirDefaulted
         self.listening: list[IListeningPort] = []
@@ -218,7 +257,7 @@ class RelayService(MultiService):
             )
             self.listening.append(port)
             relay.httpsPort = getattr(port.getHost(), "port", None)
-        tlsListening = None
+        tlsListening = adminListening = None
         if settings.get("tls"):
             from txtunnel.forwarders.tls import TLSRouterFactory
 
@@ -234,7 +273,25 @@ class RelayService(MultiService):
         # Tunnels of the previous run get the grace period to come back.
         yield store.holdAll(relay.wallClock() + relay.grace)
         relay.store = store
+        if settings.get("admin"):
+            adminListening = yield listenWithFallback(
+                relay.reactor,
+                settings["admin"],
+                AdminSite(relay, settings.get("admin-token")),
+                self.adminDefaulted,
+                "admin",
+            )
+            self.listening.append(adminListening)
+            host = adminListening.getHost()
+            relay.adminPort = getattr(host, "port", None)
+            self.log.info(
+                "admin endpoint on http://{host}:{port}/ (/metrics, /health, /stats)",
+                host=getattr(host, "host", "?"),
+                port=relay.adminPort,
+            )
         for port in self.listening:
+            if port is adminListening:
+                continue
             if port is tlsListening:
                 continue
             host = port.getHost()

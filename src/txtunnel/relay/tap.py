@@ -11,12 +11,13 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, positiveFloat, tokenList
+from txtunnel.config import ConfigOptions, adminToken, positiveFloat, tokenList
 from txtunnel.relay.ports import parseRange
 
 __all__ = ["Options", "makeService"]
 
 DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
+DEFAULT_ADMIN = "tcp:9090:interface=127.0.0.1"
 
 
 def endpointString(text: str) -> str:
@@ -107,6 +108,8 @@ class Options(ConfigOptions):
         ("token", [], tokenList),
         ("keepalive", 10.0, positiveFloat),
         ("grace", 1800.0, positiveFloat),
+        ("admin", DEFAULT_ADMIN, endpointString),
+        ("admin-token", None, adminToken),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -132,6 +135,14 @@ class Options(ConfigOptions):
             "them at once. [default: 1800]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is closed. [default: 10]"],
+        [
+            "admin",
+            None,
+            None,
+            "Endpoint for the admin site (/metrics, /health, /stats); empty turns it off. The default port moves "
+            f"to the next free one if taken. [default: {DEFAULT_ADMIN}]",
+        ],
+        ["admin-token", None, None, "Bearer token /stats on the admin endpoint asks for. [default: none, /stats off]"],
     ]
 
     def opt_token(self, value: str) -> None:
@@ -164,4 +175,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         relay,
         httpDefaulted="http" in options.defaulted,
         stateDirDefaulted="state-dir" in options.defaulted,
+        adminDefaulted="admin" in options.defaulted,
     )
