@@ -1,0 +1,134 @@
+"""
+The access log (one structured event per request at the relay's edge),
+the JSON and text log formats, and the -v/-q/--log-format options.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import usage
+
+from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent
+from tests.test_http_tunnel import rawExchange
+from txtunnel import cli
+from txtunnel.access import ACCESS_NAMESPACE
+from txtunnel.logs import eventAsJSON, eventAsText, observer
+
+
+@pytest.fixture
+def accessEvents() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+
+    def collect(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == ACCESS_NAMESPACE:
+            events.append(event)
+
+    globalLogPublisher.addObserver(collect)
+    yield events
+    globalLogPublisher.removeObserver(collect)
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_events(
+    relay: Relay, agents: list[RunningAgent], origin: int, accessEvents: list[dict[str, Any]]
+) -> None:
+    """
+    Each request through a tunnel, and each answer the relay gives itself,
+    is one event with the tunnel, client, method, path (no query), status,
+    bytes each way and duration.
+    """
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "logged")
+    host = f"logged.localhost:{relay.port}"
+    code, out, err = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/hello?secret=xyz")
+    assert code == 0, err
+    code, out, err = await curl("-H", f"Host: {host}", "-d", "a" * 5000, f"http://127.0.0.1:{relay.port}/echo")
+    assert code == 0 and len(out) == 5000, err
+    code, out, err = await curl("-H", f"Host: other.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/x")
+    assert code == 0
+    answer = await inThread(rawExchange, relay.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 414")
+    byPath = {e["path"]: e for e in accessEvents}
+    get = byPath["/hello"]
+    assert get["tunnel"] == "logged" and get["method"] == "GET" and get["status"] == 200
+    assert get["client_ip"] == "127.0.0.1" and get["host"] == host
+    assert get["bytes_in"] > 50 and get["bytes_out"] > 100 and get["duration"] >= 0
+    assert "secret" not in json.dumps([eventAsJSON(e) for e in accessEvents])
+    post = byPath["/echo"]
+    assert post["method"] == "POST" and post["bytes_in"] > 5000 and post["bytes_out"] > 5000
+    missing = byPath["/x"]
+    assert missing["tunnel"] == "-" and missing["status"] == 404
+    assert any(e["status"] == 414 and e["method"] == "-" for e in accessEvents)
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_service_down_logged_502(
+    relay: Relay, agents: list[RunningAgent], accessEvents: list[dict[str, Any]]
+) -> None:
+    from tests.conftest import closedPort
+
+    await startAgent(agents, relay, "--http", str(closedPort()), "--subdomain", "down")
+    code, out, err = await curl("-H", f"Host: down.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
+    assert code == 0 and b"refused" in out
+    assert [(e["tunnel"], e["status"]) for e in accessEvents] == [("down", 502)]
+
+
+def test_json_and_text_lines() -> None:
+    """
+    One JSON object per line with the event's fields; bytes and odd values
+    become strings; failures carry their traceback.
+    """
+    out = io.StringIO()
+    obs = observer(out, "json", LogLevel.info)
+    obs(
+        {
+            "log_format": "{client_ip} {status}",
+            "log_level": LogLevel.info,
+            "log_namespace": ACCESS_NAMESPACE,
+            "log_time": 0.0,
+            "client_ip": "10.0.0.1",
+            "status": 200,
+            "raw": b"\xff",
+            "thing": object(),
+        }
+    )
+    obs({"log_format": "hidden", "log_level": LogLevel.debug, "log_namespace": "x", "log_time": 0.0})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["message"] == "10.0.0.1 200"
+    assert record["time"] == "1970-01-01T00:00:00.000Z"
+    assert record["level"] == "info" and record["namespace"] == ACCESS_NAMESPACE
+    assert record["status"] == 200 and record["raw"] == "\ufffd" and record["thing"].startswith("<object")
+    text = eventAsText({"log_format": "oops {x}", "x": 1, "log_level": LogLevel.warn, "log_time": 0.0})
+    assert text is not None and text.endswith("warning: oops 1\n")
+    with pytest.raises(ValueError, match="text, json"):
+        observer(out, "xml")
+
+
+@pytest.mark.parametrize(
+    "argv, level, format",
+    [
+        (["http", "8000"], LogLevel.info, "text"),
+        (["-v", "http", "8000"], LogLevel.debug, "text"),
+        (["http", "8000", "-q", "--log-format", "json"], LogLevel.warn, "json"),
+        (["--log-format", "json", "relay"], LogLevel.info, "json"),
+        (["relay", "-v"], LogLevel.debug, "text"),
+        (["demo", "--log-format", "json", "-q"], LogLevel.warn, "json"),
+    ],
+)
+def test_log_options(argv: list[str], level: LogLevel, format: str) -> None:
+    options = cli.Options()
+    options.parseOptions(argv)
+    assert cli.logSettings(options) == (level, format)
+
+
+def test_bad_log_format() -> None:
+    with pytest.raises(usage.UsageError, match="--log-format"):
+        cli.Options().parseOptions(["--log-format", "xml", "relay"])
