@@ -127,7 +127,9 @@ class Capture:
             "status": self.status,
             "headers": self.responseHeaders,
             "size": self.responseSize,
-            "body": describeBody(bytes(self.responseBody), self.responseHeaders, self.responseSize <= BODY_CAP),
+            "body": describeBody(
+                bytes(self.responseBody), self.responseHeaders, self.responseSize <= len(self.responseBody)
+            ),
         }
         return dict(self.summary(), request=request, response=response)
 
