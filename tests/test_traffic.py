@@ -37,7 +37,7 @@ def test_request_and_response() -> None:
     assert f is not None
     f.requestData(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\n\r\n")
     clock.advance(0.25)
-    f.responseData(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{\"a\": 1}")
+    f.responseData(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{"a": 1}')
     assert [e for e, _ in events] == ["start"]
     f.responseData(b"\n")
     assert [e for e, _ in events] == ["start", "done"]
@@ -123,7 +123,12 @@ def test_garbage_request_gives_up_quietly() -> None:
 @pytest.mark.parametrize(
     "body, headers, kind, text",
     [
-        (gzip.compress(b'{"z": [1]}'), [("Content-Encoding", "gzip"), ("Content-Type", "application/json")], "json", '{\n  "z": [\n    1\n  ]\n}'),
+        (
+            gzip.compress(b'{"z": [1]}'),
+            [("Content-Encoding", "gzip"), ("Content-Type", "application/json")],
+            "json",
+            '{\n  "z": [\n    1\n  ]\n}',
+        ),
         (zlib.compress(b"plain words"), [("content-encoding", "deflate")], "text", "plain words"),
         (b"\x00\x01\x02hello", [("content-type", "application/octet-stream")], "hex", None),
         (b"not gzip", [("content-encoding", "gzip")], "hex", None),

@@ -340,6 +340,13 @@ class _Tunnels(Resource):
         return _json(request, 200, {"relay": self.agent.relayURL, "tunnels": tunnels})
 
 
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return _json(request, 404, {"error": "not found; the API is under /api/"})
+
+
 class _Refused(Resource):
     isLeaf = True
 
@@ -364,7 +371,9 @@ class _Root(Resource):
             return _Refused()
         if path == b"":
             return self.page
-        return super().getChildWithDefault(path, request)  # type: ignore[no-any-return]
+        if path in self.children:
+            return self.children[path]  # type: ignore[no-any-return]
+        return _NotFound()
 
     def render(self, request: Any) -> bytes:
         return self.page.render(request)  # type: ignore[no-any-return]
