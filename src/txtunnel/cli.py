@@ -67,7 +67,10 @@ LOG_PARAMETERS: list[list[Any]] = [
 
 def _agentCommand(kind: str) -> type[agentTap.Options]:
     class Command(agentTap.Options):
-        optFlags = LOG_FLAGS
+        optFlags = [
+            *LOG_FLAGS,
+            ["no-console", None, "Log plain lines even when standard output is a terminal (no live status screen)."],
+        ]
         optParameters = LOG_PARAMETERS
         synopsis = "TARGET [options]"
         longdesc = f"Expose the local {kind.upper()} service at TARGET (PORT or HOST:PORT) through a relay."
@@ -125,6 +128,17 @@ class Options(usage.Options):
             raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay or demo")
 
 
+def wantsConsole(command: str | None, sub: Any, format: str, out: Any) -> bool:
+    """
+    Whether to show the live status screen: an agent command, text logs,
+    standard output a terminal, and no C{--no-console}.
+    """
+    if command not in agentTap.KINDS or format != "text" or sub.get("no-console"):
+        return False
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
 def logSettings(options: usage.Options) -> tuple[LogLevel, str]:
     """
     The log level and format from the options given before or after the
@@ -137,7 +151,7 @@ def logSettings(options: usage.Options) -> tuple[LogLevel, str]:
     return level, sub.get("log-format") or options["log-format"] or "text"
 
 
-def _runAgent(options: agentTap.Options, reactor: Any) -> int:
+def _runAgent(options: agentTap.Options, reactor: Any, console: Any = None) -> int:
     from txtunnel.agent.service import AgentService
 
     agent = agentTap.buildAgent(options, reactor)
@@ -153,6 +167,15 @@ def _runAgent(options: agentTap.Options, reactor: Any) -> int:
     service = AgentService(agent, keepalive=options["keepalive"], **agentTap.observeSettings(options))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    if console is not None:
+        from txtunnel.console import StatusScreen
+
+        def inspector() -> str | None:
+            return f"http://127.0.0.1:{service.inspectPort}/" if service.inspectPort else None
+
+        screen = StatusScreen(agent, console, reactor, inspector)
+        reactor.callWhenRunning(screen.start)
+        reactor.addSystemEventTrigger("before", "shutdown", screen.stop)
     reactor.run()
     return code[0]
 
@@ -262,13 +285,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Run 'txtunnel {options.subCommand or ''} --help' for usage.".replace("  ", " "), file=sys.stderr)
         sys.exit(2)
     level, format = logSettings(options)
-    startLogging(sys.stderr, level, format)
-    from twisted.internet import reactor
-
     command = options.subCommand
     sub: Any = options.subOptions
+    console = None
+    if wantsConsole(command, sub, format, sys.stdout):
+        from rich.console import Console
+
+        from txtunnel.console import ConsoleLog
+
+        console = Console()
+        startLogging(ConsoleLog(console), level, format)  # type: ignore[arg-type]
+    else:
+        startLogging(sys.stderr, level, format)
+    from twisted.internet import reactor
+
     if command in agentTap.KINDS:
-        sys.exit(_runAgent(sub, reactor))
+        sys.exit(_runAgent(sub, reactor, console))
     elif command == "relay":
         sys.exit(_runRelay(sub, reactor))
     else:

@@ -289,6 +289,14 @@ class AgentMetrics(_Common):
             registry=self.registry,
         )
 
+    @property
+    def everConnected(self) -> bool:
+        """
+        Whether a link to the relay was ever up (so a missing one is a
+        reconnect).
+        """
+        return self._everUp
+
     def linkUp(self) -> None:
         if self._everUp:
             self.reconnects.inc()
