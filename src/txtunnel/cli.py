@@ -251,7 +251,7 @@ def _runDemo(options: DemoOptions, reactor: Any) -> int:
             ]
         )
         agent = agentTap.buildAgent(agentOptions, reactor)
-        agentService = AgentService(agent)
+        agentService = AgentService(agent, inspect=agentTap.DEFAULT_INSPECT, inspectDefaulted=True)
         agentService.startService()
         reactor.addSystemEventTrigger("before", "shutdown", agentService.stopService)
         try:
