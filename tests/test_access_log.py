@@ -132,3 +132,25 @@ def test_log_options(argv: list[str], level: LogLevel, format: str) -> None:
 def test_bad_log_format() -> None:
     with pytest.raises(usage.UsageError, match="--log-format"):
         cli.Options().parseOptions(["--log-format", "xml", "relay"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_connection_logged(
+    relay: Relay, agents: list[RunningAgent], echoServer: int, accessEvents: list[dict[str, Any]]
+) -> None:
+    """
+    A TCP tunnel's connection is one access event when it ends, with its
+    bytes each way.
+    """
+    from tests.conftest import wait
+    from tests.test_tcp_tunnel import echoThrough, portOf
+
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer))
+    assert await inThread(echoThrough, portOf(agent), b"z" * 3000) == b"z" * 3000
+    for _ in range(100):
+        if accessEvents:
+            break
+        await wait(0.02)
+    [event] = accessEvents
+    assert event["protocol"] == "tcp" and event["tunnel"] == agent.address()
+    assert event["client_ip"] == "127.0.0.1" and event["bytes_in"] == 3000 and event["bytes_out"] == 3000

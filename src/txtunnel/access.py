@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-__all__ = ["ACCESS_NAMESPACE", "Exchange", "logAccess"]
+__all__ = ["ACCESS_NAMESPACE", "Exchange", "logAccess", "logConnection"]
 
 ACCESS_NAMESPACE = "txtunnel.access"
 
@@ -39,6 +39,23 @@ class Exchange:
         self.started = started
         self.bytesIn = 0
         self.bytesOut = 0
+
+
+def logConnection(tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float) -> None:
+    """
+    Emit the access event for one TCP, UDP or TLS connection (a UDP flow),
+    when it ends.
+    """
+    _log.info(
+        "{client_ip} {protocol} {tunnel} in={bytes_in} out={bytes_out} {duration:.3f}s",
+        access="relay",
+        tunnel=tunnel,
+        client_ip=clientIP,
+        protocol=protocol,
+        bytes_in=bytesIn,
+        bytes_out=bytesOut,
+        duration=round(max(0.0, duration), 6),
+    )
 
 
 def logAccess(exchange: Exchange, status: int, now: float, side: str = "relay", **extra: Any) -> float:

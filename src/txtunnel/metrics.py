@@ -234,8 +234,8 @@ class RelayMetrics(_Common):
     def liveStreams(self) -> Iterable[tuple[str, Any]]:
         for session in list(self.relay.sessions):
             for stream in list(session.link.streams.values()):
-                tunnel = session.tunnels.get(stream.header.get("tunnel"))
-                yield (tunnel.type if tunnel is not None else "unknown"), stream
+                opened = session.opened.get(stream.id)
+                yield (opened[1] if opened is not None else "unknown"), stream
 
     def _collectLive(self) -> Iterator[Metric]:
         yield from super()._collectLive()

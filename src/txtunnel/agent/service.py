@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -263,6 +263,5 @@ class AgentService(MultiService):
             session.goodbye()
             session.carrier.closeLink("agent shutting down")
         ports, self.listening = self.listening, []
-        for port in ports:
-            port.stopListening()
-        return super().stopService()  # type: ignore[no-any-return]
+        stopped = [maybeDeferred(port.stopListening) for port in ports]
+        return DeferredList([*stopped, maybeDeferred(super().stopService)])  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.access import logConnection
 from txtunnel.errors import BindError
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
@@ -48,7 +49,10 @@ class RelayTunnel:
 
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
         stream = self.session.link.openStream(dict(header, tunnel=self.id), protocol)
-        self.session.relay.metrics.streamOpened(self.type)
+        relay = self.session.relay
+        relay.metrics.streamOpened(self.type)
+        address = self.binding.address if self.binding is not None else "-"
+        self.session.opened[stream.id] = (relay.reactor.seconds(), self.type, address)
         return stream
 
     def __repr__(self) -> str:
@@ -74,15 +78,27 @@ class RelaySession:
         self.state = "hello"
         self.owner = "anonymous:" + link.peer
         self.tunnels: dict[int, RelayTunnel] = {}
+        #: When each open stream was opened, for which kind of tunnel and
+        #: address (for metrics and the connection access log).
+        self.opened: dict[int, tuple[float, str, str]] = {}
         link.controlReceived = self.controlReceived
         link.streamOpened = lambda stream: stream.reset("refused", "the relay opens streams, agents do not")
         link.streamClosed = self._streamClosed
         relay.sessions.add(self)
 
     def _streamClosed(self, stream: Stream) -> None:
-        tunnel = self.tunnels.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
-        kind = tunnel.type if tunnel is not None else "unknown"
+        started, kind, address = self.opened.pop(stream.id, (None, "unknown", "-"))
         self.relay.metrics.streamClosed(kind, stream.bytesSent, stream.bytesReceived)
+        if started is not None and kind != "http":
+            # HTTP is logged per request by the edge; others per connection.
+            logConnection(
+                address,
+                str(stream.header.get("peer", "?")),
+                kind,
+                stream.bytesSent,
+                stream.bytesReceived,
+                self.relay.reactor.seconds() - started,
+            )
 
     def _refuse(self, code: str, reason: str) -> None:
         self.relay.metrics.linkRefused(code)
