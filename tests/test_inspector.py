@@ -276,3 +276,43 @@ async def test_inspector_in_chromium(relay: Relay, agents: list[RunningAgent], c
     assert result["rows"] == 2 and result["hidden"] == 0
     assert origin.hits[b"/browser"] == [b'{"from": "browser test"}'] * 2
     assert shot.stat().st_size > 10000
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_port_taken_moves_on(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
+    """
+    When the inspector's and the admin site's default ports are taken
+    (another agent), the next free ones are used and logged; a port the
+    user chose that is taken is an error logged, and the agent runs on.
+    """
+    from twisted.logger import globalLogPublisher
+
+    from txtunnel.agent import tap as agentTap
+    from txtunnel.agent.service import AgentService
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        options = agentTap.Options(environ={})
+        options.parseOptions(["--relay", relay.url, "--http", str(origin)])
+        agent = agentTap.buildAgent(options, reactor)
+        service = AgentService(agent, admin=endpoint, adminDefaulted=True, inspect=endpoint, inspectDefaulted=True)
+        agents.append(RunningAgent(agent, service))
+        service.startService()
+        await service.sitesReady
+        assert service.inspectPort not in (None, port) and service.adminPort not in (None, port)
+        assert service.inspectPort != service.adminPort
+        second = agentTap.buildAgent(options, reactor)
+        other = AgentService(second, inspect=endpoint)
+        agents.append(RunningAgent(second, other))
+        other.startService()
+        await other.sitesReady
+        assert other.inspectPort is None
+    globalLogPublisher.removeObserver(events.append)
+    texts = [e.get("log_format", "") for e in events]
+    assert any("was taken; listening on" in t for t in texts)
+    assert any("cannot start the" in t for t in texts)

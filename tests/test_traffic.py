@@ -173,3 +173,32 @@ def test_replay_edits_checked() -> None:
         with pytest.raises(ReplayError, match=words):
             buildReplay(capture, edits)
     assert json.dumps(capture.summary())
+
+
+def test_broken_listener_breaks_nothing() -> None:
+    """
+    A listener that raises is removed; the follower and the others go on.
+    """
+    t, events, _ = traffic()
+
+    def broken(event: str, capture: Capture) -> None:
+        raise RuntimeError("boom")
+
+    t.listeners.insert(0, broken)
+    f = t.follow("web")
+    assert f is not None
+    f.requestData(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    f.responseData(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert broken not in t.listeners
+    assert [e for e, _ in events] == ["start", "done"]
+
+
+def test_follower_bug_costs_only_the_capture() -> None:
+    t, events, _ = traffic()
+    f = t.follow("web")
+    assert f is not None
+    f._responses = None  # type: ignore[assignment]  # any internal failure
+    f.requestData(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    f.responseData(b"HTTP/1.1 200 OK\r\n\r\n")
+    f.connectionLost()
+    assert f._lost

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from twisted.logger import Logger
+
 from txtunnel.chunked import ChunkError, ChunkScanner
 from txtunnel.http1 import MAX_HEAD, HTTPError, RawBytes, RequestEnd, RequestFramer, RequestHead
 from txtunnel.responses import ResponseFramer
@@ -42,6 +44,8 @@ RING_SIZE = 200
 DECODED_CAP = 1024 * 1024
 
 Listener = Callable[[str, "Capture"], None]
+
+_log = Logger()
 
 
 class Capture:
@@ -277,7 +281,13 @@ class Traffic:
 
     def _tell(self, event: str, capture: Capture) -> None:
         for listener in list(self.listeners):
-            listener(event, capture)
+            try:
+                listener(event, capture)
+            except Exception:
+                # A broken view must not break the tunnel it watches.
+                _log.failure("traffic listener {listener!r} failed; removed", listener=listener)
+                if listener in self.listeners:
+                    self.listeners.remove(listener)
 
 
 class Follower:
@@ -304,6 +314,33 @@ class Follower:
         self.last: Capture | None = None
 
     def requestData(self, data: bytes) -> None:
+        try:
+            self._requestData(data)
+        except Exception:
+            self._broken()
+
+    def responseData(self, data: bytes) -> None:
+        try:
+            self._responseData(data)
+        except Exception:
+            self._broken()
+
+    def connectionLost(self) -> None:
+        try:
+            self._connectionLost()
+        except Exception:
+            self._broken()
+
+    def _broken(self) -> None:
+        """
+        A bug here must cost the capture, never the connection it follows.
+        """
+        _log.failure("stopped following a connection of tunnel {tunnel!r}", tunnel=self.tunnel)
+        self._requests = None
+        self._lost = True
+        self._waiting.clear()
+
+    def _requestData(self, data: bytes) -> None:
         requests = self._requests
         if requests is None or self._lost:
             return
@@ -333,7 +370,7 @@ class Follower:
                     if room > 0:
                         reading.requestBody += event.data[:room]
 
-    def responseData(self, data: bytes) -> None:
+    def _responseData(self, data: bytes) -> None:
         if self._lost:
             return
         responses = self._responses
@@ -347,7 +384,7 @@ class Follower:
             self._finishAll()
             self._lost = True
 
-    def connectionLost(self) -> None:
+    def _connectionLost(self) -> None:
         if not self._lost:
             self._completed(self._responses.eof())
         self._finishAll()
