@@ -154,3 +154,30 @@ async def test_tcp_connection_logged(
     [event] = accessEvents
     assert event["protocol"] == "tcp" and event["tunnel"] == agent.address()
     assert event["client_ip"] == "127.0.0.1" and event["bytes_in"] == 3000 and event["bytes_out"] == 3000
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_delimited_response_logged(
+    relay: Relay, agents: list[RunningAgent], accessEvents: list[dict[str, Any]]
+) -> None:
+    """
+    A response that only the server's close ends is logged with its status.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    class OldServer(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            if b"\r\n\r\n" in data:
+                self.transport.write(b"HTTP/1.0 203 Old\r\n\r\nuntil close")  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(OldServer))
+    try:
+        await startAgent(agents, relay, "--http", str(port.getHost().port), "--subdomain", "old")
+        code, out, err = await curl("-H", f"Host: old.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
+        assert code == 0 and out == b"until close", err
+    finally:
+        await port.stopListening()
+    assert [(e["tunnel"], e["status"]) for e in accessEvents] == [("old", 203)]

@@ -111,7 +111,9 @@ class _ToVisitor(Protocol):
 
     def _eof(self) -> None:
         self.closeDelimited = self.framer.opaque or self.framer.raw
-        self.framer.eof()
+        for status in self.framer.eof():
+            if self.pending:
+                self.edge._exchangeDone(self.pending.popleft(), status)
 
     def readConnectionLost(self) -> None:
         if not self.detached:
