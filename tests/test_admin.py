@@ -208,3 +208,19 @@ def test_labels_are_bounded() -> None:
     assert statusClass(204) == "2xx"
     assert statusClass(0) == "error"
     assert statusClass(999) == "error"
+
+
+def test_tunnel_labels_are_bounded() -> None:
+    from txtunnel.metrics import MAX_TUNNEL_LABELS, AgentMetrics
+
+    class Idle:
+        reactor = MemoryReactorClock()
+        session = None
+        tunnels: list[Any] = []
+
+    metrics = AgentMetrics(Idle())
+    for i in range(MAX_TUNNEL_LABELS + 50):
+        metrics.requestDone(f"name-{i}", b"GET", 200, 0.01)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    tunnels = {s.labels["tunnel"] for s in families["txtunnel_agent_requests"].samples}
+    assert len(tunnels) == MAX_TUNNEL_LABELS + 1 and "OTHER" in tunnels

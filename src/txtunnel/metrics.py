@@ -30,6 +30,11 @@ METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PRI"},
 )
 
+#: Distinct tunnel label values kept; requests of later tunnels are counted
+#: under C{OTHER}, so a relay that sees many short-lived random names keeps
+#: a bounded number of series.
+MAX_TUNNEL_LABELS = 500
+
 #: Request duration buckets, in seconds: from a cached answer on loopback to
 #: the response timeout.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -130,6 +135,7 @@ class _Common:
             f"{p}_streams", "Link streams opened, by tunnel protocol.", ["protocol"], registry=self.registry
         )
         self._bytes = _StreamBytes()
+        self._tunnelLabels: set[str] = set()
         self.registry.register(_Live(self._collectLive))
 
     def render(self) -> bytes:
@@ -143,6 +149,11 @@ class _Common:
     # -- hooks
 
     def requestDone(self, tunnel: str, method: bytes | str, status: int, seconds: float) -> None:
+        if tunnel not in self._tunnelLabels:
+            if len(self._tunnelLabels) >= MAX_TUNNEL_LABELS:
+                tunnel = "OTHER"
+            else:
+                self._tunnelLabels.add(tunnel)
         self.requests.labels(tunnel, methodLabel(method), statusClass(status)).inc()
         self.duration.observe(max(0.0, seconds))
 
