@@ -181,3 +181,29 @@ async def test_close_delimited_response_logged(
     finally:
         await port.stopListening()
     assert [(e["tunnel"], e["status"]) for e in accessEvents] == [("old", 203)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_gate_answer_logged_with_its_tunnel(
+    relay: Relay, agents: list[RunningAgent], origin: int, accessEvents: list[dict[str, Any]]
+) -> None:
+    """
+    An answer a visitor gate gives (a policy refusal) is logged and counted
+    under the tunnel it was for.
+    """
+    from txtunnel.http1 import Answer
+
+    class Refuse:
+        def check(self, request: Any) -> Answer:
+            return Answer(403, "no")
+
+        def validate(self, bindRequest: dict[str, Any]) -> None:
+            pass
+
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "guarded")
+    relay.relay.gates[:] = [Refuse()]
+    code, out, err = await curl("-H", f"Host: guarded.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/a")
+    assert code == 0, err
+    assert [(e["tunnel"], e["status"], e["path"]) for e in accessEvents] == [("guarded", 403, "/a")]
+    text = relay.relay.metrics.render().decode()
+    assert 'txtunnel_relay_requests_total{method="GET",status_class="4xx",tunnel="guarded"} 1.0' in text

@@ -52,10 +52,19 @@ class _Fail:
     finished.
     """
 
-    def __init__(self, status: int, reason: str, answer: Answer | None = None, head: RequestHead | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        answer: Answer | None = None,
+        head: RequestHead | None = None,
+        tunnel: str = "-",
+    ) -> None:
         self.answer = answer if answer is not None else Answer(status, reason)
-        #: The request answered, for the access log (none when it could not be parsed).
+        #: The request answered and the tunnel it was for, for the access
+        #: log (none and C{-} when it could not be parsed or routed).
         self.head = head
+        self.tunnel = tunnel
 
 
 @implementer(IPushProducer)
@@ -249,7 +258,7 @@ class EdgeProtocol(Protocol):
                     self._wait()
                     return
                 queue.popleft()
-                self._send(event.answer, event.head)
+                self._send(event.answer, event.head, tunnel=event.tunnel)
 
     def _decide(self, head: RequestHead) -> tuple[str, Any]:
         """
@@ -316,7 +325,7 @@ class EdgeProtocol(Protocol):
         if answer is None:
             self._passed = (head, tunnel, request)
         elif self._queue and self._queue[0] is head:
-            self._queue[0] = _Fail(answer.status, answer.reason, answer, head)
+            self._queue[0] = _Fail(answer.status, answer.reason, answer, head, request.name or "-")
         if "gate" in self._pauses and not self._lost:
             self._resume("gate")
             self._pump()
@@ -382,7 +391,8 @@ class EdgeProtocol(Protocol):
         try:
             stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
         except Exception as e:  # the link went away between routing and opening
-            self._answer(502, f"the tunnel's agent is not connected ({e})", head)
+            name = self.relay.hosts.split(head.header(b"host") or b"")[1] or "-"
+            self._send(Answer(502, f"the tunnel's agent is not connected ({e})"), head, tunnel=name)
             return False
         self._stream = stream
         self._responder = responder
@@ -463,13 +473,13 @@ class EdgeProtocol(Protocol):
     def _answer(self, status: int, reason: str, head: RequestHead | None = None) -> None:
         self._send(Answer(status, reason), head)
 
-    def _send(self, answer: Answer, head: RequestHead | None = None, logged: bool = False) -> None:
+    def _send(self, answer: Answer, head: RequestHead | None = None, logged: bool = False, tunnel: str = "-") -> None:
         self._failed = True
         self._queue.clear()
         self._closeStream()
         transport = self.transport
         if not logged:
-            exchange = self._exchange(head, "-")
+            exchange = self._exchange(head, tunnel)
             if head is not None:
                 exchange.bytesIn = len(head.raw)
             exchange.bytesOut = len(answer.toBytes())
