@@ -22,12 +22,11 @@ from txtunnel.access import ACCESS_NAMESPACE
 from txtunnel.logs import eventAsJSON, eventAsText, observer
 
 
-@pytest.fixture
-def accessEvents() -> Iterator[list[dict[str, Any]]]:
+def collected(side: str) -> Iterator[list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
 
     def collect(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == ACCESS_NAMESPACE:
+        if event.get("log_namespace") == ACCESS_NAMESPACE and event.get("access") == side:
             events.append(event)
 
     globalLogPublisher.addObserver(collect)
@@ -35,9 +34,26 @@ def accessEvents() -> Iterator[list[dict[str, Any]]]:
     globalLogPublisher.removeObserver(collect)
 
 
+@pytest.fixture
+def accessEvents() -> Iterator[list[dict[str, Any]]]:
+    """
+    The relay's access events.
+    """
+    yield from collected("relay")
+
+
+@pytest.fixture
+def agentAccessEvents() -> Iterator[list[dict[str, Any]]]:
+    yield from collected("agent")
+
+
 @pytest_twisted.ensureDeferred
 async def test_access_events(
-    relay: Relay, agents: list[RunningAgent], origin: int, accessEvents: list[dict[str, Any]]
+    relay: Relay,
+    agents: list[RunningAgent],
+    origin: int,
+    accessEvents: list[dict[str, Any]],
+    agentAccessEvents: list[dict[str, Any]],
 ) -> None:
     """
     Each request through a tunnel, and each answer the relay gives itself,
@@ -54,6 +70,9 @@ async def test_access_events(
     assert code == 0
     answer = await inThread(rawExchange, relay.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 414")
+    agentSide = [(e["path"], e["status"], e["tunnel"], e["client_ip"]) for e in agentAccessEvents]
+    assert agentSide == [("/hello", 200, "logged", "127.0.0.1"), ("/echo", 200, "logged", "127.0.0.1")]
+    assert agentAccessEvents[1]["bytes_in"] == 5000 and agentAccessEvents[1]["bytes_out"] == 5000
     byPath = {e["path"]: e for e in accessEvents}
     get = byPath["/hello"]
     assert get["tunnel"] == "logged" and get["method"] == "GET" and get["status"] == 200
@@ -207,3 +226,18 @@ async def test_gate_answer_logged_with_its_tunnel(
     assert [(e["tunnel"], e["status"], e["path"]) for e in accessEvents] == [("guarded", 403, "/a")]
     text = relay.relay.metrics.render().decode()
     assert 'txtunnel_relay_requests_total{method="GET",status_class="4xx",tunnel="guarded"} 1.0' in text
+
+
+def test_agent_access_log_switch() -> None:
+    from txtunnel.agent import tap as agentTap
+
+    def parsed(args: list[str], environ: dict[str, str] | None = None) -> Any:
+        options = agentTap.Options(environ=environ or {})
+        options.parseOptions(["--http", "8000", *args])
+        return options["access-log"]
+
+    assert parsed([]) is True
+    assert parsed(["--no-access-log"]) is False
+    assert parsed([], {"TXTUNNEL_ACCESS_LOG": "no"}) is False
+    with pytest.raises(usage.UsageError, match="TXTUNNEL_ACCESS_LOG: 'maybe' is not yes or no"):
+        parsed([], {"TXTUNNEL_ACCESS_LOG": "maybe"})

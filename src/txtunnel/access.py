@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-__all__ = ["ACCESS_NAMESPACE", "Exchange", "logAccess", "logConnection"]
+__all__ = ["ACCESS_NAMESPACE", "Exchange", "logAccess", "logCapture", "logConnection"]
 
 ACCESS_NAMESPACE = "txtunnel.access"
 
@@ -39,6 +39,26 @@ class Exchange:
         self.started = started
         self.bytesIn = 0
         self.bytesOut = 0
+
+
+def logCapture(capture: Any) -> None:
+    """
+    Emit the agent's access event for a finished request of its traffic
+    (a L{txtunnel.traffic.Capture}); bytes are the bodies' sizes.
+    """
+    _log.info(
+        "{client_ip} {method} {path} {status} in={bytes_in} out={bytes_out} {duration:.3f}s [{tunnel}]",
+        access="agent",
+        tunnel=capture.tunnel,
+        client_ip=capture.clientIP,
+        method=capture.method,
+        path=capture.target.split("?", 1)[0][:2048],
+        status=capture.status,
+        bytes_in=capture.requestSize,
+        bytes_out=capture.responseSize,
+        duration=round(capture.duration or 0.0, 6),
+        replay_of=capture.replayOf,
+    )
 
 
 def logConnection(tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float) -> None:

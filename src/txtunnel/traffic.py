@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
 
+from txtunnel.access import logCapture
 from txtunnel.chunked import ChunkError, ChunkScanner
 from txtunnel.http1 import MAX_HEAD, HTTPError, RawBytes, RequestEnd, RequestFramer, RequestHead
 from txtunnel.responses import ResponseFramer
@@ -243,11 +244,13 @@ class Traffic:
         self.captures: deque[Capture] = deque(maxlen=size)
         self.listeners: list[Listener] = []
         self.keep = False
+        #: Log an access event (L{txtunnel.access}) for each request.
+        self.accessLog = False
         self._nextId = 1
 
     @property
     def enabled(self) -> bool:
-        return self.keep or bool(self.listeners)
+        return self.keep or self.accessLog or bool(self.listeners)
 
     def follow(self, tunnel: str) -> Follower | None:
         """
@@ -277,6 +280,8 @@ class Traffic:
         capture.duration = max(0.0, float(self.clock.seconds()) - capture.started)
         if self.metrics is not None:
             self.metrics.requestDone(capture.tunnel, capture.method, capture.status, capture.duration)
+        if self.accessLog:
+            logCapture(capture)
         self._tell("done", capture)
 
     def _tell(self, event: str, capture: Capture) -> None:

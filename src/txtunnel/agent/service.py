@@ -189,6 +189,7 @@ class AgentService(MultiService):
         adminDefaulted: bool = False,
         inspect: str = "",
         inspectDefaulted: bool = False,
+        accessLog: bool = False,
     ) -> None:
         super().__init__()
         self.agent = agent
@@ -203,6 +204,7 @@ class AgentService(MultiService):
         self.inspectPort: int | None = None
         if inspect:
             agent.traffic.keep = True
+        agent.traffic.accessLog = accessLog
         wsURL, endpoint = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,

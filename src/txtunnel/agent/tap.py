@@ -35,6 +35,17 @@ def endpoint(text: str) -> str:
     return endpointString(text)
 
 
+def yesNo(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
 def relayURL(text: str) -> str:
     text = str(text).strip()
     relayEndpointString(text)
@@ -113,6 +124,7 @@ class Options(ConfigOptions):
         ("admin", DEFAULT_ADMIN, endpoint),
         ("admin-token", None, adminToken),
         ("inspect", DEFAULT_INSPECT, endpoint),
+        ("access-log", True, yesNo),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -174,6 +186,12 @@ class Options(ConfigOptions):
             f"empty turns it off. The default port moves to the next free one if taken. [default: {DEFAULT_INSPECT}]",
         ],
     ]
+
+    def opt_no_access_log(self) -> None:
+        """
+        Log no line per HTTP request on the agent (the relay still logs its own).
+        """
+        self["access-log"] = "no"
 
     def opt_no_inspect(self) -> None:
         """
@@ -360,4 +378,5 @@ def observeSettings(options: Options) -> dict[str, Any]:
         "adminDefaulted": "admin" in options.defaulted,
         "inspect": options["inspect"],
         "inspectDefaulted": "inspect" in options.defaulted,
+        "accessLog": options["access-log"],
     }
