@@ -185,7 +185,7 @@ async def test_inspector_off(relay: Relay, agents: list[RunningAgent], counting:
     port, _ = counting
     agent = await startAgent(agents, relay, "--http", str(port), "--subdomain", "off")
     await agent.service.sitesReady
-    assert agent.service.inspectPort is None and not agent.agent.traffic.enabled
+    assert agent.service.inspectPort is None and not agent.agent.traffic.keep
     code, out, err = await curl("-H", f"Host: off.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
     assert code == 0 and not agent.agent.traffic.captures
 
