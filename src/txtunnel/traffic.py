@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import binascii
 import json
-import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -267,7 +266,8 @@ class Traffic:
 
     def _start(self, tunnel: str, head: RequestHead, replayOf: int | None = None) -> Capture:
         now = float(self.clock.seconds())
-        capture = Capture(self._nextId, tunnel, head, now, time.time())
+        # The reactor's clock is the wall clock in production; tests inject one.
+        capture = Capture(self._nextId, tunnel, head, now, now)
         capture.replayOf = replayOf
         self._nextId += 1
         if self.keep:
