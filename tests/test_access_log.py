@@ -241,3 +241,23 @@ def test_agent_access_log_switch() -> None:
     assert parsed([], {"TXTUNNEL_ACCESS_LOG": "no"}) is False
     with pytest.raises(usage.UsageError, match="TXTUNNEL_ACCESS_LOG: 'maybe' is not yes or no"):
         parsed([], {"TXTUNNEL_ACCESS_LOG": "maybe"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_access_log_off(
+    tmp_path: Any, agents: list[RunningAgent], origin: int, accessEvents: list[dict[str, Any]]
+) -> None:
+    """
+    --no-access-log silences the relay's lines; the metrics still count.
+    """
+    from tests.conftest import startRelay
+
+    quiet = await startRelay(str(tmp_path / "quiet"), "--no-access-log")
+    try:
+        await startAgent(agents, quiet, "--http", str(origin), "--subdomain", "hush", "--no-access-log")
+        code, out, err = await curl("-H", f"Host: hush.localhost:{quiet.port}", f"http://127.0.0.1:{quiet.port}/")
+        assert code == 0, err
+        assert accessEvents == []
+        assert 'tunnel="hush"} 1.0' in quiet.relay.metrics.render().decode()
+    finally:
+        await quiet.service.stopService()

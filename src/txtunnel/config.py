@@ -28,6 +28,7 @@ __all__ = [
     "portNumber",
     "readINI",
     "tokenList",
+    "yesNo",
 ]
 
 Coercer = Callable[[str], Any]
@@ -90,6 +91,20 @@ def adminToken(text: str) -> str | None:
     if len(token) < 8:
         raise ValueError("the admin token must be at least 8 characters long")
     return token
+
+
+def yesNo(text: Any) -> bool:
+    """
+    C{yes}/C{no} (or true/false, on/off, 1/0) to a bool.
+    """
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
 
 
 def readINI(path: str) -> configparser.ConfigParser:

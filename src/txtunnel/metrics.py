@@ -155,7 +155,7 @@ class _Common:
             else:
                 self._tunnelLabels.add(tunnel)
         self.requests.labels(tunnel, methodLabel(method), statusClass(status)).inc()
-        self.duration.observe(max(0.0, seconds))
+        self.duration.observe(max(0.0, seconds))  # a clock may step back
 
     def streamOpened(self, protocol: str) -> None:
         self.streamsOpened.labels(protocol).inc()

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, adminToken, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, adminToken, parseTarget, portNumber, positiveFloat, yesNo
 from txtunnel.errors import ConfigError
 from txtunnel.names import checkName
 from txtunnel.wslink import relayEndpointString
@@ -33,17 +33,6 @@ def endpoint(text: str) -> str:
     from txtunnel.relay.tap import endpointString
 
     return endpointString(text)
-
-
-def yesNo(text: Any) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise ValueError(f"{text!r} is not yes or no")
 
 
 def relayURL(text: str) -> str:

@@ -366,8 +366,10 @@ class EdgeProtocol(Protocol):
         """
         A request is answered (or its stream ended): log it and count it.
         """
-        duration = logAccess(exchange, status, self.relay.reactor.seconds(), scheme=self.scheme)
-        self.relay.metrics.requestDone(exchange.tunnel, exchange.method, status, duration)
+        now = self.relay.reactor.seconds()
+        if self.relay.accessLog:
+            logAccess(exchange, status, now, scheme=self.scheme)
+        self.relay.metrics.requestDone(exchange.tunnel, exchange.method, status, now - exchange.started)
 
     def _flushPending(self, responder: _ToVisitor, status: int | None = None) -> None:
         """

@@ -70,6 +70,8 @@ class Relay:
         self._tokens = [hashToken(t) for t in settings["token"]]
         #: This relay's own metrics registry (see L{txtunnel.metrics}).
         self.metrics = RelayMetrics(self)
+        #: Whether to log an access event per request and connection.
+        self.accessLog = bool(settings.get("access-log", True))
         #: The checks every visitor request to an HTTP tunnel passes, in order.
         self.gates: list[IVisitorGate] = []
         #: Seconds a disconnected agent's names and ports are kept for it.

@@ -89,7 +89,7 @@ class RelaySession:
     def _streamClosed(self, stream: Stream) -> None:
         started, kind, address = self.opened.pop(stream.id, (None, "unknown", "-"))
         self.relay.metrics.streamClosed(kind, stream.bytesSent, stream.bytesReceived)
-        if started is not None and kind != "http":
+        if started is not None and kind != "http" and self.relay.accessLog:
             # HTTP is logged per request by the edge; others per connection.
             logConnection(
                 address,

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, adminToken, positiveFloat, tokenList
+from txtunnel.config import ConfigOptions, adminToken, positiveFloat, tokenList, yesNo
 from txtunnel.relay.ports import parseRange
 
 __all__ = ["Options", "makeService"]
@@ -110,6 +110,7 @@ class Options(ConfigOptions):
         ("grace", 1800.0, positiveFloat),
         ("admin", DEFAULT_ADMIN, endpointString),
         ("admin-token", None, adminToken),
+        ("access-log", True, yesNo),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -144,6 +145,12 @@ class Options(ConfigOptions):
         ],
         ["admin-token", None, None, "Bearer token /stats on the admin endpoint asks for. [default: none, /stats off]"],
     ]
+
+    def opt_no_access_log(self) -> None:
+        """
+        Log no access line per request or connection (metrics still count them).
+        """
+        self["access-log"] = "no"
 
     def opt_token(self, value: str) -> None:
         """
