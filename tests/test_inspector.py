@@ -316,3 +316,54 @@ async def test_default_port_taken_moves_on(relay: Relay, agents: list[RunningAge
     texts = [e.get("log_format", "") for e in events]
     assert any("was taken; listening on" in t for t in texts)
     assert any("cannot start the" in t for t in texts)
+
+
+def _watchers(port: int, count: int) -> bytes:
+    """
+    Open C{count} event streams, then one more; return what the last got.
+    """
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert b"200 OK" in s.recv(4096)
+            held.append(s)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return s.recv(4096)
+    finally:
+        for s in held:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_watchers_and_oversized_edits(
+    relay: Relay, agents: list[RunningAgent], counting: tuple[int, Counting], tmp_path: Any
+) -> None:
+    from txtunnel.inspector import MAX_REPLAY_BODY, MAX_WATCHERS
+
+    port, origin = counting
+    agent, base = await inspected(agents, relay, port, "crowd")
+    answer = await inThread(_watchers, agent.service.inspectPort, MAX_WATCHERS)
+    assert answer.startswith(b"HTTP/1.1 503") and b"live views" in answer
+    for _ in range(100):
+        if not agent.agent.traffic.listeners:
+            break
+        await wait(0.02)
+    assert agent.agent.traffic.listeners == []
+    code, out, err = await curl("-H", f"Host: crowd.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/c")
+    assert code == 0, err
+    status, listing = await api(base + "/api/requests")
+    big = tmp_path / "big.json"
+    big.write_bytes(b'{"body": "' + b"x" * MAX_REPLAY_BODY + b'"}')
+    status, body = await api(
+        f"{base}/api/requests/{listing['requests'][0]['id']}/replay",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        f"@{big}",
+    )
+    assert status == 413 and origin.hits == {b"/c": [b""]}
