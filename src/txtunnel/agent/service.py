@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -202,6 +202,8 @@ class AgentService(MultiService):
         #: Ports the admin site and the inspector listen on, once they do.
         self.adminPort: int | None = None
         self.inspectPort: int | None = None
+        #: Fires once the admin site and the inspector listen (or failed to).
+        self.sitesReady: Deferred[None] = succeed(None)
         if inspect:
             agent.traffic.keep = True
         agent.traffic.accessLog = accessLog
