@@ -239,7 +239,7 @@ def test_agent_access_log_switch() -> None:
     assert parsed([]) is True
     assert parsed(["--no-access-log"]) is False
     assert parsed([], {"TXTUNNEL_ACCESS_LOG": "no"}) is False
-    with pytest.raises(usage.UsageError, match="TXTUNNEL_ACCESS_LOG: 'maybe' is not yes or no"):
+    with pytest.raises(usage.UsageError, match="TXTUNNEL_ACCESS_LOG: 'maybe' is not true or false"):
         parsed([], {"TXTUNNEL_ACCESS_LOG": "maybe"})
 
 

@@ -23,12 +23,12 @@ from txtunnel.errors import ConfigError
 __all__ = [
     "ConfigOptions",
     "adminToken",
+    "boolean",
     "parseTarget",
     "positiveFloat",
     "portNumber",
     "readINI",
     "tokenList",
-    "yesNo",
 ]
 
 Coercer = Callable[[str], Any]
@@ -73,6 +73,21 @@ def positiveFloat(text: str) -> float:
     return value
 
 
+def boolean(text: Any) -> bool:
+    """
+    C{true}/C{false} (also yes/no, on/off, 1/0) from a config file or
+    environment variable.
+    """
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def tokenList(text: str) -> list[str]:
     tokens = [t.strip() for t in str(text).split(",") if t.strip()]
     for token in tokens:
@@ -91,20 +106,6 @@ def adminToken(text: str) -> str | None:
     if len(token) < 8:
         raise ValueError("the admin token must be at least 8 characters long")
     return token
-
-
-def yesNo(text: Any) -> bool:
-    """
-    C{yes}/C{no} (or true/false, on/off, 1/0) to a bool.
-    """
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise ValueError(f"{text!r} is not yes or no")
 
 
 def readINI(path: str) -> configparser.ConfigParser:

@@ -12,7 +12,6 @@ from typing import Any
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -21,6 +20,7 @@ from txtunnel.agent.session import AgentSession
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW
 from txtunnel.metrics import AgentMetrics, _now
+from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
 from txtunnel.traffic import Traffic
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
@@ -99,6 +99,9 @@ class Agent:
         self.traffic = Traffic(reactor, metrics=self.metrics)
         for tunnel in tunnels:
             tunnel.traffic = self.traffic
+        #: TLS settings of a C{wss://} link (C{None}: verify against the
+        #: system's roots, no client certificate).
+        self.linkTLS: LinkClientTLS | None = None
 
     def sessionStarted(self, session: AgentSession) -> None:
         self.session = session
@@ -207,7 +210,7 @@ class AgentService(MultiService):
         if inspect:
             agent.traffic.keep = True
         agent.traffic.accessLog = accessLog
-        wsURL, endpoint = relayEndpointString(agent.relayURL)
+        wsURL, _ = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,
             lambda link, carrier: AgentSession(agent, link, carrier),
@@ -216,9 +219,13 @@ class AgentService(MultiService):
             keepalive=keepalive,
             keepaliveTimeout=keepalive * 2.5,
         )
+        factory.onConnectFailed = self._connectFailed
         self.factory = factory
+        #: The link's TLS (C{None} for C{ws://}); by default the relay's
+        #: certificate is checked against the system's roots.
+        self.tls = agent.linkTLS or linkClientTLS(agent.relayURL)
         self.client = ClientService(
-            clientFromString(agent.reactor, endpoint),
+            linkEndpoint(agent.reactor, agent.relayURL, self.tls),
             factory,
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0),
             clock=agent.reactor,
@@ -227,6 +234,14 @@ class AgentService(MultiService):
         agent.fatalHooks.append(lambda reason: self.client.stopService())
 
     def startService(self) -> None:
+        tls = self.tls
+        if tls is not None and tls.insecure:
+            self.log.warn(
+                "*** --insecure: the relay's TLS certificate is NOT verified. Anyone between this agent and "
+                "{relay} can pose as the relay and read or change every tunnel's traffic. Use it for "
+                "development only; give --ca FILE for a relay with a private CA. ***",
+                relay=self.agent.relayURL,
+            )
         self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
         super().startService()
         self.sitesReady = self._listen()
@@ -259,6 +274,29 @@ class AgentService(MultiService):
             self.log.info(
                 "{says} http://{host}:{port}/", says=says, host=getattr(host, "host", "?"), port=number, what=what
             )
+
+    def _connectFailed(self, reason: Any) -> None:
+        """
+        A link that failed before it was up: say why when TLS is the
+        reason.  A relay whose certificate cannot be verified is fatal
+        until the agent has once connected (a wrong --ca or host name will
+        not fix itself); after that it is logged and retried, since a
+        relay may be renewing its certificate.
+        """
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+
+        tls = self.tls
+        if tls is None or not reason.check(SSL.Error, VerificationError) or self.agent.stopping:
+            return
+        why = tls.describe(reason)
+        message = f"cannot verify the relay {self.agent.relayURL}: {why}"
+        if "verify" in why or isinstance(reason.value, VerificationError) or tls.lastError:
+            message += " (give --ca FILE if it uses a private CA; --insecure skips the check, for development only)"
+        if self.agent.ready.called:
+            self.log.error("{message}; retrying", message=message)
+        else:
+            self.agent.fatal(message)
 
     def stopService(self) -> Deferred[Any]:
         self.agent.stopping = True

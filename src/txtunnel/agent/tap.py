@@ -11,8 +11,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, adminToken, parseTarget, portNumber, positiveFloat, yesNo
+from txtunnel.config import ConfigOptions, adminToken, boolean, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
+from txtunnel.exitstatus import exitWithStatus
 from txtunnel.names import checkName
 from txtunnel.wslink import relayEndpointString
 
@@ -23,10 +24,19 @@ DEFAULT_ADMIN = "tcp:4041:interface=127.0.0.1"
 DEFAULT_INSPECT = "tcp:4040:interface=127.0.0.1"
 
 #: Keys a [tunnel:NAME] section may have.
-TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
+TUNNEL_KEYS = (
+    "type",
+    "target",
+    "subdomain",
+    "remote-port",
+    "response-timeout",
+    "udp-idle-timeout",
+    "sse-heartbeat",
+    "client-ca",
+)
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
-KINDS = ("http", "tcp", "udp", "tls")
+KINDS = ("http", "tcp", "udp", "tls", "grpc")
 
 
 def endpoint(text: str) -> str:
@@ -39,6 +49,37 @@ def relayURL(text: str) -> str:
     text = str(text).strip()
     relayEndpointString(text)
     return text
+
+
+def optionalFile(text: str) -> str | None:
+    import os
+
+    text = str(text).strip()
+    if not text:
+        return None
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    return path
+
+
+def clientCA(text: str) -> str | None:
+    """
+    The CA certificates in a PEM file, as PEM text for the bind request:
+    only the certificates, so a key that shares the file never leaves.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from txtunnel.tlscontext import CertificateError, readCertificateAuthorities
+
+    path = optionalFile(text)
+    if path is None:
+        return None
+    try:
+        cas = readCertificateAuthorities(path)
+    except CertificateError as e:
+        raise ValueError(str(e)) from None
+    return "".join(ca.public_bytes(Encoding.PEM).decode("ascii") for ca in cas)
 
 
 def optionalText(text: str) -> str | None:
@@ -103,6 +144,7 @@ class Options(ConfigOptions):
         ("tcp", None, optionalTarget),
         ("udp", None, optionalTarget),
         ("tls", None, optionalTarget),
+        ("grpc", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
@@ -110,10 +152,15 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("ca", None, optionalFile),
+        ("insecure", False, boolean),
+        ("cert", None, optionalFile),
+        ("client-ca", None, clientCA),
+        ("key", None, optionalFile),
         ("admin", DEFAULT_ADMIN, endpoint),
         ("admin-token", None, adminToken),
         ("inspect", DEFAULT_INSPECT, endpoint),
-        ("access-log", True, yesNo),
+        ("access-log", True, boolean),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -128,6 +175,12 @@ class Options(ConfigOptions):
             None,
             "Expose the TLS service at TARGET by passthrough: routed by SNI at NAME.<domain> on the relay's "
             "--tls port, never decrypted.",
+        ],
+        [
+            "grpc",
+            None,
+            None,
+            "Expose the gRPC (or other cleartext HTTP/2) service at TARGET: every request reaches it over HTTP/2.",
         ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
@@ -160,6 +213,28 @@ class Options(ConfigOptions):
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
         [
+            "ca",
+            None,
+            None,
+            "PEM file of the CA(s) a wss:// relay's certificate must chain to, for a relay with a private CA "
+            "or a development one. [default: the system's trusted CAs]",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "PEM client certificate (and its key, unless --key is given) to present to a wss:// relay that "
+            "requires one (its --agent-ca).",
+        ],
+        ["key", None, None, "PEM private key of --cert."],
+        [
+            "client-ca",
+            None,
+            None,
+            "PEM file of the CA(s) whose client certificates visitors must present to reach this HTTP "
+            "tunnel (over https:// on the relay; others get 403). [default: none needed]",
+        ],
+        [
             "admin",
             None,
             None,
@@ -175,6 +250,13 @@ class Options(ConfigOptions):
             f"empty turns it off. The default port moves to the next free one if taken. [default: {DEFAULT_INSPECT}]",
         ],
     ]
+
+    def opt_insecure(self) -> None:
+        """
+        Do not verify a wss:// relay's certificate or host name. For
+        development only: anyone on the path can pose as the relay.
+        """
+        self["insecure"] = "true"
 
     def opt_no_access_log(self) -> None:
         """
@@ -199,10 +281,16 @@ class Options(ConfigOptions):
                 raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
 
     def postOptions(self) -> None:
+        from txtunnel.tlscontext import CertificateError, linkClientTLS
+
         try:
             parser = self.loadSettings()
             self._collectTunnels(parser)
-        except ConfigError as e:
+            #: TLS settings of the link, read now so a bad file is a usage error.
+            self["link-tls"] = linkClientTLS(
+                self["relay"], ca=self["ca"], insecure=self["insecure"], cert=self["cert"], key=self["key"]
+            )
+        except (ConfigError, CertificateError) as e:
             raise usage.UsageError(str(e)) from None
 
     def _collectTunnels(self, parser: configparser.ConfigParser | None) -> None:
@@ -217,7 +305,7 @@ class Options(ConfigOptions):
             )
         common = {"response-timeout": self["response-timeout"]}
         if not given:
-            for key in ("subdomain", "remote-port"):
+            for key in ("subdomain", "remote-port", "client-ca"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -232,6 +320,10 @@ class Options(ConfigOptions):
                 options["remote-port"] = self["remote-port"]
             if kind == "udp":
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
+            if self["client-ca"]:
+                if kind != "http":
+                    raise ConfigError("--client-ca applies to --http tunnels (the relay checks it on its HTTPS edge)")
+                options["client-ca"] = self["client-ca"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
             self.tunnels.append(
@@ -262,12 +354,15 @@ class Options(ConfigOptions):
                     options["sse-heartbeat"] = self["sse-heartbeat"]
                 elif kind != "http" and "sse-heartbeat" in values:
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
+                if kind != "http" and "client-ca" in values:
+                    raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
+                    ("client-ca", clientCA),
                 ):
                     if key in values:
                         try:
@@ -296,7 +391,9 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent.linkTLS = options.get("link-tls")
+    return agent
 
 
 def loadAgentKey(path: str | None) -> str | None:
@@ -345,6 +442,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     Build the agent's service tree from parsed L{Options}.  When the agent
     gives up (bad token, every tunnel refused) the reactor is stopped.
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -353,6 +451,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
+    if underTwistd:
+        agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     return AgentService(agent, keepalive=options["keepalive"], **observeSettings(options))
 

@@ -171,6 +171,12 @@ class HTTPForwarder:
         return HTTPBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
+        if stream.header.get("h2"):
+            # A gRPC call from the relay's HTTP/2 edge: HTTP/2 to the local service.
+            from txtunnel.forwarders.grpc import connectH2
+
+            connectH2(tunnel, stream)
+            return
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
         interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
