@@ -77,7 +77,18 @@ async def startRelay(tmp: str, *args: str) -> Relay:
     options = relayTap.Options(environ={})
     noAdmin = ["--admin", ""]  # no admin site on its fixed default port unless a test asks
     options.parseOptions(
-        ["--http", "tcp:0:interface=127.0.0.1", "--tcp-ports", f"{low}-{high}", "--state-dir", tmp, *noAdmin, *args]
+        [
+            "--http",
+            "tcp:0:interface=127.0.0.1",
+            "--tcp-ports",
+            f"{low}-{high}",
+            "--state-dir",
+            tmp,
+            "--drain-timeout",
+            "1",
+            *noAdmin,
+            *args,
+        ]
     )
     service: Any = relayTap.makeService(options, reactor)
     service.startService()
@@ -120,9 +131,9 @@ def agents() -> Iterator[list[RunningAgent]]:
 async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True) -> RunningAgent:
     options = agentTap.Options(environ={})
     # No admin site or inspector unless a test asks (they default to fixed ports).
-    options.parseOptions(["--relay", relay.url, "--admin", "", "--inspect", "", *args])
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
     agent = agentTap.buildAgent(options, reactor)
-    service = AgentService(agent, keepalive=options["keepalive"], **agentTap.observeSettings(options))
+    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
     service.startService()
     running = RunningAgent(agent, service)
     agents.append(running)

@@ -221,7 +221,7 @@ def test_chains_to(tmp_path: Path, pki: PKI) -> None:
     """
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from txtunnel.tlscontext import chainsTo
+    from txtunnel.certificates import chainsTo
 
     ca = pki.visitorCA
     _, leaf = ca._issue("alice", [], ExtendedKeyUsageOID.CLIENT_AUTH)

@@ -52,3 +52,32 @@ def test_development_https_and_wss_agent(tmp_path: Path, procs: list[Proc], env:
     for p in (agent, insecure, relay):
         assert p.stop() in STOPPED_BY_SIGTERM
     assert "Traceback" not in relay.output + agent.output + untrusting.output + insecure.output
+
+
+def test_agent_client_certificates(tmp_path: Path, procs: list[Proc], env: dict[str, str], webRoot: int) -> None:
+    """
+    twistd tunnelrelay with a private CA's certificate and --agent-ca lets
+    in the twistd agent that has a client certificate from that CA and
+    turns away, with the reason, the one that has none.
+    """
+    from tests.pki import CA
+
+    relayCA, agentCA = CA(tmp_path, "relay"), CA(tmp_path, "agents")
+    serverCert, _ = relayCA.server("server", "localhost", "*.tunnels.test")
+    cert, key = agentCA.client("agent")
+    httpsPort = freePort()
+    relay, port = startRelay(
+        procs, env, tmp_path / "state",
+        "--https", f"tcp:{httpsPort}:interface=127.0.0.1", "--https-cert", str(serverCert),
+        "--agent-ca", str(agentCA.path), "--domain", "tunnels.test",
+    )  # fmt: skip
+    relay.waitFor(r"HTTPS certificate for localhost, \*\.tunnels\.test")
+    common = ["--relay", f"wss://localhost:{httpsPort}", "--ca", str(relayCA.path), "--http", str(webRoot)]
+    agent = twistd(procs, env, "tunnelagent", *common, "-s", "web", "--cert", str(cert), "--key", str(key))
+    agent.waitFor(re.escape(f"tunnel ready: http://web.tunnels.test:{port}/"))
+    stranger = twistd(procs, env, "tunnelagent", *common)
+    stranger.waitFor("relay refused this agent: this relay requires agents to connect over wss:// with a client")
+    stranger.popen.wait(20)
+    for p in (agent, relay):
+        assert p.stop() in STOPPED_BY_SIGTERM
+    assert "Traceback" not in relay.output + agent.output + stranger.output

@@ -1,5 +1,6 @@
 """
-The relay's HTTPS certificates and TLS settings (txtunnel.tlscontext):
+The relay's HTTPS certificates and TLS settings (txtunnel.certificates,
+txtunnel.tlscontext):
 SNI choice, TLS versions and ciphers, ALPN, the self-signed development
 certificate, and the --https options -- in memory and through a real relay
 with curl.
@@ -19,17 +20,16 @@ from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.python import usage
 
-from tests.conftest import RunningAgent, curl, startAgent, startRelay
+from tests.conftest import RunningAgent, curl, inThread, startAgent, startRelay
 from tests.pki import CA
-from txtunnel.relay import tap as relayTap
-from txtunnel.tlscontext import (
+from txtunnel.certificates import (
     CertificateError,
     DevelopmentCA,
-    ServerTLS,
     loadServerCertificate,
     serverCertificatesFromDirectory,
-    splitHTTPSEndpoint,
 )
+from txtunnel.relay import tap as relayTap
+from txtunnel.tlscontext import ServerTLS, splitHTTPSEndpoint
 
 
 @pytest.fixture
@@ -357,6 +357,24 @@ async def test_sni_certificates_through_relay(tmp_path: Path, agents: list[Runni
             assert (code == 0) == ok, (name, caFile, err)
             if ok:
                 assert b"hello from origin" in out and b"x-forwarded-proto=https" in out
+        # ALPN on the live listener: the relay's list, read per handshake.
+        import socket
+        import ssl
+
+        def alpn(offered: list[str]) -> str | None:
+            context = ssl.create_default_context(cafile=str(wildCA.path))
+            context.set_alpn_protocols(offered)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="plain.tunnels.test") as tls:
+                    return tls.selected_alpn_protocol()
+
+        assert await inThread(alpn, ["h2", "http/1.1"]) == relay.relay.alpnProtocols[0].decode()
+        assert await inThread(alpn, ["http/1.1"]) == "http/1.1"
+        assert relay.relay.serverTLS is not None
+        relay.relay.serverTLS.acceptableProtocols = (b"http/1.1",)
+        assert await inThread(alpn, ["h2", "http/1.1"]) == "http/1.1"
+        relay.relay.serverTLS.acceptableProtocols = (b"h2", b"http/1.1")
+        assert await inThread(alpn, ["h2", "http/1.1"]) == "h2"
         # TLS 1.1 is refused by the relay, not just by curl.
         code, out, err = await curl(
             "--cacert",
@@ -370,6 +388,30 @@ async def test_sni_certificates_through_relay(tmp_path: Path, agents: list[Runni
             f"https://plain.tunnels.test:{port}/hello",
         )
         assert code != 0
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssl_endpoint_on_http_listener(tmp_path: Path, agents: list[RunningAgent], origin: int) -> None:
+    """
+    An ssl: endpoint given to --http (not a documented use, but one that
+    worked) still serves curl, which offers ALPN.
+    """
+    ca = CA(tmp_path, "http")
+    both, _ = ca.server("both", "*.tunnels.test")
+    relay = await startRelay(
+        str(tmp_path / "state"), "--domain", "tunnels.test", "--http", f"ssl:0:interface=127.0.0.1:privateKey={both}"
+    )
+    try:
+        await startAgent(
+            agents, relay, "--relay", f"wss://127.0.0.1:{relay.port}", "--insecure", "--http", str(origin), "-s", "a"
+        )
+        code, out, err = await curl(
+            "--cacert", str(ca.path), "--resolve", f"a.tunnels.test:{relay.port}:127.0.0.1",
+            f"https://a.tunnels.test:{relay.port}/hello",
+        )  # fmt: skip
+        assert code == 0 and b"hello from origin" in out, err
     finally:
         await defer.maybeDeferred(relay.service.stopService)
 

@@ -165,10 +165,10 @@ def _runAgent(options: agentTap.Options, reactor: Any, console: Any = None) -> i
 
     agent.fatalHooks.append(fatal)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    settings = agentTap.observeSettings(options)
+    settings = {**agentTap.serviceSettings(options), **agentTap.observeSettings(options)}
     if console is not None:
         settings["accessLog"] = False  # the status screen lists the requests
-    service = AgentService(agent, keepalive=options["keepalive"], **settings)
+    service = AgentService(agent, **settings)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     if console is not None:

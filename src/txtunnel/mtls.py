@@ -31,11 +31,11 @@ from cryptography import x509
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txtunnel.certificates import CertificateError, chainsTo, loadCertificateAuthorities, peerCertificates
 from txtunnel.errors import BindError
 from txtunnel.gates import VisitorRequest
 from txtunnel.http1 import Answer
 from txtunnel.interfaces import IVisitorGate
-from txtunnel.tlscontext import CertificateError, chainsTo, loadCertificateAuthorities, peerCertificates
 
 __all__ = ["BIND_KEY", "MAX_CA_BYTES", "ClientCertificateGate", "agentAllowed", "requiredCAs"]
 

@@ -56,6 +56,9 @@ CLOSE_PROTOCOL_ERROR = 4002
 CLOSE_REFUSED = 4003
 CLOSE_NORMAL = 1000
 
+#: Close reasons for a link found dead, dropped at once.
+DEAD_LINK_REASONS = frozenset({"keepalive timeout", "probe timeout"})
+
 
 def _options(factory: Any) -> None:
     factory.setProtocolOptions(
@@ -133,6 +136,10 @@ class _LinkCarrierMixin:
         else:
             code = CLOSE_NORMAL
         self.sendClose(code, reason[:120])  # type: ignore[attr-defined]
+        if reason in DEAD_LINK_REASONS:
+            # Nothing comes back on a dead link: waiting for the close
+            # handshake would only delay the reconnect.
+            self.dropConnection(abort=True)  # type: ignore[attr-defined]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         link = self.link
@@ -243,6 +250,9 @@ class LinkClientFactory(WebSocketClientFactory):  # type: ignore[misc]
         super().__init__(url=url, headers={})
         #: Called with the reason when a connection ends before its link is up.
         self.onConnectFailed: Callable[[Failure], object] | None = None
+        #: Called C{(carrier, code, reason)} when a link closes before its
+        #: session started (a refused or failed handshake).
+        self.onLinkLost: Callable[[Any, int | None, str | None], object] | None = None
         self.sessionFactory = sessionFactory
         self.clock = clock
         self.window = window

@@ -9,16 +9,26 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.admin import IAdminSubject
+from txtunnel.agent.breaker import (
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_FAILURES,
+    CircuitBreaker,
+    HealthCheck,
+)
 from txtunnel.agent.session import AgentSession
+from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
+from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
 from txtunnel.interfaces import IAgentTunnel, IForwarder
-from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.metrics import AgentMetrics, _now
 from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
 from txtunnel.traffic import Traffic
@@ -55,6 +65,20 @@ class AgentTunnel:
         self.reclaim: dict[str, Any] = {}
         #: Where the HTTP forwarder reports requests (L{txtunnel.traffic}), set by the agent.
         self.traffic: Traffic | None = None
+        #: Fails fast (503) while the local service keeps failing.
+        self.breaker = CircuitBreaker(
+            reactor,
+            threshold=int(options.get("breaker-failures", DEFAULT_BREAKER_FAILURES)),
+            cooldown=float(options.get("breaker-cooldown", DEFAULT_BREAKER_COOLDOWN)),
+            name=name,
+        )
+        check = options.get("health-check")
+        #: Probes the local service on a schedule, when configured.
+        self.health: HealthCheck | None = None
+        if check:
+            self.health = HealthCheck(
+                reactor, target, check, self.breaker, interval=float(options.get("health-interval", 10.0))
+            )
 
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
@@ -102,11 +126,25 @@ class Agent:
         #: TLS settings of a C{wss://} link (C{None}: verify against the
         #: system's roots, no client certificate).
         self.linkTLS: LinkClientTLS | None = None
+        #: The link's connection state machine; a status console or metrics
+        #: read C{states.state} or add to C{states.observers}.
+        self.states = LinkStates(relayURL)
+
+    @property
+    def state(self) -> LinkState:
+        """
+        Where the link to the relay is now (see L{LinkState}).
+        """
+        return self.states.state
 
     def sessionStarted(self, session: AgentSession) -> None:
         self.session = session
         self._answered.clear()
+        self.states.event("opened")
         self.metrics.linkUp()
+
+    def sessionWelcomed(self, session: AgentSession) -> None:
+        self.states.event("welcomed")
 
     def isReady(self) -> tuple[bool, str]:
         """
@@ -141,6 +179,7 @@ class Agent:
             self.session = None
         if self.failure is None and not self.stopping:
             self.log.warn("link to relay lost ({reason}); reconnecting", reason=reason)
+            self.states.event("lost", reason=reason)
 
     def tunnelBound(self, tunnel: AgentTunnel) -> None:
         self._answer(tunnel)
@@ -165,6 +204,7 @@ class Agent:
             return
         self.failure = reason
         self.log.critical("agent stopping: {reason}", reason=reason)
+        self.states.event("close", reason=reason)
         if self.session is not None:
             self.session.carrier.closeLink("agent stopping")
         for hook in self.fatalHooks:
@@ -173,10 +213,38 @@ class Agent:
             self.ready.errback(RuntimeError(reason))
 
 
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """
+    The relay's endpoint, telling the agent's state machine about each
+    attempt and each failure to connect (the L{ClientService} reports
+    neither).
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, agent: Agent, onFailure: Callable[[], object]) -> None:
+        self.endpoint = endpoint
+        self.agent = agent
+        self.onFailure = onFailure
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.agent.states.event("attempt")
+        d = self.endpoint.connect(factory)
+
+        def failed(f: Failure) -> Failure:
+            self.agent.states.event("failed", reason=f.getErrorMessage())
+            self.onFailure()
+            return f
+
+        return d.addErrback(failed)
+
+
 class AgentService(MultiService):
     """
     A L{ClientService} that keeps the link up (backoff with jitter), under
     the agent's service tree.
+
+    @ivar backoff: the reconnect delays and attempt limit.
+    @ivar drainTimeout: seconds L{stopService} lets streams in flight finish.
     """
 
     log = Logger()
@@ -193,9 +261,15 @@ class AgentService(MultiService):
         inspect: str = "",
         inspectDefaulted: bool = False,
         accessLog: bool = False,
+        backoff: Backoff | None = None,
+        drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
+        clockWatch: bool = True,
     ) -> None:
         super().__init__()
         self.agent = agent
+        self.keepalive = keepalive
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.drainTimeout = drainTimeout
         #: Endpoints of the admin site and the inspector ("" for none), and
         #: whether each is the default (then a taken port moves on).
         self.admin = (admin, adminDefaulted)
@@ -217,21 +291,49 @@ class AgentService(MultiService):
             agent.reactor,
             window=window,
             keepalive=keepalive,
-            keepaliveTimeout=keepalive * 2.5,
+            keepaliveTimeout=keepalive * KEEPALIVE_TIMEOUT_FACTOR,
         )
         factory.onConnectFailed = self._connectFailed
+        # A link that closes before its session starts (refused handshake)
+        # is a failed attempt too.
+        factory.onLinkLost = self._handshakeLost
         self.factory = factory
         #: The link's TLS (C{None} for C{ws://}); by default the relay's
         #: certificate is checked against the system's roots.
         self.tls = agent.linkTLS or linkClientTLS(agent.relayURL)
         self.client = ClientService(
-            linkEndpoint(agent.reactor, agent.relayURL, self.tls),
+            _WatchedEndpoint(linkEndpoint(agent.reactor, agent.relayURL, self.tls), agent, self._checkAttempts),
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0),
+            retryPolicy=lambda failed: self.backoff.delay(max(1, agent.states.failures)),
             clock=agent.reactor,
         )
         self.client.setServiceParent(self)
         agent.fatalHooks.append(lambda reason: self.client.stopService())
+        agent.states.observers.append(self._stateChanged)
+        self.clockWatch: ClockJumpWatch | None = None
+        if clockWatch and keepalive > 0:
+            self.clockWatch = ClockJumpWatch(agent.reactor, self._clockJumped)
+
+    def _handshakeLost(self, carrier: Any, code: int | None, reason: str | None) -> None:
+        self.agent.states.event("failed", reason=reason or f"closed ({code})")
+        self._checkAttempts()
+
+    def _stateChanged(self, old: LinkState, new: LinkState, event: str, info: dict[str, Any]) -> None:
+        if new is LinkState.RECONNECTING and event == "lost":
+            self._checkAttempts()
+
+    def _checkAttempts(self) -> None:
+        """
+        Give up once the configured number of attempts in a row have failed.
+        """
+        failures = self.agent.states.failures
+        if self.backoff.exhausted(failures) and not self.agent.stopping:
+            self.agent.fatal(f"gave up after {failures} failed attempts to reach the relay")
+
+    def _clockJumped(self, seconds: float) -> None:
+        session = self.agent.session
+        if session is not None:
+            session.link.probe(min(self.keepalive, 5.0))
 
     def startService(self) -> None:
         tls = self.tls
@@ -244,6 +346,11 @@ class AgentService(MultiService):
             )
         self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
         super().startService()
+        if self.clockWatch is not None:
+            self.clockWatch.start()
+        for tunnel in self.agent.tunnels:
+            if tunnel.health is not None:
+                tunnel.health.start()
         self.sitesReady = self._listen()
 
     @inlineCallbacks
@@ -299,11 +406,45 @@ class AgentService(MultiService):
             self.agent.fatal(message)
 
     def stopService(self) -> Deferred[Any]:
-        self.agent.stopping = True
-        session = self.agent.session
-        if session is not None:
-            session.goodbye()
-            session.carrier.closeLink("agent shutting down")
+        """
+        Say goodbye (the relay stops routing new visitors here and lets
+        idle connections go), let the streams in flight finish for up to
+        C{drainTimeout} seconds, then close the link and stop; the admin
+        site and the inspector stay up until then.
+        """
+        d: Deferred[Any] = maybeDeferred(self._drainAndStop)
+        return d.addBoth(self._stopSites)
+
+    def _stopSites(self, result: Any) -> Deferred[Any]:
         ports, self.listening = self.listening, []
-        stopped = [maybeDeferred(port.stopListening) for port in ports]
-        return DeferredList([*stopped, maybeDeferred(super().stopService)])  # type: ignore[return-value]
+        stopped = DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        return stopped.addCallback(lambda _: result)
+
+    def _drainAndStop(self) -> Deferred[Any]:
+        self.agent.stopping = True
+        if self.clockWatch is not None:
+            self.clockWatch.stop()
+        for tunnel in self.agent.tunnels:
+            if tunnel.health is not None:
+                tunnel.health.stop()
+        self.agent.states.event("close", reason="shutting down")
+        session = self.agent.session
+        if session is None:
+            return super().stopService()  # type: ignore[no-any-return]
+        session.goodbye()
+
+        def openStreams() -> int:
+            if self.agent.session is not session or session.link.closed:
+                return 0
+            return session.link.finiteStreams()
+
+        d = drain(self.agent.reactor, openStreams, self.drainTimeout)
+
+        def drained(left: int) -> Deferred[Any]:
+            if left:
+                self.log.warn("drain timeout: closing {left} streams still open", left=left)
+            if not session.link.closed:
+                session.carrier.closeLink("agent shutting down")
+            return super(AgentService, self).stopService()  # type: ignore[no-any-return]
+
+        return d.addCallback(drained)

@@ -79,6 +79,7 @@ class AgentSession:
         if isinstance(window, int) and 1024 <= window <= (1 << 30):
             self.link.peerWindow = window
         self.log.info("connected to relay {relay}", relay=self.agent.relayURL)
+        self.agent.sessionWelcomed(self)
         for i, tunnel in enumerate(self.agent.tunnels, start=1):
             self.byId[i] = tunnel
             self._bind(i, tunnel)

@@ -33,6 +33,11 @@ TUNNEL_KEYS = (
     "udp-idle-timeout",
     "sse-heartbeat",
     "client-ca",
+    "pool",
+    "breaker-failures",
+    "breaker-cooldown",
+    "health-check",
+    "health-interval",
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
@@ -70,7 +75,7 @@ def clientCA(text: str) -> str | None:
     """
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from txtunnel.tlscontext import CertificateError, readCertificateAuthorities
+    from txtunnel.certificates import CertificateError, readCertificateAuthorities
 
     path = optionalFile(text)
     if path is None:
@@ -120,6 +125,53 @@ def idleTimeout(text: str) -> float:
     return value
 
 
+def poolKey(text: str) -> str | None:
+    """
+    A pool key is a shared secret: long enough not to be guessed.
+    """
+    from txtunnel.relay.pool import MAX_POOL_KEY, MIN_POOL_KEY
+
+    text = str(text).strip()
+    if not text:
+        return None
+    if not MIN_POOL_KEY <= len(text) <= MAX_POOL_KEY:
+        raise ValueError(f"a pool key must be {MIN_POOL_KEY} to {MAX_POOL_KEY} characters (it is a shared secret)")
+    return text
+
+
+def healthCheck(text: str) -> tuple[str, str] | None:
+    from txtunnel.agent.breaker import parseHealthCheck
+
+    return parseHealthCheck(text)
+
+
+def moreThanZero(text: str) -> float:
+    value = positiveFloat(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return value
+
+
+def attemptCount(text: str) -> int:
+    """
+    Attempts in a row before giving up: a whole number, 0 for never.
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number (0 for no limit)") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative (0 for no limit)")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positiveFloat(text)
+    if value > 1:
+        raise ValueError(f"{text!r} must be a fraction between 0 and 1")
+    return value
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -161,6 +213,16 @@ class Options(ConfigOptions):
         ("admin-token", None, adminToken),
         ("inspect", DEFAULT_INSPECT, endpoint),
         ("access-log", True, boolean),
+        ("reconnect-initial", 0.5, moreThanZero),
+        ("reconnect-max", 30.0, moreThanZero),
+        ("reconnect-attempts", 0, attemptCount),
+        ("reconnect-jitter", 0.2, fraction),
+        ("drain-timeout", 30.0, positiveFloat),
+        ("pool", None, poolKey),
+        ("breaker-failures", 5, attemptCount),
+        ("breaker-cooldown", 10.0, moreThanZero),
+        ("health-check", None, healthCheck),
+        ("health-interval", 10.0, moreThanZero),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -184,6 +246,13 @@ class Options(ConfigOptions):
         ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
+        [
+            "pool",
+            None,
+            None,
+            "Serve the --subdomain together with the other agents given the same KEY (a shared secret of "
+            "16+ characters): the relay spreads visitors over them. HTTP tunnels only.",
+        ],
         [
             "response-timeout",
             None,
@@ -211,7 +280,60 @@ class Options(ConfigOptions):
             "after a reconnect, and the same --subdomain/--remote-port after a restart. "
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is dropped (a dead link is noticed "
+            "within 2x). [default: 10]",
+        ],
+        ["reconnect-initial", None, None, "Seconds before the first reconnect attempt. [default: 0.5]"],
+        [
+            "reconnect-max",
+            None,
+            None,
+            "Longest wait between reconnect attempts; the wait doubles up to this. [default: 30]",
+        ],
+        [
+            "reconnect-attempts",
+            None,
+            None,
+            "Failed attempts in a row after which the agent gives up; 0 retries for ever. [default: 0]",
+        ],
+        [
+            "reconnect-jitter",
+            None,
+            None,
+            "Spread of each wait as a fraction (0.2 = +-20%), so agents do not all return at once. [default: 0.2]",
+        ],
+        [
+            "breaker-failures",
+            None,
+            None,
+            "Failures in a row to reach the local service after which visitors get 503 at once for "
+            "--breaker-cooldown seconds (circuit breaker); 0 turns it off. [default: 5]",
+        ],
+        [
+            "breaker-cooldown",
+            None,
+            None,
+            "Seconds an open circuit answers 503 before one request is let through to test the service. [default: 10]",
+        ],
+        [
+            "health-check",
+            None,
+            None,
+            "Check the local service every --health-interval seconds: 'tcp' (connect) or 'http:/PATH' "
+            "(GET, any status below 500 is healthy); results open and close the circuit breaker. [default: off]",
+        ],
+        ["health-interval", None, None, "Seconds between health checks. [default: 10]"],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On shutdown (SIGTERM, Ctrl-C), seconds open streams may take to finish before the link is "
+            "closed. [default: 30]",
+        ],
         [
             "ca",
             None,
@@ -281,7 +403,8 @@ class Options(ConfigOptions):
                 raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
 
     def postOptions(self) -> None:
-        from txtunnel.tlscontext import CertificateError, linkClientTLS
+        from txtunnel.certificates import CertificateError
+        from txtunnel.tlscontext import linkClientTLS
 
         try:
             parser = self.loadSettings()
@@ -292,6 +415,11 @@ class Options(ConfigOptions):
             )
         except (ConfigError, CertificateError) as e:
             raise usage.UsageError(str(e)) from None
+        if self["reconnect-initial"] > self["reconnect-max"]:
+            raise usage.UsageError(
+                f"--reconnect-initial ({self['reconnect-initial']:g}) must not exceed "
+                f"--reconnect-max ({self['reconnect-max']:g})"
+            )
 
     def _collectTunnels(self, parser: configparser.ConfigParser | None) -> None:
         from txtunnel.plugins import forwarders
@@ -304,6 +432,11 @@ class Options(ConfigOptions):
                 "put several tunnels in [tunnel:NAME] sections"
             )
         common = {"response-timeout": self["response-timeout"]}
+        # Resilience settings only when given: the tunnels fall back to the
+        # same defaults.
+        for key in ("breaker-failures", "breaker-cooldown", "health-check", "health-interval"):
+            if key not in self.defaulted:
+                common[key] = self[key]
         if not given:
             for key in ("subdomain", "remote-port", "client-ca"):
                 if self[key] and key not in self.defaulted:
@@ -318,6 +451,8 @@ class Options(ConfigOptions):
                 options["subdomain"] = self["subdomain"]
             if self["remote-port"]:
                 options["remote-port"] = self["remote-port"]
+            if self["pool"]:
+                options["pool"] = self["pool"]
             if kind == "udp":
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
             if self["client-ca"]:
@@ -363,6 +498,11 @@ class Options(ConfigOptions):
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
                     ("client-ca", clientCA),
+                    ("pool", poolKey),
+                    ("breaker-failures", attemptCount),
+                    ("breaker-cooldown", moreThanZero),
+                    ("health-check", healthCheck),
+                    ("health-interval", moreThanZero),
                 ):
                     if key in values:
                         try:
@@ -374,6 +514,14 @@ class Options(ConfigOptions):
                 except ValueError as e:
                     raise ConfigError(f"{where} target: {e}") from None
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
+        for spec in self.tunnels:
+            if spec["options"].get("pool"):
+                if spec["type"] != "http":
+                    raise ConfigError(f"tunnel {spec['name']!r}: only http tunnels can be pooled (--pool)")
+                if not spec["options"].get("subdomain"):
+                    raise ConfigError(
+                        f"tunnel {spec['name']!r}: a pooled tunnel needs a --subdomain, the name its agents share"
+                    )
         if not self.tunnels:
             raise ConfigError(
                 "nothing to tunnel: give --http, --tcp, --udp or --tls TARGET, or [tunnel:NAME] sections in --config"
@@ -394,6 +542,25 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
     agent.linkTLS = options.get("link-tls")
     return agent
+
+
+def serviceSettings(options: Options) -> dict[str, Any]:
+    """
+    The keyword arguments of L{txtunnel.agent.service.AgentService} that
+    come from the options (link keepalive, reconnect backoff, drain).
+    """
+    from txtunnel.agent.states import Backoff
+
+    return {
+        "keepalive": options["keepalive"],
+        "backoff": Backoff(
+            initial=options["reconnect-initial"],
+            maximum=options["reconnect-max"],
+            jitter=options["reconnect-jitter"],
+            attempts=options["reconnect-attempts"],
+        ),
+        "drainTimeout": options["drain-timeout"],
+    }
 
 
 def loadAgentKey(path: str | None) -> str | None:
@@ -454,7 +621,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if underTwistd:
         agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    return AgentService(agent, keepalive=options["keepalive"], **observeSettings(options))
+    return AgentService(agent, **serviceSettings(options), **observeSettings(options))
 
 
 def observeSettings(options: Options) -> dict[str, Any]:

@@ -352,6 +352,7 @@ class DatagramStream(Protocol):
     def connectionMade(self) -> None:
         stream: Stream = self.transport  # type: ignore[assignment]
         self.stream = stream
+        stream.endless = True  # a flow ends only when idle: shutdown does not wait for it
         stream.registerProducer(self, True)
         self.idle.start()
 

@@ -43,7 +43,11 @@ from txtunnel.wslink import LINK_PATH
 if TYPE_CHECKING:
     from txtunnel.relay.service import Relay
 
-__all__ = ["EdgeFactory", "EdgeProtocol"]
+__all__ = ["EdgeFactory", "EdgeProtocol", "RETRY_AFTER"]
+
+#: Seconds a visitor is asked to wait (C{Retry-After}) while a tunnel's
+#: agent is reconnecting or the relay is shutting down.
+RETRY_AFTER = 5
 
 
 class _Fail:
@@ -65,6 +69,17 @@ class _Fail:
         #: log (none and C{-} when it could not be parsed or routed).
         self.head = head
         self.tunnel = tunnel
+
+
+def _unavailable(reason: str) -> _Fail:
+    """
+    A 503 that tells the visitor when to try again.
+    """
+    return _Fail(
+        503,
+        f"{reason}; try again shortly",
+        Answer(503, f"{reason}; try again shortly", [("Retry-After", str(RETRY_AFTER))]),
+    )
 
 
 @implementer(IPushProducer)
@@ -176,12 +191,34 @@ class EdgeProtocol(Protocol):
         #: The first bytes, held while they could still be the HTTP/2
         #: preface; C{None} once the connection is known to be HTTP/1.1.
         self._sniff: bytes | None = b""
+        #: Close once no response is owed (the relay or the agent drains).
+        self._closeWhenIdle = False
+
+    @property
+    def link(self) -> Any:
+        """
+        The agent link this connection has a stream open on, if any.
+        """
+        return self._stream.link if self._stream is not None else None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.clientIP = getattr(peer, "host", "?")
         setNoDelay(self.transport)
         self.relay.metrics.connectionOpened(self.scheme)
+        self.relay.edges.add(self)
+
+    def closeWhenIdle(self) -> None:
+        """
+        Close this visitor connection once it owes no response: at once if
+        it is idle, else after the response in flight is complete.
+        """
+        if self._delegate is not None or self._lost:
+            return
+        self._closeWhenIdle = True
+        if not self._busy and not self._queue and self._gating is None and self._framer.idle:
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- reading
 
@@ -283,7 +320,11 @@ class EdgeProtocol(Protocol):
                 return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
             return ("wait", None) if self._busy else ("link", None)
         tunnel = self.relay.hosts.get(name or "")
+        if self.relay.draining:
+            return ("fail", _unavailable("this relay is shutting down"))
         if tunnel is None:
+            if self.relay.heldFor("http", name or "") is not None:
+                return ("fail", _unavailable(f"the agent serving {name!r} is reconnecting"))
             return ("fail", _Fail(404, f"no tunnel named {name!r} on this relay"))
         if self._stream is not None and self._tunnel is not tunnel and self._busy:
             return ("wait", None)
@@ -437,7 +478,7 @@ class EdgeProtocol(Protocol):
             self._waiting = False
             self._resume("wait")
             self._pump()
-        elif self._visitorDone and not self._queue:
+        elif (self._visitorDone or self._closeWhenIdle) and not self._queue:
             self._closeStream()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -568,6 +609,7 @@ class EdgeProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._lost = True
         self.relay.metrics.connectionClosed(self.scheme)
+        self.relay.edges.discard(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
             return

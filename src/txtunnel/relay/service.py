@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -20,9 +21,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from txtunnel.admin import AdminSite, IAdminSubject
+from txtunnel.certificates import DevelopmentCA, loadServerCertificate
+from txtunnel.drain import drain
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
-from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.metrics import RelayMetrics, _now
 from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.relay.edge import EdgeFactory
@@ -30,7 +33,7 @@ from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.store import SQLiteStore
-from txtunnel.tlscontext import DEFAULT_ALPN, DevelopmentCA, ServerTLS
+from txtunnel.tlscontext import DEFAULT_ALPN, ServerTLS, splitHTTPSEndpoint
 from txtunnel.wslink import LinkServerFactory
 
 __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
@@ -88,12 +91,20 @@ class Relay:
         self.serverTLS: ServerTLS | None = None
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
+        #: C{(namespace, key) -> wall time}: claims held for an agent that
+        #: is away, so visitors are told it is coming back (503) rather
+        #: than that there is no such tunnel (404).
+        self.held: dict[tuple[str, str], float] = {}
+        #: Set while the relay drains on shutdown: no new streams start.
+        self.draining = False
+        #: Open visitor connections on the HTTP(S) edge.
+        self.edges: set[Any] = set()
         self.linkFactory = LinkServerFactory(
             lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
             reactor,
             window=settings.get("window", DEFAULT_WINDOW),
             keepalive=settings["keepalive"],
-            keepaliveTimeout=settings["keepalive"] * 2.5,
+            keepaliveTimeout=settings["keepalive"] * KEEPALIVE_TIMEOUT_FACTOR,
         )
 
     @property
@@ -111,6 +122,46 @@ class Relay:
         Wall-clock time for holds that must survive a restart of the relay.
         """
         return float(self.reactor.seconds())
+
+    def pruneHeld(self) -> None:
+        """
+        Forget holds that have ended, so the table stays as small as the
+        set of agents that are away.
+        """
+        now = self.wallClock()
+        for claim in [claim for claim, until in self.held.items() if until <= now]:
+            del self.held[claim]
+
+    def heldFor(self, namespace: str, key: str) -> float | None:
+        """
+        Seconds left on the hold of an away agent's claim, or C{None} when
+        nothing is held under that name.
+        """
+        until = self.held.get((namespace, key))
+        if until is None:
+            return None
+        left = until - self.wallClock()
+        if left <= 0:
+            del self.held[(namespace, key)]
+            return None
+        return left
+
+    def releaseIdle(self, which: Callable[[Any], bool] = lambda edge: True) -> None:
+        """
+        Ask the visitor connections picked by C{which} to close as soon as
+        they owe no response (at once if they owe none): a drain waits for
+        requests in flight, not for idle keep-alive connections.
+        """
+        for edge in list(self.edges):
+            if which(edge):
+                edge.closeWhenIdle()
+
+    def openStreams(self) -> int:
+        """
+        Streams open on all agents' links that will end by themselves
+        (not UDP flows): what a drain waits for.
+        """
+        return sum(session.link.finiteStreams() for session in self.sessions)
 
     def checkToken(self, token: str | None) -> bool:
         """
@@ -260,9 +311,14 @@ class RelayService(MultiService):
         if not relay._tokens:
             self.log.warn("no --token given: any agent can open tunnels on this relay (fine for development only)")
         if settings["http"]:
-            port = yield listenWithFallback(
-                relay.reactor, settings["http"], EdgeFactory(relay, "http"), self.httpDefaulted, "HTTP"
-            )
+            endpoint, certFile, keyFile, chainFile = splitHTTPSEndpoint(settings["http"])
+            httpFactory: Any = EdgeFactory(relay, "http")
+            if certFile is not None:
+                # An ssl: endpoint given to --http: TLS as on --https (ALPN
+                # included, which curl and browsers need), served as before.
+                certificate = loadServerCertificate(certFile, keyFile, chainFile)
+                httpFactory = TLSMemoryBIOFactory(ServerTLS([certificate], relay.alpnProtocols), False, httpFactory)
+            port = yield listenWithFallback(relay.reactor, endpoint, httpFactory, self.httpDefaulted, "HTTP")
             self.listening.append(port)
             relay.httpPort = getattr(port.getHost(), "port", None)
         if settings["https"]:
@@ -289,6 +345,8 @@ class RelayService(MultiService):
         # Tunnels of the previous run get the grace period to come back.
         yield store.holdAll(relay.wallClock() + relay.grace)
         relay.store = store
+        for (namespace, key), until in store.heldClaims().items():
+            relay.held[(namespace, key)] = until
         if settings.get("admin"):
             adminListening = yield listenWithFallback(
                 relay.reactor,
@@ -378,16 +436,37 @@ class RelayService(MultiService):
             reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
+        """
+        Stop accepting (listeners closed, new requests answered 503), let
+        the streams in flight finish for up to C{drain-timeout} seconds,
+        then close every link; agents' names are held for them as after any
+        drop, so they come back to the same addresses.
+        """
         super().stopService()
-        for session in list(self.relay.sessions):
-            session.carrier.closeLink("relay shutting down")
-            session.linkLost("relay shutting down")
+        relay = self.relay
+        relay.draining = True
         ports, self.listening = self.listening, []
         d: Deferred[Any] = DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
-        store = self.relay.store
+        timeout = float(relay.settings.get("drain-timeout", 0.0))
+        d.addCallback(lambda _: drain(relay.reactor, relay.openStreams, timeout, relay.releaseIdle))
+        d.addCallback(self._closeLinks)
+        store = relay.store
         if isinstance(store, SQLiteStore):
             d.addBoth(lambda r: store.close())
         return d
+
+    def _closeLinks(self, left: int) -> None:
+        if left:
+            self.log.warn("drain timeout: closing {left} streams still open", left=left)
+        for session in list(self.relay.sessions):
+            session.carrier.closeLink("relay shutting down")
+            # Streams still open are reset now (their visitors get a 502 or
+            # a closed connection), not after the close handshake.
+            session.link.connectionLost("relay shutting down")
+            session.linkLost("relay shutting down")
+        for edge in list(self.relay.edges):
+            if edge.transport is not None and edge._delegate is None:
+                edge.transport.loseConnection()
 
 
 async def _stop(port: IListeningPort) -> None:

@@ -9,6 +9,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,6 +50,8 @@ class RelayTunnel:
         self.binding: IBinding | None = None
 
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
+        if self.session.relay.draining:
+            raise ConnectionLost("the relay is shutting down")
         stream = self.session.link.openStream(dict(header, tunnel=self.id), protocol)
         relay = self.session.relay
         relay.metrics.streamOpened(self.type)
@@ -120,8 +123,11 @@ class RelaySession:
             elif op == "unbind":
                 self._unbind(message)
             elif op == "bye":
-                # A clean goodbye: nothing is kept for this agent.
+                # A clean goodbye: nothing is kept for this agent, and
+                # visitors' idle connections to it let go of their streams
+                # so that it can finish draining.
                 self._unbindAll()
+                self.relay.releaseIdle(lambda edge: edge.link is self.link)
             else:
                 self.log.warn("agent {peer} sent unknown control op {op!r}; ignored", peer=self.peer, op=op)
 
@@ -200,6 +206,9 @@ class RelaySession:
                 binding.close()
                 return
             tunnel.binding = binding
+            claim = getattr(binding, "claim", None)
+            if claim is not None:
+                self.relay.held.pop(tuple(claim), None)
             message: dict[str, Any] = {"op": "bound", "id": bid, "address": binding.address}
             reclaim = getattr(binding, "reclaim", None)
             if isinstance(reclaim, dict) and reclaim:
@@ -238,6 +247,7 @@ class RelaySession:
         self.state = "closed"
         self.relay.sessions.discard(self)
         until = self.relay.wallClock() + self.relay.grace
+        self.relay.pruneHeld()
         for tunnel in self.tunnels.values():
             binding = tunnel.binding
             if binding is None:
@@ -246,6 +256,8 @@ class RelaySession:
             claim = getattr(binding, "claim", None)
             if claim is not None and self.relay.grace > 0 and self.relay.store is not None:
                 # Kept for this agent: it gets the same address if it is back in time.
-                self.relay.store.hold(claim[0], claim[1], self.owner, until)
+                owner = getattr(binding, "claimOwner", self.owner)
+                self.relay.store.hold(claim[0], claim[1], owner, until)
+                self.relay.held[(claim[0], claim[1])] = until
         self.tunnels.clear()
         self.log.info("agent {peer} disconnected: {reason}", peer=self.peer, reason=reason)

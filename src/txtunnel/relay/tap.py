@@ -137,6 +137,7 @@ class Options(ConfigOptions):
         ("admin", DEFAULT_ADMIN, endpointString),
         ("admin-token", None, adminToken),
         ("access-log", True, boolean),
+        ("drain-timeout", 30.0, positiveFloat),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -175,7 +176,20 @@ class Options(ConfigOptions):
             "Seconds a disconnected agent's names and ports are kept for it to reconnect to; 0 frees "
             "them at once. [default: 1800]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is closed. [default: 10]"],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is closed (a dead link is noticed "
+            "within 2x). [default: 10]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On shutdown (SIGTERM), seconds requests and streams in flight may take to finish; new ones "
+            "are refused (503) meanwhile. [default: 30]",
+        ],
         [
             "admin",
             None,
@@ -235,7 +249,8 @@ class Options(ConfigOptions):
         Read every HTTPS certificate now, so a bad file is a usage error
         naming it; C{https-endpoint} is the plain endpoint TLS wraps.
         """
-        from txtunnel.tlscontext import loadServerCertificate, serverCertificatesFromDirectory, splitHTTPSEndpoint
+        from txtunnel.certificates import loadServerCertificate, serverCertificatesFromDirectory
+        from txtunnel.tlscontext import splitHTTPSEndpoint
 
         certs, keys = self["https-cert"], self["https-key"]
         if keys and len(keys) != len(certs):
@@ -259,7 +274,7 @@ class Options(ConfigOptions):
             found.extend(serverCertificatesFromDirectory(self["https-cert-dir"]))
         #: Certificates for the HTTPS listener; empty means a self-signed one.
         self["https-certificates"] = found
-        from txtunnel.tlscontext import readCertificateAuthorities
+        from txtunnel.certificates import readCertificateAuthorities
 
         cas = [ca for path in self["agent-ca"] for ca in readCertificateAuthorities(path, "agent CA file")]
         if cas and not self["https"]:
