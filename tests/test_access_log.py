@@ -261,3 +261,26 @@ async def test_relay_access_log_off(
         assert 'tunnel="hush"} 1.0' in quiet.relay.metrics.render().decode()
     finally:
         await quiet.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_requests_logged(
+    relay: Relay, agents: list[RunningAgent], origin: int, accessEvents: list[dict[str, Any]]
+) -> None:
+    """
+    Requests over HTTP/2 (curl --http2-prior-knowledge) are logged and
+    counted like HTTP/1.1 ones, relay answers included.
+    """
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "two")
+    host = f"two.localhost:{relay.port}"
+    resolve = ["--http2-prior-knowledge", "--resolve", f"{host}:127.0.0.1"]
+    code, out, err = await curl(*resolve, "-d", "b" * 3000, f"http://{host}/echo?q=secret")
+    assert code == 0 and out == b"b" * 3000, err
+    other = f"none.localhost:{relay.port}"
+    code, out, err = await curl("--http2-prior-knowledge", "--resolve", f"{other}:127.0.0.1", f"http://{other}/x")
+    assert code == 0, err
+    seen = [(e["tunnel"], e["method"], e["path"], e["status"], e["http"]) for e in accessEvents]
+    assert seen == [("two", "POST", "/echo", 200, "2"), ("-", "GET", "/x", 404, "2")]
+    assert accessEvents[0]["bytes_in"] == 3000 and accessEvents[0]["bytes_out"] == 3000
+    text = relay.relay.metrics.render().decode()
+    assert 'txtunnel_relay_requests_total{method="POST",status_class="2xx",tunnel="two"} 1.0' in text
