@@ -34,11 +34,15 @@ RECENT = 12
 
 def linkState(agent: Any) -> str:
     """
-    A word for the link: C{online}, C{connecting}, C{reconnecting},
-    C{handshake} or C{stopped: reason}.
+    A word for the link: C{online}, C{connecting}, C{negotiating},
+    C{reconnecting}, C{closed} or C{stopped: reason}.
     """
     if agent.failure is not None:
         return f"stopped: {agent.failure}"
+    state = getattr(getattr(agent, "state", None), "value", None)
+    if isinstance(state, str):
+        # The agent's link state machine (L{txtunnel.agent.states}).
+        return "online" if state == "connected" else state
     session = agent.session
     if session is None:
         return "reconnecting" if agent.metrics.everConnected else "connecting"

@@ -165,7 +165,7 @@ class Agent:
         session = self.session
         return {
             "relay": self.relayURL,
-            "state": session.state if session is not None else "disconnected",
+            "state": self.state.value,
             "streams": len(session.link.streams) if session is not None else 0,
             "tunnels": [
                 {"name": t.name, "type": t.type, "target": f"{t.target[0]}:{t.target[1]}", "address": t.address}
