@@ -120,6 +120,8 @@ async def test_metrics_match_docs(tmp_path: Any, agents: list[RunningAgent], ori
         assert inBytes["in"] > 1000 and inBytes["out"] > 1000
         agentFamilies = {f.name: f for f in text_string_to_metric_families(agentText.decode())}
         assert [s.value for s in agentFamilies["txtunnel_agent_connected"].samples] == [1]
+        states = {s.labels["state"]: s.value for s in agentFamilies["txtunnel_agent_link_state"].samples}
+        assert states["connected"] == 1 and sum(states.values()) == 1
     finally:
         await relay.service.stopService()
 

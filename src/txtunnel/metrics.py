@@ -332,6 +332,16 @@ class AgentMetrics(_Common):
         up = GaugeMetricFamily(f"{p}_connected", "1 while the link to the relay is up and welcomed, else 0.")
         up.add_metric([], 1 if session is not None and session.state != "hello" else 0)
         yield up
+        current = getattr(getattr(self.agent, "state", None), "value", None)
+        if isinstance(current, str):
+            from txtunnel.agent.states import LinkState
+
+            states = GaugeMetricFamily(
+                f"{p}_link_state", "1 for the state the link to the relay is in, 0 for the others.", labels=["state"]
+            )
+            for state in LinkState:
+                states.add_metric([state.value], 1 if state.value == current else 0)
+            yield states
         counts: dict[str, int] = {}
         for tunnel in self.agent.tunnels:
             counts.setdefault(tunnel.type, 0)
