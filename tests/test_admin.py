@@ -226,3 +226,27 @@ def test_tunnel_labels_are_bounded() -> None:
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     tunnels = {s.labels["tunnel"] for s in families["txtunnel_agent_requests"].samples}
     assert len(tunnels) == MAX_TUNNEL_LABELS + 1 and "OTHER" in tunnels
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_not_ready_while_draining(tmp_path: Any, agents: list[RunningAgent], origin: int) -> None:
+    """
+    On shutdown the admin site stays up while requests drain, and
+    /health/ready says 503 so a load balancer stops sending visitors.
+    """
+    from twisted.internet import defer
+
+    relay = await startRelay(str(tmp_path / "state"), "--admin", ADMIN, "--drain-timeout", "2")
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "slow")
+    pending = defer.ensureDeferred(
+        curl("-H", f"Host: slow.localhost:{relay.port}", "--max-time", "10", f"http://127.0.0.1:{relay.port}/never")
+    )
+    await wait(0.3)
+    base = f"http://127.0.0.1:{relay.relay.adminPort}"
+    assert (await fetch(base + "/health/ready"))[0] == 200
+    stopping = defer.maybeDeferred(relay.service.stopService)
+    status, body = await fetch(base + "/health/ready")
+    assert status == 503 and b"draining" in body
+    assert (await fetch(base + "/health/live"))[0] == 200
+    await stopping
+    await pending

@@ -183,6 +183,8 @@ class Relay:
         """
         Ready once listening with its store open (see L{txtunnel.admin}).
         """
+        if self.draining:
+            return False, "draining: shutting down"
         if self.store is None or (self.httpPort is None and self.httpsPort is None):
             return False, "starting"
         return True, "listening"
@@ -298,6 +300,9 @@ class RelayService(MultiService):
         self.httpDefaulted = httpDefaulted
         self.stateDirDefaulted = stateDirDefaulted
         self.listening: list[IListeningPort] = []
+        #: The admin site's port: kept open while draining, so /health/ready
+        #: says so.
+        self.adminListening: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -355,7 +360,7 @@ class RelayService(MultiService):
                 self.adminDefaulted,
                 "admin",
             )
-            self.listening.append(adminListening)
+            self.adminListening = adminListening
             host = adminListening.getHost()
             relay.adminPort = getattr(host, "port", None)
             self.log.info(
@@ -364,8 +369,6 @@ class RelayService(MultiService):
                 port=relay.adminPort,
             )
         for port in self.listening:
-            if port is adminListening:
-                continue
             if port is tlsListening:
                 continue
             host = port.getHost()
@@ -450,6 +453,9 @@ class RelayService(MultiService):
         timeout = float(relay.settings.get("drain-timeout", 0.0))
         d.addCallback(lambda _: drain(relay.reactor, relay.openStreams, timeout, relay.releaseIdle))
         d.addCallback(self._closeLinks)
+        admin, self.adminListening = self.adminListening, None
+        if admin is not None:
+            d.addBoth(lambda r: Deferred.fromCoroutine(_stop(admin)).addCallback(lambda _: r))
         store = relay.store
         if isinstance(store, SQLiteStore):
             d.addBoth(lambda r: store.close())
