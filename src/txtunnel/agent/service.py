@@ -152,6 +152,8 @@ class Agent:
         """
         if self.failure is not None:
             return False, self.failure
+        if self.stopping:
+            return False, "draining: shutting down"
         if self.session is None or self.session.state == "hello":
             return False, "not connected to the relay"
         if not any(t.address for t in self.tunnels):
