@@ -75,6 +75,7 @@ class Relay:
 async def startRelay(tmp: str, *args: str) -> Relay:
     low, high = freePortRange(20)
     options = relayTap.Options(environ={})
+    noAdmin = ["--admin", ""]  # no admin site on its fixed default port unless a test asks
     options.parseOptions(
         [
             "--http",
@@ -85,6 +86,7 @@ async def startRelay(tmp: str, *args: str) -> Relay:
             tmp,
             "--drain-timeout",
             "1",
+            *noAdmin,
             *args,
         ]
     )
@@ -128,9 +130,10 @@ def agents() -> Iterator[list[RunningAgent]]:
 
 async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True) -> RunningAgent:
     options = agentTap.Options(environ={})
-    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", *args])
+    # No admin site or inspector unless a test asks (they default to fixed ports).
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
     agent = agentTap.buildAgent(options, reactor)
-    service = AgentService(agent, **agentTap.serviceSettings(options))
+    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
     service.startService()
     running = RunningAgent(agent, service)
     agents.append(running)

@@ -137,6 +137,8 @@ def env(tmp_path: Path) -> dict[str, str]:
     e["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
     e["HOME"] = str(tmp_path / "home")
     e["PYTHONUNBUFFERED"] = "1"
+    # No admin or inspector listeners on their fixed default ports.
+    e["TXTUNNEL_RELAY_ADMIN"] = e["TXTUNNEL_ADMIN"] = e["TXTUNNEL_INSPECT"] = ""
     return e
 
 

@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import getopt
 import sys
-import time
-from typing import Any, TextIO
+from typing import Any
 
-from twisted.logger import (
-    FileLogObserver,
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-    globalLogBeginner,
-)
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 import txtunnel
 from txtunnel.agent import tap as agentTap
 from txtunnel.config import ConfigOptions
+from txtunnel.logs import FORMATS, startLogging
 from txtunnel.relay import tap as relayTap
 
 __all__ = ["main"]
@@ -56,8 +49,29 @@ def interspersed(options: usage.Options, args: list[str]) -> list[str]:
     return flat + rest
 
 
+def logFormat(text: str) -> str:
+    if text not in FORMATS:
+        raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}, not {text!r}")
+    return text
+
+
+#: Logging options every command takes too ('txtunnel http 8000 -v').
+LOG_FLAGS: list[list[Any]] = [
+    ["verbose", "v", "Log debug messages too."],
+    ["quiet", "q", "Log warnings and errors only."],
+]
+LOG_PARAMETERS: list[list[Any]] = [
+    ["log-format", None, None, "Log lines as text (for people) or json (one object per line).", logFormat]
+]
+
+
 def _agentCommand(kind: str) -> type[agentTap.Options]:
     class Command(agentTap.Options):
+        optFlags = [
+            *LOG_FLAGS,
+            ["no-console", None, "Log plain lines even when standard output is a terminal (no live status screen)."],
+        ]
+        optParameters = LOG_PARAMETERS
         synopsis = "TARGET [options]"
         longdesc = f"Expose the local {kind.upper()} service at TARGET (PORT or HOST:PORT) through a relay."
 
@@ -72,18 +86,24 @@ def _agentCommand(kind: str) -> type[agentTap.Options]:
     return Command
 
 
+class RelayCommand(relayTap.Options):
+    optFlags = LOG_FLAGS
+    optParameters = LOG_PARAMETERS
+
+
 class DemoOptions(usage.Options):
+    optFlags = LOG_FLAGS
     synopsis = "[options]"
     opt_version = ConfigOptions.opt_version
     longdesc = (
         "Start a development relay, a small local web page and an agent that tunnels it, "
         "all in this process, and print the public URL."
     )
-    optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."]]
+    optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."], *LOG_PARAMETERS]
 
 
 class Options(usage.Options):
-    synopsis = "Usage: txtunnel [-v|-q] COMMAND [options]"
+    synopsis = "Usage: txtunnel [-v|-q] [--log-format text|json] COMMAND [options]"
     longdesc = "txtunnel: share local services through a relay. Run 'txtunnel COMMAND --help' for a command's options."
     subCommands = [
         ["http", None, _agentCommand("http"), "Expose a local HTTP service."],
@@ -91,10 +111,11 @@ class Options(usage.Options):
         ["udp", None, _agentCommand("udp"), "Expose a local UDP service."],
         ["tls", None, _agentCommand("tls"), "Expose a local TLS service by passthrough (SNI routing)."],
         ["grpc", None, _agentCommand("grpc"), "Expose a local gRPC (cleartext HTTP/2) service."],
-        ["relay", None, relayTap.Options, "Run a relay in the foreground."],
+        ["relay", None, RelayCommand, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
     ]
-    optFlags = [["verbose", "v", "Log debug messages too."], ["quiet", "q", "Log warnings and errors only."]]
+    optFlags = LOG_FLAGS
+    optParameters = LOG_PARAMETERS
 
     def opt_version(self) -> None:
         """
@@ -108,28 +129,30 @@ class Options(usage.Options):
             raise usage.UsageError("a command is needed: http, tcp, udp, tls, grpc, relay or demo")
 
 
-def _format(event: dict[str, Any]) -> str | None:
-    text = formatEvent(event)
-    if "log_failure" in event:
-        text += "\n" + event["log_failure"].getTraceback()
-    level = event.get("log_level")
-    prefix = ""
-    if level in (LogLevel.warn,):
-        prefix = "warning: "
-    elif level in (LogLevel.error, LogLevel.critical):
-        prefix = "error: "
-    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("log_time", time.time())))
-    return f"{stamp} {prefix}{text}\n"
+def wantsConsole(command: str | None, sub: Any, format: str, out: Any) -> bool:
+    """
+    Whether to show the live status screen: an agent command, text logs,
+    standard output a terminal, and no C{--no-console}.
+    """
+    if command not in agentTap.KINDS or format != "text" or sub.get("no-console"):
+        return False
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty is not None and isatty())
 
 
-def startLogging(out: TextIO, level: LogLevel) -> None:
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(FileLogObserver(out, _format), [predicate])], redirectStandardIO=False
-    )
+def logSettings(options: usage.Options) -> tuple[LogLevel, str]:
+    """
+    The log level and format from the options given before or after the
+    command (the command's win).
+    """
+    sub: Any = options.subOptions or {}
+    verbose = options["verbose"] or sub.get("verbose")
+    quiet = options["quiet"] or sub.get("quiet")
+    level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
+    return level, sub.get("log-format") or options["log-format"] or "text"
 
 
-def _runAgent(options: agentTap.Options, reactor: Any) -> int:
+def _runAgent(options: agentTap.Options, reactor: Any, console: Any = None) -> int:
     from txtunnel.agent.service import AgentService
 
     agent = agentTap.buildAgent(options, reactor)
@@ -142,9 +165,21 @@ def _runAgent(options: agentTap.Options, reactor: Any) -> int:
 
     agent.fatalHooks.append(fatal)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    service = AgentService(agent, **agentTap.serviceSettings(options))
+    settings = {**agentTap.serviceSettings(options), **agentTap.observeSettings(options)}
+    if console is not None:
+        settings["accessLog"] = False  # the status screen lists the requests
+    service = AgentService(agent, **settings)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    if console is not None:
+        from txtunnel.console import StatusScreen
+
+        def inspector() -> str | None:
+            return f"http://127.0.0.1:{service.inspectPort}/" if service.inspectPort else None
+
+        screen = StatusScreen(agent, console, reactor, inspector)
+        reactor.callWhenRunning(screen.start)
+        reactor.addSystemEventTrigger("before", "shutdown", screen.stop)
     reactor.run()
     return code[0]
 
@@ -220,7 +255,7 @@ def _runDemo(options: DemoOptions, reactor: Any) -> int:
             ]
         )
         agent = agentTap.buildAgent(agentOptions, reactor)
-        agentService = AgentService(agent)
+        agentService = AgentService(agent, inspect=agentTap.DEFAULT_INSPECT, inspectDefaulted=True)
         agentService.startService()
         reactor.addSystemEventTrigger("before", "shutdown", agentService.stopService)
         try:
@@ -253,14 +288,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"txtunnel: {e}", file=sys.stderr)
         print(f"Run 'txtunnel {options.subCommand or ''} --help' for usage.".replace("  ", " "), file=sys.stderr)
         sys.exit(2)
-    level = LogLevel.debug if options["verbose"] else LogLevel.warn if options["quiet"] else LogLevel.info
-    startLogging(sys.stderr, level)
-    from twisted.internet import reactor
-
+    level, format = logSettings(options)
     command = options.subCommand
     sub: Any = options.subOptions
+    console = None
+    if wantsConsole(command, sub, format, sys.stdout):
+        from rich.console import Console
+
+        from txtunnel.console import ConsoleLog
+
+        console = Console()
+        startLogging(ConsoleLog(console), level, format)  # type: ignore[arg-type]
+    else:
+        startLogging(sys.stderr, level, format)
+    from twisted.internet import reactor
+
     if command in agentTap.KINDS:
-        sys.exit(_runAgent(sub, reactor))
+        sys.exit(_runAgent(sub, reactor, console))
     elif command == "relay":
         sys.exit(_runRelay(sub, reactor))
     else:

@@ -22,6 +22,7 @@ from txtunnel.errors import ConfigError
 
 __all__ = [
     "ConfigOptions",
+    "adminToken",
     "boolean",
     "parseTarget",
     "positiveFloat",
@@ -93,6 +94,18 @@ def tokenList(text: str) -> list[str]:
         if len(token) < 8:
             raise ValueError("tokens must be at least 8 characters long")
     return tokens
+
+
+def adminToken(text: str) -> str | None:
+    """
+    The admin endpoint's token, or C{None} for none (C{/stats} refused).
+    """
+    token = str(text).strip()
+    if not token:
+        return None
+    if len(token) < 8:
+        raise ValueError("the admin token must be at least 8 characters long")
+    return token
 
 
 def readINI(path: str) -> configparser.ConfigParser:

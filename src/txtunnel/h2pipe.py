@@ -118,6 +118,11 @@ class H2Pipe(Protocol):
         self._dead = False
         self._headSent = False
         self.finished = False
+        #: For the access log and metrics: the response status sent, and
+        #: body bytes carried each way.
+        self.status = 0
+        self.bytesIn = 0
+        self.bytesOut = 0
 
     # -- the link side
 
@@ -209,6 +214,7 @@ class H2Pipe(Protocol):
             self._early.append(("h2Data", (data, flowLength)))
             return
         self.stream.write(encodeData(data))
+        self.bytesIn += len(data)
         self._unacked += flowLength
         self._ack()
 
@@ -273,6 +279,9 @@ class H2Pipe(Protocol):
         if self.streamID is None:
             self.streamID = self.owner.newStream(self)
         self._headSent = True
+        for name, value in fields:
+            if name == b":status" and value.isdigit():
+                self.status = int(value)
         conn = self.owner.conn
         try:
             conn.send_headers(self.streamID, fields, end_stream=end)
@@ -303,6 +312,7 @@ class H2Pipe(Protocol):
                     self._out.appendleft(chunk[window:])
                     chunk = chunk[:window]
                 conn.send_data(sid, chunk)
+                self.bytesOut += len(chunk)
             if not self._out:
                 if self._trailers is not None:
                     trailers, self._trailers = self._trailers, None

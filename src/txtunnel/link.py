@@ -132,6 +132,9 @@ class Stream:
         self._producerPaused = False
         self._pulling = False
         self._pullAgain = False
+        #: Payload bytes written to and received from the peer (for metrics).
+        self.bytesSent = 0
+        self.bytesReceived = 0
         #: Set by forwarders whose streams never end by themselves (a UDP
         #: flow ends only when idle): a drain on shutdown does not wait for
         #: them.  See L{Link.finiteStreams}.
@@ -154,6 +157,7 @@ class Stream:
         if data:
             self._out.append(bytes(data))
             self._outBytes += len(data)
+            self.bytesSent += len(data)
             self._flush()
 
     def writeSequence(self, data: Any) -> None:
@@ -299,6 +303,7 @@ class Stream:
             self.reset("flow-control", f"peer sent {len(data)} bytes with {self._recvAvailable} of credit")
             return
         self._recvAvailable -= len(data)
+        self.bytesReceived += len(data)
         if self.disconnecting:
             self._consumed += len(data)
             self._grantCredit()
@@ -419,6 +424,8 @@ class Link:
         self.streams: dict[int, Stream] = {}
         self.controlReceived: Callable[[dict[str, Any]], None] = lambda message: None
         self.streamOpened: Callable[[Stream], None] = lambda stream: stream.reset("refused", "no streams accepted here")
+        #: Called with each stream once it is closed (metrics count its bytes).
+        self.streamClosed: Callable[[Stream], None] | None = None
         self.writable = True
         self.closed = False
         self._blocked: set[Stream] = set()
@@ -579,6 +586,8 @@ class Link:
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         self._blocked.discard(stream)
+        if self.streamClosed is not None:
+            self.streamClosed(stream)
 
     # -- incoming
 

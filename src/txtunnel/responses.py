@@ -87,6 +87,14 @@ class ResponseFramer:
         return len(self._methods)
 
     @property
+    def status(self) -> int:
+        """
+        The status code of the response being read or last read (0 before
+        any).
+        """
+        return self._status
+
+    @property
     def raw(self) -> bool:
         return self._state == _RAW
 

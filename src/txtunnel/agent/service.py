@@ -11,12 +11,13 @@ from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.admin import IAdminSubject
 from txtunnel.agent.breaker import (
     DEFAULT_BREAKER_COOLDOWN,
     DEFAULT_BREAKER_FAILURES,
@@ -28,7 +29,9 @@ from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.metrics import AgentMetrics, _now
 from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
+from txtunnel.traffic import Traffic
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
 __all__ = ["Agent", "AgentService", "AgentTunnel"]
@@ -60,6 +63,8 @@ class AgentTunnel:
         self.lastAddress: str | None = None
         #: What to send back to the relay to get the same address again.
         self.reclaim: dict[str, Any] = {}
+        #: Where the HTTP forwarder reports requests (L{txtunnel.traffic}), set by the agent.
+        self.traffic: Traffic | None = None
         #: Fails fast (503) while the local service keeps failing.
         self.breaker = CircuitBreaker(
             reactor,
@@ -79,6 +84,7 @@ class AgentTunnel:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
 
 
+@implementer(IAdminSubject)
 class Agent:
     """
     What the agent's parts share: its tunnels and how it reacts to the relay.
@@ -111,6 +117,12 @@ class Agent:
         self._answered: set[str] = set()
         #: Called with the reason when the agent gives up (see L{fatal}).
         self.fatalHooks: list[Callable[[str], object]] = []
+        #: This agent's own metrics registry (see L{txtunnel.metrics}).
+        self.metrics = AgentMetrics(self)
+        #: Requests seen by HTTP tunnels, for the inspector, console and metrics.
+        self.traffic = Traffic(reactor, metrics=self.metrics)
+        for tunnel in tunnels:
+            tunnel.traffic = self.traffic
         #: TLS settings of a C{wss://} link (C{None}: verify against the
         #: system's roots, no client certificate).
         self.linkTLS: LinkClientTLS | None = None
@@ -129,9 +141,40 @@ class Agent:
         self.session = session
         self._answered.clear()
         self.states.event("opened")
+        self.metrics.linkUp()
 
     def sessionWelcomed(self, session: AgentSession) -> None:
         self.states.event("welcomed")
+
+    def isReady(self) -> tuple[bool, str]:
+        """
+        Ready while the link is up and at least one tunnel is bound.
+        """
+        if self.failure is not None:
+            return False, self.failure
+        if self.stopping:
+            return False, "draining: shutting down"
+        if self.session is None or self.session.state == "hello":
+            return False, "not connected to the relay"
+        if not any(t.address for t in self.tunnels):
+            return False, "no tunnel bound yet"
+        return True, "connected"
+
+    def stats(self) -> dict[str, Any]:
+        """
+        The link and the tunnels, for the admin C{/stats} page.
+        """
+        session = self.session
+        return {
+            "relay": self.relayURL,
+            "state": self.state.value,
+            "streams": len(session.link.streams) if session is not None else 0,
+            "tunnels": [
+                {"name": t.name, "type": t.type, "target": f"{t.target[0]}:{t.target[1]}", "address": t.address}
+                for t in self.tunnels
+            ],
+            "uptime": round(_now(self.reactor) - self.metrics.started, 3),
+        }
 
     def sessionEnded(self, session: AgentSession, reason: str) -> None:
         if self.session is session:
@@ -214,6 +257,12 @@ class AgentService(MultiService):
         *,
         keepalive: float = 10.0,
         window: int = DEFAULT_WINDOW,
+        admin: str = "",
+        adminToken: str | None = None,
+        adminDefaulted: bool = False,
+        inspect: str = "",
+        inspectDefaulted: bool = False,
+        accessLog: bool = False,
         backoff: Backoff | None = None,
         drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
         clockWatch: bool = True,
@@ -223,6 +272,20 @@ class AgentService(MultiService):
         self.keepalive = keepalive
         self.backoff = backoff if backoff is not None else Backoff()
         self.drainTimeout = drainTimeout
+        #: Endpoints of the admin site and the inspector ("" for none), and
+        #: whether each is the default (then a taken port moves on).
+        self.admin = (admin, adminDefaulted)
+        self.adminToken = adminToken
+        self.inspect = (inspect, inspectDefaulted)
+        self.listening: list[Any] = []
+        #: Ports the admin site and the inspector listen on, once they do.
+        self.adminPort: int | None = None
+        self.inspectPort: int | None = None
+        #: Fires once the admin site and the inspector listen (or failed to).
+        self.sitesReady: Deferred[None] = succeed(None)
+        if inspect:
+            agent.traffic.keep = True
+        agent.traffic.accessLog = accessLog
         wsURL, _ = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,
@@ -290,6 +353,36 @@ class AgentService(MultiService):
         for tunnel in self.agent.tunnels:
             if tunnel.health is not None:
                 tunnel.health.start()
+        self.sitesReady = self._listen()
+
+    @inlineCallbacks
+    def _listen(self) -> Any:
+        from txtunnel.admin import AdminSite
+        from txtunnel.inspector import InspectorSite
+        from txtunnel.relay.service import listenWithFallback
+
+        sites = (
+            ("admin", self.admin, lambda: AdminSite(self.agent, self.adminToken), "admin endpoint on"),
+            ("inspector", self.inspect, lambda: InspectorSite(self.agent), "traffic inspector on"),
+        )
+        for what, (endpoint, defaulted), site, says in sites:
+            if not endpoint:
+                continue
+            try:
+                port = yield listenWithFallback(self.agent.reactor, endpoint, site(), defaulted, what)
+            except Exception as e:
+                self.log.error("cannot start the {what} on {endpoint}: {error}", what=what, endpoint=endpoint, error=e)
+                continue
+            if not self.running:
+                yield port.stopListening()
+                return
+            self.listening.append(port)
+            host = port.getHost()
+            number = getattr(host, "port", None)
+            setattr(self, "adminPort" if what == "admin" else "inspectPort", number)
+            self.log.info(
+                "{says} http://{host}:{port}/", says=says, host=getattr(host, "host", "?"), port=number, what=what
+            )
 
     def _connectFailed(self, reason: Any) -> None:
         """
@@ -318,8 +411,18 @@ class AgentService(MultiService):
         """
         Say goodbye (the relay stops routing new visitors here and lets
         idle connections go), let the streams in flight finish for up to
-        C{drainTimeout} seconds, then close the link and stop.
+        C{drainTimeout} seconds, then close the link and stop; the admin
+        site and the inspector stay up until then.
         """
+        d: Deferred[Any] = maybeDeferred(self._drainAndStop)
+        return d.addBoth(self._stopSites)
+
+    def _stopSites(self, result: Any) -> Deferred[Any]:
+        ports, self.listening = self.listening, []
+        stopped = DeferredList([maybeDeferred(port.stopListening) for port in ports])
+        return stopped.addCallback(lambda _: result)
+
+    def _drainAndStop(self) -> Deferred[Any]:
         self.agent.stopping = True
         if self.clockWatch is not None:
             self.clockWatch.stop()

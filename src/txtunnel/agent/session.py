@@ -41,6 +41,7 @@ class AgentSession:
         self.byId: dict[int, AgentTunnel] = {}
         link.controlReceived = self.controlReceived
         link.streamOpened = self.streamOpened
+        link.streamClosed = self._streamClosed
         hello: dict[str, Any] = {
             "op": "hello",
             "versions": [PROTOCOL_VERSION],
@@ -138,11 +139,17 @@ class AgentSession:
         self.log.error("relay refused tunnel {tunnel!r}: {reason}", tunnel=tunnel.name, reason=reason)
         self.agent.tunnelRefused(tunnel, reason)
 
+    def _streamClosed(self, stream: Stream) -> None:
+        tunnel = self.byId.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
+        kind = tunnel.type if tunnel is not None else "unknown"
+        self.agent.metrics.streamClosed(kind, stream.bytesSent, stream.bytesReceived)
+
     def streamOpened(self, stream: Stream) -> None:
         tunnel = self.byId.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
         if tunnel is None or tunnel.address is None:
             stream.reset("refused", "no such tunnel on this agent")
             return
+        self.agent.metrics.streamOpened(tunnel.type)
         # Bytes wait in the stream (bounded by its window) until the
         # forwarder has attached a protocol and resumed it.
         stream.pauseProducing()

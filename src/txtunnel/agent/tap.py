@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, boolean, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, adminToken, boolean, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
 from txtunnel.exitstatus import exitWithStatus
 from txtunnel.names import checkName
@@ -20,6 +20,8 @@ from txtunnel.wslink import relayEndpointString
 __all__ = ["Options", "makeService"]
 
 DEFAULT_RELAY = "ws://localhost:8080"
+DEFAULT_ADMIN = "tcp:4041:interface=127.0.0.1"
+DEFAULT_INSPECT = "tcp:4040:interface=127.0.0.1"
 
 #: Keys a [tunnel:NAME] section may have.
 TUNNEL_KEYS = (
@@ -40,6 +42,12 @@ TUNNEL_KEYS = (
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls", "grpc")
+
+
+def endpoint(text: str) -> str:
+    from txtunnel.relay.tap import endpointString
+
+    return endpointString(text)
 
 
 def relayURL(text: str) -> str:
@@ -201,6 +209,10 @@ class Options(ConfigOptions):
         ("cert", None, optionalFile),
         ("client-ca", None, clientCA),
         ("key", None, optionalFile),
+        ("admin", DEFAULT_ADMIN, endpoint),
+        ("admin-token", None, adminToken),
+        ("inspect", DEFAULT_INSPECT, endpoint),
+        ("access-log", True, boolean),
         ("reconnect-initial", 0.5, moreThanZero),
         ("reconnect-max", 30.0, moreThanZero),
         ("reconnect-attempts", 0, attemptCount),
@@ -344,6 +356,21 @@ class Options(ConfigOptions):
             "PEM file of the CA(s) whose client certificates visitors must present to reach this HTTP "
             "tunnel (over https:// on the relay; others get 403). [default: none needed]",
         ],
+        [
+            "admin",
+            None,
+            None,
+            "Endpoint for the agent's admin site (/metrics, /health, /stats); empty turns it off. The default "
+            f"port moves to the next free one if taken. [default: {DEFAULT_ADMIN}]",
+        ],
+        ["admin-token", None, None, "Bearer token /stats on the admin endpoint asks for. [default: none, /stats off]"],
+        [
+            "inspect",
+            None,
+            None,
+            "Endpoint for the traffic inspector (web page and JSON API of the HTTP requests through this agent); "
+            f"empty turns it off. The default port moves to the next free one if taken. [default: {DEFAULT_INSPECT}]",
+        ],
     ]
 
     def opt_insecure(self) -> None:
@@ -352,6 +379,18 @@ class Options(ConfigOptions):
         development only: anyone on the path can pose as the relay.
         """
         self["insecure"] = "true"
+
+    def opt_no_access_log(self) -> None:
+        """
+        Log no line per HTTP request on the agent (the relay still logs its own).
+        """
+        self["access-log"] = "no"
+
+    def opt_no_inspect(self) -> None:
+        """
+        Turn the traffic inspector off (the same as --inspect "").
+        """
+        self["inspect"] = ""
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__(environ)
@@ -582,4 +621,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if underTwistd:
         agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    return AgentService(agent, **serviceSettings(options))
+    return AgentService(agent, **serviceSettings(options), **observeSettings(options))
+
+
+def observeSettings(options: Options) -> dict[str, Any]:
+    """
+    The admin and inspector settings of L{AgentService}, from the options.
+    """
+    return {
+        "admin": options["admin"],
+        "adminToken": options["admin-token"],
+        "adminDefaulted": "admin" in options.defaulted,
+        "inspect": options["inspect"],
+        "inspectDefaulted": "inspect" in options.defaulted,
+        "accessLog": options["access-log"],
+    }

@@ -110,8 +110,12 @@ class _Watch:
     said anything, the visitor gets a 504.
     """
 
-    def __init__(self, tunnel: IAgentTunnel, stream: Stream, timeout: float, heartbeat: SSEHeartbeat) -> None:
+    def __init__(
+        self, tunnel: IAgentTunnel, stream: Stream, timeout: float, heartbeat: SSEHeartbeat, follower: Any = None
+    ) -> None:
         self.tunnel = tunnel
+        #: The agent's L{txtunnel.traffic.Follower} for this connection, if it follows traffic.
+        self.follower = follower
         self.stream = stream
         self.timeout = timeout
         self.heartbeat = heartbeat
@@ -164,12 +168,16 @@ class _RequestSide(StreamSide):
 
     def dataReceived(self, data: bytes) -> None:
         self.watch.heartbeat.requestData(data)
+        if self.watch.follower is not None:
+            self.watch.follower.requestData(data)
         self.watch.requestBytes()
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.watch.cancel()
         self.watch.heartbeat.stop()
+        if self.watch.follower is not None:
+            self.watch.follower.connectionLost()
         super().connectionLost(reason)
 
 
@@ -182,6 +190,8 @@ class _ResponseSide(SocketSide):
     def dataReceived(self, data: bytes) -> None:
         self.watch.responseBytes()
         self.watch.heartbeat.responseData(data)
+        if self.watch.follower is not None:
+            self.watch.follower.responseData(data)
         super().dataReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -191,6 +201,8 @@ class _ResponseSide(SocketSide):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.watch.heartbeat.stop()
+        if self.watch.follower is not None:
+            self.watch.follower.connectionLost()
         super().connectionLost(reason)
 
 
@@ -233,7 +245,9 @@ class HTTPForwarder:
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
         interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
-        watch = _Watch(tunnel, stream, timeout, heartbeat)
+        traffic = getattr(tunnel, "traffic", None)
+        follower = traffic.follow(tunnel.name) if traffic is not None else None
+        watch = _Watch(tunnel, stream, timeout, heartbeat, follower)
         d = connectStream(
             tunnel.reactor,
             tunnel.target,
@@ -244,6 +258,8 @@ class HTTPForwarder:
 
         def failed(f: Failure) -> None:
             heartbeat.stop()
+            if follower is not None:
+                follower.connectionLost()
             if stream.closed:
                 return
             watch.cancel()
@@ -258,6 +274,9 @@ class HTTPForwarder:
                 status, reason = 502, f"cannot reach the local service at {host}:{port}"
                 self.log.failure("unexpected error connecting to {host}:{port}", f, host=host, port=port)
             self.log.warn("{reason}", reason=reason)
+            metrics = getattr(traffic, "metrics", None)
+            if metrics is not None:
+                metrics.localError(tunnel.name)
             if breaker is not None:
                 breaker.failure(reason)
             stream.write(errorResponse(status, reason))

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.access import Exchange, logAccess
 from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.http1 import (
     Answer,
@@ -55,8 +56,19 @@ class _Fail:
     finished.
     """
 
-    def __init__(self, status: int, reason: str, answer: Answer | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        answer: Answer | None = None,
+        head: RequestHead | None = None,
+        tunnel: str = "-",
+    ) -> None:
         self.answer = answer if answer is not None else Answer(status, reason)
+        #: The request answered and the tunnel it was for, for the access
+        #: log (none and C{-} when it could not be parsed or routed).
+        self.head = head
+        self.tunnel = tunnel
 
 
 def _unavailable(reason: str) -> _Fail:
@@ -103,6 +115,9 @@ class _ToVisitor(Protocol):
         self.detached = False
         #: The stream ended a response that only its end delimits.
         self.closeDelimited = False
+        #: Requests forwarded on this stream whose responses are not done,
+        #: oldest first (for the access log and metrics).
+        self.pending: deque[Exchange] = deque()
 
     def dataReceived(self, data: bytes) -> None:
         if self.detached:
@@ -110,12 +125,19 @@ class _ToVisitor(Protocol):
         transport = self.edge.transport
         if transport is not None:
             transport.write(data)
+        pending = self.pending
+        if pending:
+            pending[0].bytesOut += len(data)
         for status in self.framer.feed(data):
+            if pending:
+                self.edge._exchangeDone(pending.popleft(), status)
             self.edge._responseDone(self, status)
 
     def _eof(self) -> None:
         self.closeDelimited = self.framer.opaque or self.framer.raw
-        self.framer.eof()
+        for status in self.framer.eof():
+            if self.pending:
+                self.edge._exchangeDone(self.pending.popleft(), status)
 
     def readConnectionLost(self) -> None:
         if not self.detached:
@@ -164,6 +186,8 @@ class EdgeProtocol(Protocol):
         self._gating: RequestHead | None = None
         self._passed: tuple[RequestHead, Any, VisitorRequest] | None = None
         self.clientIP = "?"
+        #: The request whose body is being read, for its byte count.
+        self._reading: Exchange | None = None
         #: The first bytes, held while they could still be the HTTP/2
         #: preface; C{None} once the connection is known to be HTTP/1.1.
         self._sniff: bytes | None = b""
@@ -181,6 +205,7 @@ class EdgeProtocol(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.clientIP = getattr(peer, "host", "?")
         setNoDelay(self.transport)
+        self.relay.metrics.connectionOpened(self.scheme)
         self.relay.edges.add(self)
 
     def closeWhenIdle(self) -> None:
@@ -210,6 +235,8 @@ class EdgeProtocol(Protocol):
         try:
             self._queue.extend(self._framer.feed(data))
         except HTTPError as e:
+            if e.status in (414, 431):
+                self.relay.metrics.limitRejected("request-head")
             self._queue.append(_Fail(e.status, e.reason))
             self._failed = True
         self._pump()
@@ -243,14 +270,19 @@ class EdgeProtocol(Protocol):
                     self._raw = True
                 if self._stream is not None:
                     self._stream.write(event.data)
+                    if self._reading is not None:
+                        self._reading.bytesIn += len(event.data)
             elif isinstance(event, RequestEnd):
                 queue.popleft()
+                if not self._raw:
+                    self._reading = None
             elif isinstance(event, RequestHead):
                 kind, target = self._decide(event)
                 if kind == "wait":
                     self._wait()
                     return
                 if kind == "fail":
+                    target.head = event
                     queue[0] = target
                     continue
                 if kind == "tunnel":
@@ -270,7 +302,7 @@ class EdgeProtocol(Protocol):
                     self._wait()
                     return
                 queue.popleft()
-                self._send(event.answer)
+                self._send(event.answer, event.head, tunnel=event.tunnel)
 
     def _decide(self, head: RequestHead) -> tuple[str, Any]:
         """
@@ -342,7 +374,7 @@ class EdgeProtocol(Protocol):
         if answer is None:
             self._passed = (head, tunnel, request)
         elif self._queue and self._queue[0] is head:
-            self._queue[0] = _Fail(answer.status, answer.reason, answer)
+            self._queue[0] = _Fail(answer.status, answer.reason, answer, head, request.name or "-")
         if "gate" in self._pauses and not self._lost:
             self._resume("gate")
             self._pump()
@@ -350,7 +382,7 @@ class EdgeProtocol(Protocol):
     def _forward(self, head: RequestHead, tunnel: Any) -> None:
         if self._stream is not None and self._tunnel is not tunnel:
             self._closeStream()
-        if self._stream is None and not self._open(tunnel):
+        if self._stream is None and not self._open(tunnel, head):
             return
         assert self._stream is not None and self._responder is not None
         if head.upgrade:
@@ -363,18 +395,55 @@ class EdgeProtocol(Protocol):
         passed = self._passed
         if passed is not None and passed[0] is head:
             request = passed[2]
-            self._stream.write(
-                head.withForwarded(self.clientIP, self.scheme, host, request.addHeaders, request.dropHeaders)
-            )
+            forwarded = head.withForwarded(self.clientIP, self.scheme, host, request.addHeaders, request.dropHeaders)
         else:
-            self._stream.write(head.withForwarded(self.clientIP, self.scheme, host))
+            forwarded = head.withForwarded(self.clientIP, self.scheme, host)
+        exchange = self._exchange(head, self.relay.hosts.split(host)[1] or "-")
+        exchange.bytesIn = len(head.raw)
+        self._responder.pending.append(exchange)
+        self._reading = exchange
+        self._stream.write(forwarded)
 
-    def _open(self, tunnel: Any) -> bool:
+    def _exchange(self, head: RequestHead | None, tunnel: str) -> Exchange:
+        if head is None:
+            return Exchange(tunnel, self.clientIP, b"-", b"-", b"", self.relay.reactor.seconds())
+        return Exchange(
+            tunnel, self.clientIP, head.method, head.target, head.header(b"host") or b"", self.relay.reactor.seconds()
+        )
+
+    def _exchangeDone(self, exchange: Exchange, status: int) -> None:
+        """
+        A request is answered (or its stream ended): log it and count it.
+        """
+        now = self.relay.reactor.seconds()
+        if self.relay.accessLog:
+            logAccess(exchange, status, now, scheme=self.scheme)
+        self.relay.metrics.requestDone(exchange.tunnel, exchange.method, status, now - exchange.started)
+
+    def _flushPending(self, responder: _ToVisitor, status: int | None = None) -> None:
+        """
+        The stream is let go of: what it still owed is logged with the
+        status it had started to send (101 for a switch), C{status}, or 0.
+        """
+        framer = responder.framer
+        while responder.pending:
+            exchange = responder.pending.popleft()
+            if status is not None:
+                code = status
+            elif framer.started or framer.raw:
+                code = framer.status
+            else:
+                code = 0
+            status = None
+            self._exchangeDone(exchange, code)
+
+    def _open(self, tunnel: Any, head: RequestHead) -> bool:
         responder = _ToVisitor(self)
         try:
             stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
         except Exception as e:  # the link went away between routing and opening
-            self._answer(502, f"the tunnel's agent is not connected ({e})")
+            name = self.relay.hosts.split(head.header(b"host") or b"")[1] or "-"
+            self._send(Answer(502, f"the tunnel's agent is not connected ({e})"), head, tunnel=name)
             return False
         self._stream = stream
         self._responder = responder
@@ -389,8 +458,10 @@ class EdgeProtocol(Protocol):
         """
         stream, responder = self._stream, self._responder
         self._stream = self._responder = self._tunnel = None
+        self._reading = None
         if responder is not None:
             responder.detached = True
+            self._flushPending(responder)
         if stream is not None:
             if self.transport is not None:
                 self.transport.unregisterProducer()  # type: ignore[attr-defined]
@@ -417,14 +488,17 @@ class EdgeProtocol(Protocol):
         framer = responder.framer
         owed, started = framer.outstanding, framer.started
         delimitedByClose = responder.closeDelimited or framer.opaque or framer.raw
-        self._closeStream()
         if owed and not started:
             error = reason.value if reason is not None else None
             if isinstance(error, StreamReset):
-                self._answer(504 if error.code == "timeout" else 502, error.reason or error.code)
+                status, why = (504 if error.code == "timeout" else 502), error.reason or error.code
             else:
-                self._answer(502, "the local service closed the connection without answering")
+                status, why = 502, "the local service closed the connection without answering"
+            self._flushPending(responder, status)
+            self._closeStream()
+            self._send(Answer(status, why), logged=True)
             return
+        self._closeStream()
         if owed or delimitedByClose or self._raw or (self._visitorDone and not self._queue):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -472,14 +546,20 @@ class EdgeProtocol(Protocol):
             if isinstance(event, RawBytes):
                 protocol.dataReceived(event.data)
 
-    def _answer(self, status: int, reason: str) -> None:
-        self._send(Answer(status, reason))
+    def _answer(self, status: int, reason: str, head: RequestHead | None = None) -> None:
+        self._send(Answer(status, reason), head)
 
-    def _send(self, answer: Answer) -> None:
+    def _send(self, answer: Answer, head: RequestHead | None = None, logged: bool = False, tunnel: str = "-") -> None:
         self._failed = True
         self._queue.clear()
         self._closeStream()
         transport = self.transport
+        if not logged:
+            exchange = self._exchange(head, tunnel)
+            if head is not None:
+                exchange.bytesIn = len(head.raw)
+            exchange.bytesOut = len(answer.toBytes())
+            self._exchangeDone(exchange, answer.status)
         if transport is not None and not self._lost:
             self.log.debug(
                 "answering {client} with {status}: {reason}",
@@ -528,6 +608,7 @@ class EdgeProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._lost = True
+        self.relay.metrics.connectionClosed(self.scheme)
         self.relay.edges.discard(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)

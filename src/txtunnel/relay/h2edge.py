@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.access import Exchange, logAccess
 from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.h2messages import Fields
 from txtunnel.h2pipe import HOP_BY_HOP, H2Pipe
@@ -163,6 +164,7 @@ class _H1Pipe(H2Pipe):
             return
         if data:
             self.stream.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+            self.bytesIn += len(data)
         self._unacked += flowLength
         self._ack()
 
@@ -285,6 +287,8 @@ class H2EdgeProtocol(Protocol):
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
         self.pipes: dict[int, H2Pipe] = {}
+        #: Requests not yet answered, by stream, for the access log and metrics.
+        self.exchanges: dict[int, Exchange] = {}
         self.paused = False
         self._lost = False
 
@@ -301,6 +305,19 @@ class H2EdgeProtocol(Protocol):
     def pipeDone(self, pipe: H2Pipe) -> None:
         if pipe.streamID is not None and self.pipes.get(pipe.streamID) is pipe:
             del self.pipes[pipe.streamID]
+        exchange = self.exchanges.pop(pipe.streamID, None) if pipe.streamID is not None else None
+        if exchange is not None:
+            exchange.bytesIn, exchange.bytesOut = pipe.bytesIn, pipe.bytesOut
+            self._exchangeDone(exchange, pipe.status)
+
+    def _exchangeDone(self, exchange: Exchange, status: int) -> None:
+        """
+        A request is answered (or its stream ended): log it and count it.
+        """
+        now = self.relay.reactor.seconds()
+        if self.relay.accessLog:
+            logAccess(exchange, status, now, scheme=self.scheme, http="2")
+        self.relay.metrics.requestDone(exchange.tunnel, exchange.method, status, now - exchange.started)
 
     # -- the connection
 
@@ -383,6 +400,10 @@ class H2EdgeProtocol(Protocol):
                 if field == b"host":
                     authority = value
                     break
+        exchange = Exchange(
+            "-", self.clientIP, method, pseudo.get(b":path", b"/"), authority or b"", self.relay.reactor.seconds()
+        )
+        self.exchanges[sid] = exchange
         if method == b"CONNECT":
             self.answer(sid, Answer(501, "CONNECT is not supported over HTTP/2 by this relay"))
             return
@@ -397,6 +418,7 @@ class H2EdgeProtocol(Protocol):
         if tunnel is None:
             self.answer(sid, Answer(404, f"no tunnel named {name!r} on this relay"))
             return
+        exchange.tunnel = name or "-"
         assert authority is not None
         # Only the built-in forwarders that know HTTP/2 messages get them; a
         # third-party name-routed forwarder sees HTTP/1.1, as from the
@@ -472,6 +494,10 @@ class H2EdgeProtocol(Protocol):
         """
         text = STATUS_TEXT.get(answer.status, "Error")
         body = answer.body if answer.body is not None else f"{answer.status} {text}: {answer.reason}\n".encode()
+        exchange = self.exchanges.pop(sid, None)
+        if exchange is not None:
+            exchange.bytesOut = len(body)
+            self._exchangeDone(exchange, answer.status)
         fields: Fields = [
             (b":status", str(answer.status).encode()),
             (b"content-type", answer.contentType.encode()),

@@ -20,11 +20,13 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txtunnel.admin import AdminSite, IAdminSubject
 from txtunnel.certificates import DevelopmentCA, loadServerCertificate
 from txtunnel.drain import drain
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.metrics import RelayMetrics, _now
 from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
@@ -47,7 +49,7 @@ def hashToken(token: str) -> bytes:
     return hashlib.sha256(b"txtunnel-token:" + token.encode("utf-8")).digest()
 
 
-@implementer(IRelay)
+@implementer(IRelay, IAdminSubject)
 class Relay:
     """
     What all of a relay's parts share.
@@ -70,7 +72,12 @@ class Relay:
         self.httpPort: int | None = None
         self.httpsPort: int | None = None
         self.tlsPort: int | None = None
+        self.adminPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
+        #: This relay's own metrics registry (see L{txtunnel.metrics}).
+        self.metrics = RelayMetrics(self)
+        #: Whether to log an access event per request and connection.
+        self.accessLog = bool(settings.get("access-log", True))
         #: The checks every visitor request to an HTTP tunnel passes, in order.
         self.gates: list[IVisitorGate] = [ClientCertificateGate()]
         #: CAs an agent's client certificate must chain to (--agent-ca);
@@ -172,6 +179,37 @@ class Relay:
             ok |= hmac.compare_digest(candidate, known)
         return ok
 
+    def isReady(self) -> tuple[bool, str]:
+        """
+        Ready once listening with its store open (see L{txtunnel.admin}).
+        """
+        if self.draining:
+            return False, "draining: shutting down"
+        if self.store is None or (self.httpPort is None and self.httpsPort is None):
+            return False, "starting"
+        return True, "listening"
+
+    def stats(self) -> dict[str, Any]:
+        """
+        Links and tunnels, for the admin C{/stats} page.
+        """
+        agents = []
+        for session in sorted(self.sessions, key=lambda s: s.peer):
+            tunnels = [
+                {"type": t.type, "address": t.binding.address}
+                for t in session.tunnels.values()
+                if t.binding is not None
+            ]
+            agents.append(
+                {"peer": session.peer, "state": session.state, "streams": len(session.link.streams), "tunnels": tunnels}
+            )
+        return {
+            "domain": self.domain,
+            "agents": agents,
+            "connections": dict(self.metrics.connections),
+            "uptime": round(_now(self.reactor) - self.metrics.started, 3),
+        }
+
     def wantsClientCertificate(self, serverName: str | None) -> bool:
         """
         Whether a TLS client that sent C{serverName} (SNI) is asked for a
@@ -248,12 +286,23 @@ class RelayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, relay: Relay, *, httpDefaulted: bool = False, stateDirDefaulted: bool = False) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        httpDefaulted: bool = False,
+        stateDirDefaulted: bool = False,
+        adminDefaulted: bool = False,
+    ) -> None:
         super().__init__()
         self.relay = relay
+        self.adminDefaulted = adminDefaulted
         self.httpDefaulted = httpDefaulted
         self.stateDirDefaulted = stateDirDefaulted
         self.listening: list[IListeningPort] = []
+        #: The admin site's port: kept open while draining, so /health/ready
+        #: says so.
+        self.adminListening: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -285,7 +334,7 @@ class RelayService(MultiService):
             )
             self.listening.append(port)
             relay.httpsPort = getattr(port.getHost(), "port", None)
-        tlsListening = None
+        tlsListening = adminListening = None
         if settings.get("tls"):
             from txtunnel.forwarders.tls import TLSRouterFactory
 
@@ -303,6 +352,22 @@ class RelayService(MultiService):
         relay.store = store
         for (namespace, key), until in store.heldClaims().items():
             relay.held[(namespace, key)] = until
+        if settings.get("admin"):
+            adminListening = yield listenWithFallback(
+                relay.reactor,
+                settings["admin"],
+                AdminSite(relay, settings.get("admin-token")),
+                self.adminDefaulted,
+                "admin",
+            )
+            self.adminListening = adminListening
+            host = adminListening.getHost()
+            relay.adminPort = getattr(host, "port", None)
+            self.log.info(
+                "admin endpoint on http://{host}:{port}/ (/metrics, /health, /stats)",
+                host=getattr(host, "host", "?"),
+                port=relay.adminPort,
+            )
         for port in self.listening:
             if port is tlsListening:
                 continue
@@ -388,6 +453,9 @@ class RelayService(MultiService):
         timeout = float(relay.settings.get("drain-timeout", 0.0))
         d.addCallback(lambda _: drain(relay.reactor, relay.openStreams, timeout, relay.releaseIdle))
         d.addCallback(self._closeLinks)
+        admin, self.adminListening = self.adminListening, None
+        if admin is not None:
+            d.addBoth(lambda r: Deferred.fromCoroutine(_stop(admin)).addCallback(lambda _: r))
         store = relay.store
         if isinstance(store, SQLiteStore):
             d.addBoth(lambda r: store.close())

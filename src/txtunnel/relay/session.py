@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.access import logConnection
 from txtunnel.errors import BindError
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
@@ -51,7 +52,12 @@ class RelayTunnel:
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
         if self.session.relay.draining:
             raise ConnectionLost("the relay is shutting down")
-        return self.session.link.openStream(dict(header, tunnel=self.id), protocol)
+        stream = self.session.link.openStream(dict(header, tunnel=self.id), protocol)
+        relay = self.session.relay
+        relay.metrics.streamOpened(self.type)
+        address = self.binding.address if self.binding is not None else "-"
+        self.session.opened[stream.id] = (relay.reactor.seconds(), self.type, address)
+        return stream
 
     def __repr__(self) -> str:
         return f"<RelayTunnel {self.type}#{self.id} of {self.session.peer}>"
@@ -76,11 +82,30 @@ class RelaySession:
         self.state = "hello"
         self.owner = "anonymous:" + link.peer
         self.tunnels: dict[int, RelayTunnel] = {}
+        #: When each open stream was opened, for which kind of tunnel and
+        #: address (for metrics and the connection access log).
+        self.opened: dict[int, tuple[float, str, str]] = {}
         link.controlReceived = self.controlReceived
         link.streamOpened = lambda stream: stream.reset("refused", "the relay opens streams, agents do not")
+        link.streamClosed = self._streamClosed
         relay.sessions.add(self)
 
+    def _streamClosed(self, stream: Stream) -> None:
+        started, kind, address = self.opened.pop(stream.id, (None, "unknown", "-"))
+        self.relay.metrics.streamClosed(kind, stream.bytesSent, stream.bytesReceived)
+        if started is not None and kind != "http" and self.relay.accessLog:
+            # HTTP is logged per request by the edge; others per connection.
+            logConnection(
+                address,
+                str(stream.header.get("peer", "?")),
+                kind,
+                stream.bytesSent,
+                stream.bytesReceived,
+                self.relay.reactor.seconds() - started,
+            )
+
     def _refuse(self, code: str, reason: str) -> None:
+        self.relay.metrics.linkRefused(code)
         self.log.warn("refusing agent {peer}: {reason}", peer=self.peer, reason=reason, code=code)
         self.link.sendControl({"op": "error", "code": code, "reason": reason})
         self.carrier.closeLink(f"refused: {reason}")
@@ -140,6 +165,7 @@ class RelaySession:
         if isinstance(window, int) and 1024 <= window <= (1 << 30):
             self.link.peerWindow = window
         self.state = "ready"
+        self.relay.metrics.linkAccepted()
         self.link.sendControl(
             {
                 "op": "welcome",
@@ -165,6 +191,7 @@ class RelaySession:
             )
             return
         if len(self.tunnels) >= MAX_TUNNELS_PER_LINK:
+            self.relay.metrics.limitRejected("tunnels-per-link")
             self.link.sendControl(
                 {"op": "refused", "id": bid, "reason": f"at most {MAX_TUNNELS_PER_LINK} tunnels per agent"}
             )
@@ -215,6 +242,8 @@ class RelaySession:
     def linkLost(self, reason: str) -> None:
         if self.state == "closed":
             return
+        if self.state == "ready":
+            self.relay.metrics.linkLost()
         self.state = "closed"
         self.relay.sessions.discard(self)
         until = self.relay.wallClock() + self.relay.grace

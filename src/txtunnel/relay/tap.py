@@ -11,13 +11,14 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, positiveFloat, tokenList
+from txtunnel.config import ConfigOptions, adminToken, boolean, positiveFloat, tokenList
 from txtunnel.exitstatus import exitWithStatus
 from txtunnel.relay.ports import parseRange
 
 __all__ = ["Options", "makeService"]
 
 DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
+DEFAULT_ADMIN = "tcp:9090:interface=127.0.0.1"
 
 
 def endpointString(text: str) -> str:
@@ -133,6 +134,9 @@ class Options(ConfigOptions):
         ("token", [], tokenList),
         ("keepalive", 10.0, positiveFloat),
         ("grace", 1800.0, positiveFloat),
+        ("admin", DEFAULT_ADMIN, endpointString),
+        ("admin-token", None, adminToken),
+        ("access-log", True, boolean),
         ("drain-timeout", 30.0, positiveFloat),
     )
     optParameters = [
@@ -186,7 +190,21 @@ class Options(ConfigOptions):
             "On shutdown (SIGTERM), seconds requests and streams in flight may take to finish; new ones "
             "are refused (503) meanwhile. [default: 30]",
         ],
+        [
+            "admin",
+            None,
+            None,
+            "Endpoint for the admin site (/metrics, /health, /stats); empty turns it off. The default port moves "
+            f"to the next free one if taken. [default: {DEFAULT_ADMIN}]",
+        ],
+        ["admin-token", None, None, "Bearer token /stats on the admin endpoint asks for. [default: none, /stats off]"],
     ]
+
+    def opt_no_access_log(self) -> None:
+        """
+        Log no access line per request or connection (metrics still count them).
+        """
+        self["access-log"] = "no"
 
     def opt_token(self, value: str) -> None:
         """
@@ -283,6 +301,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         relay,
         httpDefaulted="http" in options.defaulted,
         stateDirDefaulted="state-dir" in options.defaulted,
+        adminDefaulted="admin" in options.defaulted,
     )
     if underTwistd:
         service.ready.addErrback(lambda f: exitWithStatus(1))

@@ -1,0 +1,102 @@
+# -*- test-case-name: tests.test_access_log -*-
+"""
+The access log: one structured event per request or connection.
+
+Events go to C{twisted.logger} under the namespace C{txtunnel.access}
+with stable keys (C{tunnel}, C{client_ip}, C{method}, C{path}, C{status},
+C{bytes_in}, C{bytes_out}, C{duration}); with C{--log-format json} each one
+is a JSON line (L{txtunnel.logs}), see C{docs/logs.rst}.  Paths are logged
+without their query string, which often carries tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+__all__ = ["ACCESS_NAMESPACE", "Exchange", "logAccess", "logCapture", "logConnection"]
+
+ACCESS_NAMESPACE = "txtunnel.access"
+
+_log = Logger(namespace=ACCESS_NAMESPACE)
+
+
+class Exchange:
+    """
+    One request (or a connection that switched protocols) as the relay's
+    edge sees it, counted while it passes.
+    """
+
+    __slots__ = ("tunnel", "clientIP", "method", "path", "host", "started", "bytesIn", "bytesOut")
+
+    def __init__(self, tunnel: str, clientIP: str, method: bytes, target: bytes, host: bytes, started: float) -> None:
+        self.tunnel = tunnel
+        self.clientIP = clientIP
+        self.method = method.decode("ascii", "replace")
+        self.path = target.split(b"?", 1)[0].decode("utf-8", "replace")[:2048]
+        self.host = host.decode("ascii", "replace")[:255]
+        self.started = started
+        self.bytesIn = 0
+        self.bytesOut = 0
+
+
+def logCapture(capture: Any) -> None:
+    """
+    Emit the agent's access event for a finished request of its traffic
+    (a L{txtunnel.traffic.Capture}); bytes are the bodies' sizes.
+    """
+    _log.info(
+        "{client_ip} {method} {path} {status} in={bytes_in} out={bytes_out} {duration:.3f}s [{tunnel}]",
+        access="agent",
+        tunnel=capture.tunnel,
+        client_ip=capture.clientIP,
+        method=capture.method,
+        path=capture.target.split("?", 1)[0][:2048],
+        status=capture.status,
+        bytes_in=capture.requestSize,
+        bytes_out=capture.responseSize,
+        duration=round(capture.duration or 0.0, 6),
+        replay_of=capture.replayOf,
+    )
+
+
+def logConnection(tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float) -> None:
+    """
+    Emit the access event for one TCP, UDP or TLS connection (a UDP flow),
+    when it ends.
+    """
+    _log.info(
+        "{client_ip} {protocol} {tunnel} in={bytes_in} out={bytes_out} {duration:.3f}s",
+        access="relay",
+        tunnel=tunnel,
+        client_ip=clientIP,
+        protocol=protocol,
+        bytes_in=bytesIn,
+        bytes_out=bytesOut,
+        duration=round(max(0.0, duration), 6),
+    )
+
+
+def logAccess(exchange: Exchange, status: int, now: float, side: str = "relay", **extra: Any) -> float:
+    """
+    Emit the access event for C{exchange}; returns its duration in seconds.
+
+    @param status: the response's status code, or 0 when there was none.
+    """
+    duration = max(0.0, now - exchange.started)
+    _log.info(
+        "{client_ip} {method} {host}{path} {status} in={bytes_in} out={bytes_out} {duration:.3f}s [{tunnel}]",
+        access=side,
+        tunnel=exchange.tunnel,
+        client_ip=exchange.clientIP,
+        method=exchange.method,
+        host=exchange.host,
+        path=exchange.path,
+        status=status,
+        bytes_in=exchange.bytesIn,
+        bytes_out=exchange.bytesOut,
+        duration=round(duration, 6),
+        **extra,
+    )
+    return duration
