@@ -215,6 +215,10 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     assert b"Retry-After: " in out
 
 
+#: Keepalive interval of the stalled-link test, in seconds.
+KEEPALIVE = 2
+
+
 class StallingProxy:
     """
     A TCP proxy between agent and relay that can be told to stop forwarding
@@ -280,28 +284,28 @@ def test_stalled_link_is_detected_within_two_keepalives(
     tmp_path: Path,
 ) -> None:
     """
-    With --keepalive 1 on both sides and a proxy that silently stops
-    forwarding, the agent and the relay both drop the link within 2 s, and
-    the agent dials again.
+    With --keepalive 2 on both sides and a proxy that silently stops
+    forwarding, the agent and the relay both drop the link within twice the
+    keepalive (4 s), and the agent dials again.
     """
-    relay, port = startRelay(procs, env, tmp_path / "state", "--keepalive", "1")
+    relay, port = startRelay(procs, env, tmp_path / "state", "--keepalive", str(KEEPALIVE))
     proxy = StallingProxy(port)
     try:
-        a = agent(procs, env, proxy.port, "--http", str(origin), "--keepalive", "1")
+        a = agent(procs, env, proxy.port, "--http", str(origin), "--keepalive", str(KEEPALIVE))
         ready(a)
-        time.sleep(1.2)  # a few pings go through
+        time.sleep(KEEPALIVE * 1.2)  # pings go through
         seenAgent, seenRelay = len(a.lines), len(relay.lines)
         proxy.stalled.set()
         stalled = time.monotonic()
         agentAt = relayAt = None
-        while time.monotonic() - stalled < 5 and (agentAt is None or relayAt is None):
+        while time.monotonic() - stalled < 3 * KEEPALIVE and (agentAt is None or relayAt is None):
             if agentAt is None and any("closing it" in line for line in a.lines[seenAgent:]):
                 agentAt = time.monotonic() - stalled
             if relayAt is None and any("closing it" in line for line in relay.lines[seenRelay:]):
                 relayAt = time.monotonic() - stalled
             time.sleep(0.02)
-        assert agentAt is not None and agentAt < 2.0, (agentAt, a.output)
-        assert relayAt is not None and relayAt < 2.0, (relayAt, relay.output)
+        assert agentAt is not None and agentAt < 2 * KEEPALIVE, (agentAt, a.output)
+        assert relayAt is not None and relayAt < 2 * KEEPALIVE, (relayAt, relay.output)
         a.waitFor("agent link .*-> connecting", timeout=5)
     finally:
         proxy.close()
