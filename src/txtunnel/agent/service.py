@@ -297,7 +297,12 @@ class AgentService(MultiService):
         def openStreams() -> int:
             if self.agent.session is not session or session.link.closed:
                 return 0
-            return len(session.link.streams)
+            count = 0
+            for stream in session.link.streams.values():
+                tunnel = session.byId.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
+                if tunnel is None or getattr(tunnel.forwarder, "drains", True):
+                    count += 1
+            return count
 
         d = drain(self.agent.reactor, openStreams, self.drainTimeout)
 

@@ -738,6 +738,8 @@ class UDPForwarder:
     name = "udp"
     description = "UDP datagrams on a public port of the relay"
     log = Logger()
+    #: A flow ends only by going idle: a drain on shutdown does not wait for it.
+    drains = False
 
     def __init__(self, maxFlows: int = MAX_FLOWS) -> None:
         self.maxFlows = maxFlows

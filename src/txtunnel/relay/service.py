@@ -138,9 +138,17 @@ class Relay:
 
     def openStreams(self) -> int:
         """
-        Streams open on all agents' links.
+        Streams open on all agents' links that a drain waits for (not those
+        of forwarders with C{drains = False}, such as UDP flows).
         """
-        return sum(len(session.link.streams) for session in self.sessions)
+        count = 0
+        for session in self.sessions:
+            for stream in session.link.streams.values():
+                tunnel = session.tunnels.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
+                forwarder = self.forwarders.get(tunnel.type) if tunnel is not None else None
+                if getattr(forwarder, "drains", True):
+                    count += 1
+        return count
 
     def checkToken(self, token: str | None) -> bool:
         """
