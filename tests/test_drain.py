@@ -225,15 +225,3 @@ def test_drain_with_a_clock() -> None:
         clock.advance(0.05)
     assert results == [0, 2]
     assert clock.getDelayedCalls() == []
-
-
-def test_udp_flows_are_not_drained() -> None:
-    """
-    Forwarders say whether a drain waits for their streams, also through
-    the lazy plugin wrapper: UDP flows end only by idling, so no.
-    """
-    from txtunnel.plugins import forwarders
-
-    found = forwarders()
-    assert found["udp"].drains is False  # type: ignore[attr-defined]
-    assert all(getattr(found[name], "drains", True) for name in ("http", "tcp", "tls"))

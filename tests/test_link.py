@@ -210,6 +210,26 @@ def test_streamIdParity() -> None:
     assert pair.relayCarrier.closed == pair.agentCarrier.closed == []
 
 
+def test_finiteStreamsLeaveOutEndlessOnes() -> None:
+    """
+    L{Link.finiteStreams}, what a shutdown drain waits for, counts open
+    streams except those marked L{Stream.endless} (UDP flows), and drops
+    to zero as the finite ones close.
+    """
+    pair = Pair()
+    pair.agent.streamOpened = lambda s: s.attach(Recorder())
+    flow = pair.relay.openStream({})
+    flow.endless = True
+    request = pair.relay.openStream({})
+    pair.pump()
+    assert len(pair.relay.streams) == 2
+    assert pair.relay.finiteStreams() == 1
+    request.reset("cancel", "done")
+    pair.pump()
+    assert pair.relay.finiteStreams() == 0
+    assert list(pair.relay.streams) == [flow.id]
+
+
 def test_dataBothWays() -> None:
     """
     Bytes written on either end arrive in order at the other, including more

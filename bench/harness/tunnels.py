@@ -97,6 +97,8 @@ def start_relay(
         f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--tcp-ports",
         f"{tcp_ports[0]}-{tcp_ports[1]}",
+        "--udp-ports",
+        f"{tcp_ports[0]}-{tcp_ports[1]}",
         "--state-dir",
         state,
     )

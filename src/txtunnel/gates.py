@@ -53,6 +53,9 @@ class VisitorRequest:
     tunnel: Any
     addHeaders: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     dropHeaders: set[bytes] = attrs.field(factory=set)
+    #: The visitor's connection (a TLS transport on the HTTPS listener, for
+    #: gates that look at the client certificate).
+    transport: Any = None
 
     @property
     def bindRequest(self) -> dict[str, Any]:

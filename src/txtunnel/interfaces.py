@@ -138,10 +138,6 @@ class IForwarder(Interface):
     name = Attribute("The name agents use to ask for it, e.g. C{'tcp'}; a C{str}.")
     description = Attribute("One line for help text and docs.")
 
-    # Optional: C{drains}, a C{bool} (default true).  A graceful shutdown
-    # waits for a tunnel's open streams to end only if its forwarder drains;
-    # datagram flows (udp), which have no end but an idle timeout, do not.
-
     def bindRequest(tunnel: IAgentTunnel) -> dict[str, Any]:
         """
         Agent half: the fields to send to the relay in the bind request for

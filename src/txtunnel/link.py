@@ -132,6 +132,10 @@ class Stream:
         self._producerPaused = False
         self._pulling = False
         self._pullAgain = False
+        #: Set by forwarders whose streams never end by themselves (a UDP
+        #: flow ends only when idle): a drain on shutdown does not wait for
+        #: them.  See L{Link.finiteStreams}.
+        self.endless = False
 
     # -- wiring
 
@@ -564,6 +568,13 @@ class Link:
     def _sendReset(self, sid: int, code: str, reason: str) -> None:
         if not self.closed:
             self._send(encodeJSON(FrameType.RESET, sid, {"code": code, "reason": reason[:500]}))
+
+    def finiteStreams(self) -> int:
+        """
+        Open streams that will end by themselves (not L{Stream.endless}):
+        what a drain on shutdown waits for.
+        """
+        return sum(1 for stream in self.streams.values() if not stream.endless)
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)

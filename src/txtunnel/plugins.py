@@ -71,13 +71,5 @@ class LazyForwarder:
     def connect(self, tunnel: Any, stream: Any) -> None:
         self._load().connect(tunnel, stream)
 
-    @property
-    def drains(self) -> bool:
-        """
-        Whether a graceful shutdown waits for this forwarder's streams (see
-        L{IForwarder}); the implementation's own answer.
-        """
-        return bool(getattr(self._load(), "drains", True))
-
     def __repr__(self) -> str:
         return f"<LazyForwarder {self.name} -> {self._implementation}>"

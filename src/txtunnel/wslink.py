@@ -20,7 +20,9 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
@@ -40,6 +42,8 @@ __all__ = [
 txaio.use_twisted()
 # autobahn logs every frame at debug level; the link's own logs say what matters.
 txaio.set_global_log_level("info")  # type: ignore[attr-defined]
+
+_DONE = Failure(ConnectionDone())
 
 #: Where agents connect on the relay's public HTTP(S) listener.
 LINK_PATH = "/_txtunnel"
@@ -189,6 +193,15 @@ class LinkClientProtocol(_LinkCarrierMixin, WebSocketClientProtocol):  # type: i
         link = self._startLink(self.factory.url)
         self.session = self.factory.sessionFactory(link, self)
 
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        # A connection that ends before the link is up (a TLS handshake
+        # that failed verification, say) is reported with its reason, which
+        # the WebSocket layer would otherwise reduce to "closed uncleanly".
+        onFailed = getattr(self.factory, "onConnectFailed", None)
+        if self.link is None and onFailed is not None:
+            onFailed(reason)
+        super().connectionLost(reason)
+
     def linkClosed(self, code: int | None, reason: str | None) -> None:
         session = getattr(self, "session", None)
         if session is not None:
@@ -235,6 +248,8 @@ class LinkClientFactory(WebSocketClientFactory):  # type: ignore[misc]
         keepaliveTimeout: float,
     ) -> None:
         super().__init__(url=url, headers={})
+        #: Called with the reason when a connection ends before its link is up.
+        self.onConnectFailed: Callable[[Failure], object] | None = None
         #: Called C{(carrier, code, reason)} when a link closes before its
         #: session started (a refused or failed handshake).
         self.onLinkLost: Callable[[Any, int | None, str | None], object] | None = None

@@ -12,7 +12,6 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +28,7 @@ from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
 __all__ = ["Agent", "AgentService", "AgentTunnel"]
@@ -111,6 +111,9 @@ class Agent:
         self._answered: set[str] = set()
         #: Called with the reason when the agent gives up (see L{fatal}).
         self.fatalHooks: list[Callable[[str], object]] = []
+        #: TLS settings of a C{wss://} link (C{None}: verify against the
+        #: system's roots, no client certificate).
+        self.linkTLS: LinkClientTLS | None = None
         #: The link's connection state machine; a status console or metrics
         #: read C{states.state} or add to C{states.observers}.
         self.states = LinkStates(relayURL)
@@ -220,7 +223,7 @@ class AgentService(MultiService):
         self.keepalive = keepalive
         self.backoff = backoff if backoff is not None else Backoff()
         self.drainTimeout = drainTimeout
-        wsURL, endpoint = relayEndpointString(agent.relayURL)
+        wsURL, _ = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,
             lambda link, carrier: AgentSession(agent, link, carrier),
@@ -229,12 +232,16 @@ class AgentService(MultiService):
             keepalive=keepalive,
             keepaliveTimeout=keepalive * KEEPALIVE_TIMEOUT_FACTOR,
         )
+        factory.onConnectFailed = self._connectFailed
         # A link that closes before its session starts (refused handshake)
         # is a failed attempt too.
         factory.onLinkLost = self._handshakeLost
         self.factory = factory
+        #: The link's TLS (C{None} for C{ws://}); by default the relay's
+        #: certificate is checked against the system's roots.
+        self.tls = agent.linkTLS or linkClientTLS(agent.relayURL)
         self.client = ClientService(
-            _WatchedEndpoint(clientFromString(agent.reactor, endpoint), agent, self._checkAttempts),
+            _WatchedEndpoint(linkEndpoint(agent.reactor, agent.relayURL, self.tls), agent, self._checkAttempts),
             factory,
             retryPolicy=lambda failed: self.backoff.delay(max(1, agent.states.failures)),
             clock=agent.reactor,
@@ -268,6 +275,14 @@ class AgentService(MultiService):
             session.link.probe(min(self.keepalive, 5.0))
 
     def startService(self) -> None:
+        tls = self.tls
+        if tls is not None and tls.insecure:
+            self.log.warn(
+                "*** --insecure: the relay's TLS certificate is NOT verified. Anyone between this agent and "
+                "{relay} can pose as the relay and read or change every tunnel's traffic. Use it for "
+                "development only; give --ca FILE for a relay with a private CA. ***",
+                relay=self.agent.relayURL,
+            )
         self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
         super().startService()
         if self.clockWatch is not None:
@@ -275,6 +290,29 @@ class AgentService(MultiService):
         for tunnel in self.agent.tunnels:
             if tunnel.health is not None:
                 tunnel.health.start()
+
+    def _connectFailed(self, reason: Any) -> None:
+        """
+        A link that failed before it was up: say why when TLS is the
+        reason.  A relay whose certificate cannot be verified is fatal
+        until the agent has once connected (a wrong --ca or host name will
+        not fix itself); after that it is logged and retried, since a
+        relay may be renewing its certificate.
+        """
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+
+        tls = self.tls
+        if tls is None or not reason.check(SSL.Error, VerificationError) or self.agent.stopping:
+            return
+        why = tls.describe(reason)
+        message = f"cannot verify the relay {self.agent.relayURL}: {why}"
+        if "verify" in why or isinstance(reason.value, VerificationError) or tls.lastError:
+            message += " (give --ca FILE if it uses a private CA; --insecure skips the check, for development only)"
+        if self.agent.ready.called:
+            self.log.error("{message}; retrying", message=message)
+        else:
+            self.agent.fatal(message)
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -297,12 +335,7 @@ class AgentService(MultiService):
         def openStreams() -> int:
             if self.agent.session is not session or session.link.closed:
                 return 0
-            count = 0
-            for stream in session.link.streams.values():
-                tunnel = session.byId.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
-                if tunnel is None or getattr(tunnel.forwarder, "drains", True):
-                    count += 1
-            return count
+            return session.link.finiteStreams()
 
         d = drain(self.agent.reactor, openStreams, self.drainTimeout)
 

@@ -85,6 +85,9 @@ class AgentSession:
 
     def _bind(self, bid: int, tunnel: AgentTunnel) -> None:
         request = dict(tunnel.forwarder.bindRequest(tunnel))
+        if tunnel.options.get("client-ca"):
+            # Visitors must present a certificate from this CA (PEM text).
+            request["client-ca"] = tunnel.options["client-ca"]
         # After a reconnect, ask for the address the relay gave before.
         request.update(tunnel.reclaim)
         request.update({"op": "bind", "id": bid, "type": tunnel.type})

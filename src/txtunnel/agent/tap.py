@@ -11,8 +11,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, boolean, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
+from txtunnel.exitstatus import exitWithStatus
 from txtunnel.names import checkName
 from txtunnel.wslink import relayEndpointString
 
@@ -29,6 +30,7 @@ TUNNEL_KEYS = (
     "response-timeout",
     "udp-idle-timeout",
     "sse-heartbeat",
+    "client-ca",
     "pool",
     "breaker-failures",
     "breaker-cooldown",
@@ -37,13 +39,44 @@ TUNNEL_KEYS = (
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
-KINDS = ("http", "tcp", "udp", "tls")
+KINDS = ("http", "tcp", "udp", "tls", "grpc")
 
 
 def relayURL(text: str) -> str:
     text = str(text).strip()
     relayEndpointString(text)
     return text
+
+
+def optionalFile(text: str) -> str | None:
+    import os
+
+    text = str(text).strip()
+    if not text:
+        return None
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    return path
+
+
+def clientCA(text: str) -> str | None:
+    """
+    The CA certificates in a PEM file, as PEM text for the bind request:
+    only the certificates, so a key that shares the file never leaves.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from txtunnel.certificates import CertificateError, readCertificateAuthorities
+
+    path = optionalFile(text)
+    if path is None:
+        return None
+    try:
+        cas = readCertificateAuthorities(path)
+    except CertificateError as e:
+        raise ValueError(str(e)) from None
+    return "".join(ca.public_bytes(Encoding.PEM).decode("ascii") for ca in cas)
 
 
 def optionalText(text: str) -> str | None:
@@ -155,6 +188,7 @@ class Options(ConfigOptions):
         ("tcp", None, optionalTarget),
         ("udp", None, optionalTarget),
         ("tls", None, optionalTarget),
+        ("grpc", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
@@ -162,6 +196,11 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("ca", None, optionalFile),
+        ("insecure", False, boolean),
+        ("cert", None, optionalFile),
+        ("client-ca", None, clientCA),
+        ("key", None, optionalFile),
         ("reconnect-initial", 0.5, moreThanZero),
         ("reconnect-max", 30.0, moreThanZero),
         ("reconnect-attempts", 0, attemptCount),
@@ -186,6 +225,12 @@ class Options(ConfigOptions):
             None,
             "Expose the TLS service at TARGET by passthrough: routed by SNI at NAME.<domain> on the relay's "
             "--tls port, never decrypted.",
+        ],
+        [
+            "grpc",
+            None,
+            None,
+            "Expose the gRPC (or other cleartext HTTP/2) service at TARGET: every request reaches it over HTTP/2.",
         ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
@@ -277,7 +322,36 @@ class Options(ConfigOptions):
             "On shutdown (SIGTERM, Ctrl-C), seconds open streams may take to finish before the link is "
             "closed. [default: 30]",
         ],
+        [
+            "ca",
+            None,
+            None,
+            "PEM file of the CA(s) a wss:// relay's certificate must chain to, for a relay with a private CA "
+            "or a development one. [default: the system's trusted CAs]",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "PEM client certificate (and its key, unless --key is given) to present to a wss:// relay that "
+            "requires one (its --agent-ca).",
+        ],
+        ["key", None, None, "PEM private key of --cert."],
+        [
+            "client-ca",
+            None,
+            None,
+            "PEM file of the CA(s) whose client certificates visitors must present to reach this HTTP "
+            "tunnel (over https:// on the relay; others get 403). [default: none needed]",
+        ],
     ]
+
+    def opt_insecure(self) -> None:
+        """
+        Do not verify a wss:// relay's certificate or host name. For
+        development only: anyone on the path can pose as the relay.
+        """
+        self["insecure"] = "true"
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__(environ)
@@ -290,10 +364,17 @@ class Options(ConfigOptions):
                 raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
 
     def postOptions(self) -> None:
+        from txtunnel.certificates import CertificateError
+        from txtunnel.tlscontext import linkClientTLS
+
         try:
             parser = self.loadSettings()
             self._collectTunnels(parser)
-        except ConfigError as e:
+            #: TLS settings of the link, read now so a bad file is a usage error.
+            self["link-tls"] = linkClientTLS(
+                self["relay"], ca=self["ca"], insecure=self["insecure"], cert=self["cert"], key=self["key"]
+            )
+        except (ConfigError, CertificateError) as e:
             raise usage.UsageError(str(e)) from None
         if self["reconnect-initial"] > self["reconnect-max"]:
             raise usage.UsageError(
@@ -318,7 +399,7 @@ class Options(ConfigOptions):
             if key not in self.defaulted:
                 common[key] = self[key]
         if not given:
-            for key in ("subdomain", "remote-port"):
+            for key in ("subdomain", "remote-port", "client-ca"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -335,6 +416,10 @@ class Options(ConfigOptions):
                 options["pool"] = self["pool"]
             if kind == "udp":
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
+            if self["client-ca"]:
+                if kind != "http":
+                    raise ConfigError("--client-ca applies to --http tunnels (the relay checks it on its HTTPS edge)")
+                options["client-ca"] = self["client-ca"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
             self.tunnels.append(
@@ -365,12 +450,15 @@ class Options(ConfigOptions):
                     options["sse-heartbeat"] = self["sse-heartbeat"]
                 elif kind != "http" and "sse-heartbeat" in values:
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
+                if kind != "http" and "client-ca" in values:
+                    raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
+                    ("client-ca", clientCA),
                     ("pool", poolKey),
                     ("breaker-failures", attemptCount),
                     ("breaker-cooldown", moreThanZero),
@@ -412,7 +500,9 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent.linkTLS = options.get("link-tls")
+    return agent
 
 
 def serviceSettings(options: Options) -> dict[str, Any]:
@@ -480,6 +570,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     Build the agent's service tree from parsed L{Options}.  When the agent
     gives up (bad token, every tunnel refused) the reactor is stopped.
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -488,5 +579,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
+    if underTwistd:
+        agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     return AgentService(agent, **serviceSettings(options))

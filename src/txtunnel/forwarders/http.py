@@ -220,6 +220,12 @@ class HTTPForwarder:
         return HTTPBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
+        if stream.header.get("h2"):
+            # A gRPC call from the relay's HTTP/2 edge: HTTP/2 to the local service.
+            from txtunnel.forwarders.grpc import connectH2
+
+            connectH2(tunnel, stream)
+            return
         breaker = getattr(tunnel, "breaker", None)
         if breaker is not None and not breaker.allow():
             refuseOpenCircuit(tunnel, stream, breaker)

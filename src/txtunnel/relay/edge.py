@@ -164,6 +164,9 @@ class EdgeProtocol(Protocol):
         self._gating: RequestHead | None = None
         self._passed: tuple[RequestHead, Any, VisitorRequest] | None = None
         self.clientIP = "?"
+        #: The first bytes, held while they could still be the HTTP/2
+        #: preface; C{None} once the connection is known to be HTTP/1.1.
+        self._sniff: bytes | None = b""
         #: Close once no response is owed (the relay or the agent drains).
         self._closeWhenIdle = False
 
@@ -198,6 +201,10 @@ class EdgeProtocol(Protocol):
         if self._delegate is not None:
             self._delegate.dataReceived(data)
             return
+        if self._sniff is not None:
+            data = self._sniffHTTP2(data)
+            if not data:
+                return
         if self._failed:
             return
         try:
@@ -310,6 +317,7 @@ class EdgeProtocol(Protocol):
             host=host,
             name=self.relay.hosts.split(host)[1] or "",
             tunnel=tunnel,
+            transport=self.transport,
         )
         self._gating = head
         verdicts: list[Answer | None] = []
@@ -424,6 +432,31 @@ class EdgeProtocol(Protocol):
             self._waiting = False
             self._resume("wait")
         self._pump()
+
+    def _sniffHTTP2(self, data: bytes) -> bytes:
+        """
+        Hand the connection to the HTTP/2 edge when TLS negotiated C{h2}
+        or it starts with the HTTP/2 preface (prior-knowledge h2c); return
+        the bytes the HTTP/1.1 edge should read (none while undecided).
+        """
+        from txtunnel.relay.h2edge import PREFACE, H2EdgeProtocol
+
+        assert self._sniff is not None
+        seen = self._sniff + data
+        h2 = getattr(self.transport, "negotiatedProtocol", None) == b"h2"
+        if not h2 and PREFACE.startswith(seen[: len(PREFACE)]):
+            if len(seen) < len(PREFACE):
+                self._sniff = seen
+                return b""
+            h2 = True
+        self._sniff = None
+        if not h2:
+            return seen
+        protocol = H2EdgeProtocol(self.relay, self.scheme, self.clientIP)
+        self._delegate = protocol
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(seen)
+        return b""
 
     def _handoff(self, head: RequestHead) -> None:
         """

@@ -16,18 +16,22 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txtunnel.certificates import DevelopmentCA, loadServerCertificate
 from txtunnel.drain import drain
+from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.store import SQLiteStore
+from txtunnel.tlscontext import DEFAULT_ALPN, ServerTLS, splitHTTPSEndpoint
 from txtunnel.wslink import LinkServerFactory
 
 __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
@@ -68,7 +72,16 @@ class Relay:
         self.tlsPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
         #: The checks every visitor request to an HTTP tunnel passes, in order.
-        self.gates: list[IVisitorGate] = []
+        self.gates: list[IVisitorGate] = [ClientCertificateGate()]
+        #: CAs an agent's client certificate must chain to (--agent-ca);
+        #: empty when agents need none.
+        self.agentCAs: list[Any] = list(settings.get("agent-cas") or [])
+        #: Protocols the HTTPS listener offers by ALPN, in order of preference:
+        #: HTTP/2 first (the edge hands C{h2} connections to
+        #: L{txtunnel.relay.h2edge}), then HTTP/1.1.
+        self.alpnProtocols: list[bytes] = [b"h2", *DEFAULT_ALPN]
+        #: The HTTPS listener's TLS (set when it starts).
+        self.serverTLS: ServerTLS | None = None
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
         #: C{(namespace, key) -> wall time}: claims held for an agent that
@@ -138,17 +151,10 @@ class Relay:
 
     def openStreams(self) -> int:
         """
-        Streams open on all agents' links that a drain waits for (not those
-        of forwarders with C{drains = False}, such as UDP flows).
+        Streams open on all agents' links that will end by themselves
+        (not UDP flows): what a drain waits for.
         """
-        count = 0
-        for session in self.sessions:
-            for stream in session.link.streams.values():
-                tunnel = session.tunnels.get(stream.header.get("tunnel"))  # type: ignore[arg-type]
-                forwarder = self.forwarders.get(tunnel.type) if tunnel is not None else None
-                if getattr(forwarder, "drains", True):
-                    count += 1
-        return count
+        return sum(session.link.finiteStreams() for session in self.sessions)
 
     def checkToken(self, token: str | None) -> bool:
         """
@@ -166,28 +172,28 @@ class Relay:
             ok |= hmac.compare_digest(candidate, known)
         return ok
 
+    def wantsClientCertificate(self, serverName: str | None) -> bool:
+        """
+        Whether a TLS client that sent C{serverName} (SNI) is asked for a
+        client certificate: agents (any name but a tunnel's) when the relay
+        has C{--agent-ca}, and visitors of a tunnel bound with C{client-ca}.
+        Nobody else is asked, so browsers are not prompted for nothing.
+        """
+        kind, name = self.hosts.split(serverName.encode("ascii", "replace")) if serverName else ("apex", None)
+        if kind != "tunnel":
+            return bool(self.agentCAs)
+        tunnel = self.hosts.get(name or "")
+        try:
+            return tunnel is not None and requiredCAs(tunnel) is not None
+        except BindError:
+            return True
+
     def httpURL(self, name: str) -> str:
         if self.httpPort is not None:
             port = "" if self.httpPort == 80 else f":{self.httpPort}"
             return f"http://{name}.{self.domain}{port}/"
         port = "" if self.httpsPort in (443, None) else f":{self.httpsPort}"
         return f"https://{name}.{self.domain}{port}/"
-
-
-def _withALPN(endpoint: Any) -> Any:
-    """
-    Offer ALPN C{http/1.1} on an C{ssl:} endpoint.
-
-    With Twisted 26 and OpenSSL 3, a server whose C{CertificateOptions} has
-    no acceptable protocols answers every client that offers ALPN (curl,
-    every browser) with an "internal error" alert; naming the protocol we
-    speak fixes the handshake.  Measured with curl 7.88 against
-    C{ssl:PORT:privateKey=...}.
-    """
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if isinstance(options, CertificateOptions) and getattr(options, "_acceptableProtocols", None) is None:
-        options._acceptableProtocols = [b"http/1.1"]
-    return endpoint
 
 
 def _edgeScheme(port: Any) -> str:
@@ -216,7 +222,7 @@ def listenWithFallback(reactor: Any, endpoint: str, factory: Any, fallback: bool
         candidates += [(endpoint.replace(f":{port}", f":{port + i}", 1), port + i) for i in range(1, FALLBACK_TRIES)]
     for i, (candidate, number) in enumerate(candidates):
         try:
-            listening: IListeningPort = yield _withALPN(serverFromString(reactor, candidate)).listen(factory)
+            listening: IListeningPort = yield serverFromString(reactor, candidate).listen(factory)
         except CannotListenError as e:
             if i + 1 >= len(candidates):
                 raise
@@ -261,14 +267,21 @@ class RelayService(MultiService):
         if not relay._tokens:
             self.log.warn("no --token given: any agent can open tunnels on this relay (fine for development only)")
         if settings["http"]:
-            port = yield listenWithFallback(
-                relay.reactor, settings["http"], EdgeFactory(relay, "http"), self.httpDefaulted, "HTTP"
-            )
+            endpoint, certFile, keyFile, chainFile = splitHTTPSEndpoint(settings["http"])
+            httpFactory: Any = EdgeFactory(relay, "http")
+            if certFile is not None:
+                # An ssl: endpoint given to --http: TLS as on --https (ALPN
+                # included, which curl and browsers need), served as before.
+                certificate = loadServerCertificate(certFile, keyFile, chainFile)
+                httpFactory = TLSMemoryBIOFactory(ServerTLS([certificate], relay.alpnProtocols), False, httpFactory)
+            port = yield listenWithFallback(relay.reactor, endpoint, httpFactory, self.httpDefaulted, "HTTP")
             self.listening.append(port)
             relay.httpPort = getattr(port.getHost(), "port", None)
         if settings["https"]:
+            relay.serverTLS = self._serverTLS()
+            tlsFactory = TLSMemoryBIOFactory(relay.serverTLS, False, EdgeFactory(relay, "https"))
             port = yield listenWithFallback(
-                relay.reactor, settings["https"], EdgeFactory(relay, "https"), False, "HTTPS"
+                relay.reactor, settings.get("https-endpoint") or settings["https"], tlsFactory, False, "HTTPS"
             )
             self.listening.append(port)
             relay.httpsPort = getattr(port.getHost(), "port", None)
@@ -320,6 +333,33 @@ class RelayService(MultiService):
             state=stateDir,
         )
         self.ready.callback(None)
+
+    def _serverTLS(self) -> ServerTLS:
+        """
+        The HTTPS listener's TLS: the configured certificates, or a
+        self-signed one in the state directory when none is given.
+        """
+        relay = self.relay
+        certificates = list(relay.settings.get("https-certificates") or [])
+        developmentCA = None
+        if not certificates:
+            directory = os.path.join(relay.settings["state-dir"], "tls")
+            developmentCA, made = DevelopmentCA.inDirectory(directory, relay.domain)
+            self.log.warn(
+                "no HTTPS certificate given: serving certificates for {domain} and names under it from "
+                "{how} development CA {path} (development only: browsers warn; trust it with curl --cacert "
+                "{path} and the agent's --ca {path}, or use --insecure)",
+                how="a new" if made else "the existing",
+                domain=relay.domain,
+                path=developmentCA.path,
+            )
+            certificates = [developmentCA.defaultCertificate()]
+        else:
+            for cert in certificates:
+                self.log.info(
+                    "HTTPS certificate for {names} from {source}", names=", ".join(cert.names), source=cert.source
+                )
+        return ServerTLS(certificates, relay.alpnProtocols, relay.wantsClientCertificate, developmentCA)
 
     def _failed(self, failure: Any) -> None:
         self.log.critical("relay failed to start: {error}", error=failure.getErrorMessage())

@@ -19,6 +19,7 @@ from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
 from txtunnel.link import Link, Stream
+from txtunnel.mtls import agentAllowed
 
 if TYPE_CHECKING:
     from txtunnel.relay.service import Relay
@@ -110,6 +111,14 @@ class RelaySession:
         if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
             self._refuse(
                 "version", f"this relay speaks link protocol version {PROTOCOL_VERSION}; agent offered {versions!r}"
+            )
+            return
+        agentCAs = getattr(self.relay, "agentCAs", None)
+        if agentCAs and not agentAllowed(getattr(self.carrier, "transport", None), agentCAs):
+            self._refuse(
+                "auth",
+                "this relay requires agents to connect over wss:// with a client certificate from its agent CA "
+                "(--cert and --key)",
             )
             return
         token = message.get("token")
