@@ -51,6 +51,7 @@ from txtunnel.h2messages import Fields
 from txtunnel.h2pipe import HOP_BY_HOP, H2Pipe
 from txtunnel.http1 import STATUS_TEXT, Answer, RequestHead
 from txtunnel.link import StreamReset as LinkStreamReset
+from txtunnel.relay.edge import unavailable
 from txtunnel.responses import ResponseFramer
 
 if TYPE_CHECKING:
@@ -287,6 +288,7 @@ class H2EdgeProtocol(Protocol):
         self.pipes: dict[int, H2Pipe] = {}
         self.paused = False
         self._lost = False
+        self._closeWhenIdle = False
 
     # -- H2Owner
 
@@ -301,6 +303,30 @@ class H2EdgeProtocol(Protocol):
     def pipeDone(self, pipe: H2Pipe) -> None:
         if pipe.streamID is not None and self.pipes.get(pipe.streamID) is pipe:
             del self.pipes[pipe.streamID]
+        if self._closeWhenIdle and not self.pipes:
+            self._goAway()
+
+    def closeWhenIdle(self) -> None:
+        """
+        The relay is draining: close once no stream is open.  (Not GOAWAY
+        at once: the h2 library sends nothing more after it, and the
+        streams in flight must finish; new ones get 503 meanwhile.)
+        """
+        if self._lost or self._closeWhenIdle:
+            return
+        self._closeWhenIdle = True
+        if not self.pipes:
+            self._goAway()
+
+    def _goAway(self) -> None:
+        if self._lost or self.transport is None:
+            return
+        try:
+            self.conn.close_connection()
+        except H2Error:
+            pass
+        self.flush()
+        self.transport.loseConnection()
 
     # -- the connection
 
@@ -394,7 +420,13 @@ class H2EdgeProtocol(Protocol):
             self.answer(sid, Answer(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}"))
             return
         tunnel = self.relay.hosts.get(name or "")
+        if self.relay.draining:
+            self.answer(sid, unavailable("this relay is shutting down"))
+            return
         if tunnel is None:
+            if self.relay.heldFor("http", name or "") is not None:
+                self.answer(sid, unavailable(f"the agent serving {name!r} is reconnecting"))
+                return
             self.answer(sid, Answer(404, f"no tunnel named {name!r} on this relay"))
             return
         assert authority is not None
