@@ -206,6 +206,7 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     killed = time.monotonic()
     a.popen.send_signal(signal.SIGKILL)
     transfer.wait(10)
+    print(f"\nvisitor's download failed {time.monotonic() - killed:.3f}s after the agent was killed")
     assert time.monotonic() - killed < 2.0
     assert transfer.returncode != 0
     started = time.monotonic()
@@ -304,6 +305,7 @@ def test_stalled_link_is_detected_within_two_keepalives(
             if relayAt is None and any("closing it" in line for line in relay.lines[seenRelay:]):
                 relayAt = time.monotonic() - stalled
             time.sleep(0.02)
+        print(f"\nstalled link dropped after: agent {agentAt}s, relay {relayAt}s (keepalive {KEEPALIVE}s)")
         assert agentAt is not None and agentAt < 2 * KEEPALIVE, (agentAt, a.output)
         assert relayAt is not None and relayAt < 2 * KEEPALIVE, (relayAt, relay.output)
         a.waitFor("agent link .*-> connecting", timeout=5)
@@ -441,5 +443,10 @@ def test_pooled_agent_killed_under_load(procs: list[Proc], env: dict[str, str], 
         w.join(10)
     before = [body for t, body in results if t < killed]
     after = [body for t, body in results if t >= killed + 0.5]
+    window = [body for t, body in results if killed <= t < killed + 0.5]
+    print(
+        f"\npool failover: {len(before)} requests before the kill {dict(Counter(before))}, "
+        f"{len(window)} in the next 0.5 s {dict(Counter(window))}, {len(after)} after {dict(Counter(after))}"
+    )
     assert {"A", "B"} <= set(before), Counter(before)
     assert after and set(after) == {"B"}, Counter(after)
