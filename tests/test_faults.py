@@ -200,7 +200,7 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     relay, port = startRelay(procs, env, tmp_path / "state")
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
-    transfer = fetch(url + "big", port, tmp_path / "out", "--limit-rate", "5M")
+    transfer = fetch(url + "big", port, tmp_path / "out", "--limit-rate", "20M")
     time.sleep(0.5)
     assert transfer.poll() is None
     killed = time.monotonic()
