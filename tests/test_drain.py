@@ -225,3 +225,30 @@ def test_drain_with_a_clock() -> None:
         clock.advance(0.05)
     assert results == [0, 2]
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_drain_lets_an_http2_response_finish(
+    tmp_path: Any, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    An HTTP/2 visitor's response in flight at shutdown arrives whole (the
+    connection gets GOAWAY, then closes when its streams are done).
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "20")
+    agent = await startAgent(agents, relay, "--http", str(slowOrigin))
+    fetch = defer.ensureDeferred(
+        curl(
+            "--http2-prior-knowledge",
+            "-H",
+            f"Host: {_host(agent)}",
+            f"http://127.0.0.1:{relay.port}/slow?n=10&every=0.1",
+        )
+    )
+    await task.deferLater(reactor, 0.4, lambda: None)
+    started = time.monotonic()
+    await defer.maybeDeferred(relay.service.stopService)
+    code, out, err = await fetch
+    assert code == 0, err
+    assert out == CHUNK * 10
+    assert time.monotonic() - started < 5

@@ -114,3 +114,20 @@ async def test_local_service_down_answers_502_quickly(relay: Relay, agents: list
     assert out.startswith(b"HTTP/1.1 502"), out
     assert f"127.0.0.1:{port} refused the connection".encode() in out
     assert time.monotonic() - started < 1.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_name_answers_503_over_http2(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
+    """
+    The HTTP/2 edge gives the same 503 and Retry-After while the agent is
+    away.
+    """
+    agent = await startAgent(agents, relay, "--http", str(origin), "--reconnect-initial", "30")
+    host = _host(agent)
+    dropLink(agent)
+    await waitFor(lambda: agent.agent.session is None)
+    code, out, err = await curl(
+        "-i", "--http2-prior-knowledge", "-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/"
+    )
+    assert out.startswith(b"HTTP/2 503"), (out, err)
+    assert b"\r\nretry-after: 5\r\n" in out.lower()

@@ -71,15 +71,16 @@ class _Fail:
         self.tunnel = tunnel
 
 
+def unavailable(reason: str) -> Answer:
+    """
+    A 503 that tells the visitor when to try again (the HTTP/2 edge's too).
+    """
+    return Answer(503, f"{reason}; try again shortly", [("Retry-After", str(RETRY_AFTER))])
+
+
 def _unavailable(reason: str) -> _Fail:
-    """
-    A 503 that tells the visitor when to try again.
-    """
-    return _Fail(
-        503,
-        f"{reason}; try again shortly",
-        Answer(503, f"{reason}; try again shortly", [("Retry-After", str(RETRY_AFTER))]),
-    )
+    answer = unavailable(reason)
+    return _Fail(answer.status, answer.reason, answer)
 
 
 @implementer(IPushProducer)
@@ -213,7 +214,14 @@ class EdgeProtocol(Protocol):
         Close this visitor connection once it owes no response: at once if
         it is idle, else after the response in flight is complete.
         """
-        if self._delegate is not None or self._lost:
+        if self._lost:
+            return
+        if self._delegate is not None:
+            # An HTTP/2 connection drains its own way; an agent's link is
+            # closed by the relay after the drain.
+            closeWhenIdle = getattr(self._delegate, "closeWhenIdle", None)
+            if closeWhenIdle is not None:
+                closeWhenIdle()
             return
         self._closeWhenIdle = True
         if not self._busy and not self._queue and self._gating is None and self._framer.idle:

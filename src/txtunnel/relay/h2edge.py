@@ -52,6 +52,7 @@ from txtunnel.h2messages import Fields
 from txtunnel.h2pipe import HOP_BY_HOP, H2Pipe
 from txtunnel.http1 import STATUS_TEXT, Answer, RequestHead
 from txtunnel.link import StreamReset as LinkStreamReset
+from txtunnel.relay.edge import unavailable
 from txtunnel.responses import ResponseFramer
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ class H2EdgeProtocol(Protocol):
         self.exchanges: dict[int, Exchange] = {}
         self.paused = False
         self._lost = False
+        self._closeWhenIdle = False
 
     # -- H2Owner
 
@@ -309,6 +311,8 @@ class H2EdgeProtocol(Protocol):
         if exchange is not None:
             exchange.bytesIn, exchange.bytesOut = pipe.bytesIn, pipe.bytesOut
             self._exchangeDone(exchange, pipe.status)
+        if self._closeWhenIdle and not self.pipes:
+            self._goAway()
 
     def _exchangeDone(self, exchange: Exchange, status: int) -> None:
         """
@@ -318,6 +322,28 @@ class H2EdgeProtocol(Protocol):
         if self.relay.accessLog:
             logAccess(exchange, status, now, scheme=self.scheme, http="2")
         self.relay.metrics.requestDone(exchange.tunnel, exchange.method, status, now - exchange.started)
+
+    def closeWhenIdle(self) -> None:
+        """
+        The relay is draining: close once no stream is open.  (Not GOAWAY
+        at once: the h2 library sends nothing more after it, and the
+        streams in flight must finish; new ones get 503 meanwhile.)
+        """
+        if self._lost or self._closeWhenIdle:
+            return
+        self._closeWhenIdle = True
+        if not self.pipes:
+            self._goAway()
+
+    def _goAway(self) -> None:
+        if self._lost or self.transport is None:
+            return
+        try:
+            self.conn.close_connection()
+        except H2Error:
+            pass
+        self.flush()
+        self.transport.loseConnection()
 
     # -- the connection
 
@@ -415,7 +441,13 @@ class H2EdgeProtocol(Protocol):
             self.answer(sid, Answer(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}"))
             return
         tunnel = self.relay.hosts.get(name or "")
+        if self.relay.draining:
+            self.answer(sid, unavailable("this relay is shutting down"))
+            return
         if tunnel is None:
+            if self.relay.heldFor("http", name or "") is not None:
+                self.answer(sid, unavailable(f"the agent serving {name!r} is reconnecting"))
+                return
             self.answer(sid, Answer(404, f"no tunnel named {name!r} on this relay"))
             return
         exchange.tunnel = name or "-"

@@ -471,7 +471,10 @@ class RelayService(MultiService):
             session.link.connectionLost("relay shutting down")
             session.linkLost("relay shutting down")
         for edge in list(self.relay.edges):
-            if edge.transport is not None and edge._delegate is None:
+            # Visitors' connections (HTTP/1.1, and HTTP/2 ones, which have a
+            # closeWhenIdle of their own), not agents' links.
+            visitor = edge._delegate is None or hasattr(edge._delegate, "closeWhenIdle")
+            if edge.transport is not None and visitor:
                 edge.transport.loseConnection()
 
 
