@@ -4,7 +4,7 @@ Errors that carry a message meant for a person.
 
 from __future__ import annotations
 
-__all__ = ["BindError", "ConfigError"]
+__all__ = ["BindError", "ConfigError", "TooManyStreams"]
 
 
 class BindError(Exception):
@@ -18,4 +18,11 @@ class ConfigError(Exception):
     """
     A configuration file, environment variable or option has a bad value.
     The message names where it came from and what was expected.
+    """
+
+
+class TooManyStreams(Exception):
+    """
+    An agent's link already carries as many streams as the relay allows
+    (C{--max-streams}); a visitor is told to come back shortly.
     """

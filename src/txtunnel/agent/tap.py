@@ -12,8 +12,12 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
+from txtunnel.basicauth import hashCredentials
 from txtunnel.errors import ConfigError
+from txtunnel.headerrules import headerAdds, headerNames
+from txtunnel.iprules import networkList
 from txtunnel.names import checkName
+from txtunnel.ratelimit import parseRate
 from txtunnel.wslink import relayEndpointString
 
 __all__ = ["Options", "makeService"]
@@ -21,7 +25,30 @@ __all__ = ["Options", "makeService"]
 DEFAULT_RELAY = "ws://localhost:8080"
 
 #: Keys a [tunnel:NAME] section may have.
-TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
+#: Visitor policy settings of an HTTP tunnel, enforced by the relay (see
+#: docs/security.rst), and the response header rules the agent applies.
+POLICY_KEYS = (
+    "basic-auth",
+    "ip-allow",
+    "ip-deny",
+    "add-header",
+    "remove-header",
+    "add-response-header",
+    "remove-response-header",
+    "rate-per-ip",
+    "rate",
+    "quota",
+)
+TUNNEL_KEYS = (
+    "type",
+    "target",
+    "subdomain",
+    "remote-port",
+    "response-timeout",
+    "udp-idle-timeout",
+    "sse-heartbeat",
+    *POLICY_KEYS,
+)
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls")
@@ -71,6 +98,42 @@ def idleTimeout(text: str) -> float:
     return value
 
 
+def basicAuthList(text: str) -> list[str]:
+    """
+    C{user:pass} entries (one per value, or comma/newline-separated in a
+    config file), checked and hashed at once: the plain password is never
+    kept or sent.
+    """
+    items = [i.strip() for i in str(text).replace("\n", ",").split(",") if i.strip()]
+    return [hashCredentials(item) for item in items]
+
+
+def rateText(text: str) -> str:
+    rate = parseRate(text)
+    return str(rate) if rate else ""
+
+
+def sizeText(text: str) -> int:
+    from txtunnel.relay.policy import parseSize
+
+    return parseSize(text)
+
+
+#: How each policy setting is checked, and whether it is a list.
+POLICY_COERCERS: dict[str, Any] = {
+    "basic-auth": basicAuthList,
+    "ip-allow": networkList,
+    "ip-deny": networkList,
+    "add-header": headerAdds,
+    "remove-header": headerNames,
+    "add-response-header": headerAdds,
+    "remove-response-header": headerNames,
+    "rate-per-ip": rateText,
+    "rate": rateText,
+    "quota": sizeText,
+}
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -102,6 +165,27 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("basic-auth", [], basicAuthList),
+        ("ip-allow", [], networkList),
+        ("ip-deny", [], networkList),
+        ("add-header", [], headerAdds),
+        ("remove-header", [], headerNames),
+        ("add-response-header", [], headerAdds),
+        ("remove-response-header", [], headerNames),
+        ("rate-per-ip", "", rateText),
+        ("rate", "", rateText),
+        ("quota", 0, sizeText),
+    )
+    multi = frozenset(
+        {
+            "basic-auth",
+            "ip-allow",
+            "ip-deny",
+            "add-header",
+            "remove-header",
+            "add-response-header",
+            "remove-response-header",
+        }
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -147,7 +231,52 @@ class Options(ConfigOptions):
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        ["rate-per-ip", None, None, "Requests each visitor address may make to an HTTP tunnel, e.g. 10/s. [default: off]"],
+        ["rate", None, None, "Requests an HTTP tunnel accepts in all, e.g. 100/s or 600/m:50. [default: off]"],
+        ["quota", None, None, "Bytes an HTTP tunnel may move per calendar month, e.g. 10MiB. [default: off]"],
     ]
+
+    def opt_basic_auth(self, value: str) -> None:
+        """
+        USER:PASSWORD visitors of an HTTP tunnel must give (401 until they do); repeat for several users. Only a salted hash is sent to the relay.
+        """
+        self["basic-auth"].append(value)
+
+    def opt_ip_allow(self, value: str) -> None:
+        """
+        Only these visitor addresses (IP or CIDR, IPv4 or IPv6) may reach an HTTP tunnel; repeat or comma-separate.
+        """
+        self["ip-allow"].append(value)
+
+    def opt_ip_deny(self, value: str) -> None:
+        """
+        Visitor addresses (IP or CIDR) refused with 403; deny wins over allow. Repeat or comma-separate.
+        """
+        self["ip-deny"].append(value)
+
+    def opt_add_header(self, value: str) -> None:
+        """
+        'Name: value' added to each request the local service receives (replacing any the visitor sent).
+        """
+        self["add-header"].append(value)
+
+    def opt_remove_header(self, value: str) -> None:
+        """
+        Header removed from each request before the local service sees it.
+        """
+        self["remove-header"].append(value)
+
+    def opt_add_response_header(self, value: str) -> None:
+        """
+        'Name: value' added to each response the visitor receives (replacing any the service sent).
+        """
+        self["add-response-header"].append(value)
+
+    def opt_remove_response_header(self, value: str) -> None:
+        """
+        Header removed from each response before the visitor sees it.
+        """
+        self["remove-response-header"].append(value)
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__(environ)
@@ -184,9 +313,16 @@ class Options(ConfigOptions):
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
                         f"in a config file put '{key} = ...' in its [tunnel:NAME] section"
                     )
+        commonPolicy = {key: self[key] for key in POLICY_KEYS if self[key]}
         if given:
             kind = given[0]
             options = dict(common)
+            if commonPolicy:
+                if kind != "http":
+                    raise ConfigError(
+                        f"--{next(iter(commonPolicy))} applies to HTTP tunnels; --{kind} tunnels have no visitor policy"
+                    )
+                options["policy"] = commonPolicy
             if self["subdomain"]:
                 options["subdomain"] = self["subdomain"]
             if self["remote-port"]:
@@ -235,6 +371,19 @@ class Options(ConfigOptions):
                             options[key] = coerce(values[key])
                         except ValueError as e:
                             raise ConfigError(f"{where} {key}: {e}") from None
+                policy = dict(commonPolicy) if kind == "http" else {}
+                for key in POLICY_KEYS:
+                    if key not in values:
+                        continue
+                    if kind != "http":
+                        raise ConfigError(f"{where} {key}: only tunnels of type = http have visitor policy")
+                    try:
+                        policy[key] = POLICY_COERCERS[key](values[key])
+                    except ValueError as e:
+                        raise ConfigError(f"{where} {key}: {e}") from None
+                policy = {k: v for k, v in policy.items() if v}
+                if policy:
+                    options["policy"] = policy
                 try:
                     address = parseTarget(values["target"])
                 except ValueError as e:

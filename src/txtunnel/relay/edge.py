@@ -18,12 +18,13 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.errors import TooManyStreams
 from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.http1 import (
     Answer,
@@ -43,6 +44,14 @@ if TYPE_CHECKING:
     from txtunnel.relay.service import Relay
 
 __all__ = ["EdgeFactory", "EdgeProtocol"]
+
+#: Seconds a visitor may take to send a whole request head, once it has
+#: begun one (C{--header-timeout}): a slowloris client trickling a head is
+#: answered 408 and closed.
+DEFAULT_HEADER_TIMEOUT = 20.0
+#: Seconds a keep-alive connection may sit with nothing to do
+#: (C{--idle-timeout}): no request arriving and no response owed.
+DEFAULT_IDLE_TIMEOUT = 60.0
 
 
 class _Fail:
@@ -92,6 +101,10 @@ class _ToVisitor(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.detached:
             return
+        edge = self.edge
+        edge._lastActivity = edge._now()
+        for meter in edge._meters:
+            meter(len(data))
         transport = self.edge.transport
         if transport is not None:
             transport.write(data)
@@ -148,12 +161,67 @@ class EdgeProtocol(Protocol):
         #: the last head they let through (with its tunnel).
         self._gating: RequestHead | None = None
         self._passed: tuple[RequestHead, Any, VisitorRequest] | None = None
+        #: Gates' byte counters for the current stream.
+        self._meters: list[Any] = []
         self.clientIP = "?"
+        settings = getattr(relay, "settings", {})
+        self.headerTimeout = float(settings.get("header-timeout", DEFAULT_HEADER_TIMEOUT))
+        self.idleTimeout = float(settings.get("idle-timeout", DEFAULT_IDLE_TIMEOUT))
+        self._headCall: IDelayedCall | None = None
+        self._idleCall: IDelayedCall | None = None
+        self._lastActivity = 0.0
+
+    def _now(self) -> float:
+        return float(self.relay.reactor.seconds())
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.clientIP = getattr(peer, "host", "?")
         setNoDelay(self.transport)
+        self._lastActivity = self._now()
+        if self.idleTimeout > 0:
+            self._idleCall = self.relay.reactor.callLater(self.idleTimeout, self._idleCheck)
+
+    # -- timeouts
+
+    def _idleCheck(self) -> None:
+        """
+        Close a connection that has had nothing to do for C{idleTimeout}:
+        no bytes from the visitor and no response owed.  Upgraded and
+        link connections are left alone (a quiet WebSocket is fine).
+        """
+        self._idleCall = None
+        if self._lost or self._delegate is not None or self._raw:
+            return
+        quiet = self._now() - self._lastActivity
+        if quiet < self.idleTimeout or self._busy or self._gating is not None:
+            self._idleCall = self.relay.reactor.callLater(
+                max(self.idleTimeout - quiet, 1.0) if quiet < self.idleTimeout else self.idleTimeout, self._idleCheck
+            )
+            return
+        if self._framer.idle:
+            self.log.debug("closing idle connection from {client}", client=self.clientIP)
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self._timedOut("the request did not arrive in time")
+
+    def _headCheck(self) -> None:
+        self._headCall = None
+        if not self._lost and self._delegate is None and self._framer.partialHead and not self._failed:
+            self._timedOut(f"the request head did not arrive within {self.headerTimeout:g}s")
+
+    def _timedOut(self, reason: str) -> None:
+        self.log.info("408 for {client}: {reason}", client=self.clientIP, reason=reason)
+        self._failed = True
+        self._queue.append(_Fail(408, reason))
+        self._pump()
+
+    def _stopTimers(self) -> None:
+        for call in (self._headCall, self._idleCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._headCall = self._idleCall = None
 
     # -- reading
 
@@ -163,12 +231,28 @@ class EdgeProtocol(Protocol):
             return
         if self._failed:
             return
+        self._lastActivity = self._now()
         try:
-            self._queue.extend(self._framer.feed(data))
+            events = self._framer.feed(data)
         except HTTPError as e:
             self._queue.append(_Fail(e.status, e.reason))
             self._failed = True
+        else:
+            self._queue.extend(events)
+            self._watchHead(any(isinstance(e, RequestHead) for e in events))
         self._pump()
+
+    def _watchHead(self, headDone: bool) -> None:
+        """
+        Time each request head from its first byte to its end.
+        """
+        call = self._headCall
+        if call is not None and (headDone or not self._framer.partialHead):
+            if call.active():
+                call.cancel()
+            call = self._headCall = None
+        if call is None and self._framer.partialHead and self.headerTimeout > 0:
+            self._headCall = self.relay.reactor.callLater(self.headerTimeout, self._headCheck)
 
     @property
     def _busy(self) -> bool:
@@ -198,6 +282,8 @@ class EdgeProtocol(Protocol):
                 if isinstance(event, RawBytes):
                     self._raw = True
                 if self._stream is not None:
+                    for meter in self._meters:
+                        meter(len(event.data))
                     self._stream.write(event.data)
             elif isinstance(event, RequestEnd):
                 queue.popleft()
@@ -314,16 +400,22 @@ class EdgeProtocol(Protocol):
         passed = self._passed
         if passed is not None and passed[0] is head:
             request = passed[2]
-            self._stream.write(
-                head.withForwarded(self.clientIP, self.scheme, host, request.addHeaders, request.dropHeaders)
-            )
+            self._meters = request.meters
+            forwarded = head.withForwarded(self.clientIP, self.scheme, host, request.addHeaders, request.dropHeaders)
         else:
-            self._stream.write(head.withForwarded(self.clientIP, self.scheme, host))
+            self._meters = []
+            forwarded = head.withForwarded(self.clientIP, self.scheme, host)
+        for meter in self._meters:
+            meter(len(forwarded))
+        self._stream.write(forwarded)
 
     def _open(self, tunnel: Any) -> bool:
         responder = _ToVisitor(self)
         try:
             stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
+        except TooManyStreams as e:
+            self._send(Answer(503, str(e), headers=[("Retry-After", "1")]))
+            return False
         except Exception as e:  # the link went away between routing and opening
             self._answer(502, f"the tunnel's agent is not connected ({e})")
             return False
@@ -340,6 +432,7 @@ class EdgeProtocol(Protocol):
         """
         stream, responder = self._stream, self._responder
         self._stream = self._responder = self._tunnel = None
+        self._meters = []
         if responder is not None:
             responder.detached = True
         if stream is not None:
@@ -391,6 +484,7 @@ class EdgeProtocol(Protocol):
         transport: Any = self.transport
         protocol: Any = self.relay.linkFactory.buildProtocol(transport.getPeer())
         self._delegate = protocol
+        self._stopTimers()
         protocol.makeConnection(transport)
         protocol.dataReceived(head.raw)
         while self._queue:
@@ -454,6 +548,7 @@ class EdgeProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._lost = True
+        self._stopTimers()
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
             return

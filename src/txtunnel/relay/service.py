@@ -5,7 +5,6 @@ The relay as a service tree: its state, its public listeners, its sessions.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from typing import Any
@@ -22,9 +21,12 @@ from zope.interface import implementer
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW
 from txtunnel.relay.edge import EdgeFactory
+from txtunnel.ratelimit import BucketTable
 from txtunnel.relay.hosts import HostTable
+from txtunnel.relay.policy import policyGates
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
+from txtunnel.relay.tokens import TokenEntry, hashToken, loadTokensFile
 from txtunnel.store import SQLiteStore
 from txtunnel.wslink import LinkServerFactory
 
@@ -32,13 +34,6 @@ __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
 
 #: How many ports past a taken default port the relay tries.
 FALLBACK_TRIES = 20
-
-
-def hashToken(token: str) -> bytes:
-    """
-    The form in which the relay keeps a token: never the token itself.
-    """
-    return hashlib.sha256(b"txtunnel-token:" + token.encode("utf-8")).digest()
 
 
 @implementer(IRelay)
@@ -65,8 +60,28 @@ class Relay:
         self.httpsPort: int | None = None
         self.tlsPort: int | None = None
         self._tokens = [hashToken(t) for t in settings["token"]]
+        #: Every token accepted, with what it reserves (C{--tokens-file}).
+        self.tokenEntries = [TokenEntry(d) for d in self._tokens]
+        if settings.get("tokens-file"):
+            self.tokenEntries += loadTokensFile(settings["tokens-file"])
+            self._tokens = [e.digest for e in self.tokenEntries]
+        #: Reserved C{(kind, key)} -> the digest of the token that may bind it.
+        self.reserved: dict[tuple[str, str], bytes] = {}
+        for entry in self.tokenEntries:
+            for reservation in entry.reserved:
+                self.reserved[reservation] = entry.digest
+        for kind, pool in (("tcp", self.ports), ("udp", self.udpPorts)):
+            pool.reserved.update(int(key) for k, key in self.reserved if k == kind)
         #: The checks every visitor request to an HTTP tunnel passes, in order.
         self.gates: list[IVisitorGate] = []
+        self.gates.extend(policyGates(self))
+        #: Streams one agent's link may carry at once.
+        self.maxStreams = int(settings.get("max-streams", 1000))
+        #: Tunnels the agents of one IP address may hold at once.
+        self.maxTunnelsPerIP = int(settings.get("max-tunnels-per-ip", 10))
+        bindRate = settings.get("bind-rate")
+        #: New tunnels per agent IP address (C{--bind-rate}).
+        self.bindLimiter = BucketTable(bindRate, lambda: float(reactor.seconds()), 10_000) if bindRate else None
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
         self.linkFactory = LinkServerFactory(
@@ -99,15 +114,24 @@ class Relay:
         configured every agent may; the comparison is constant-time and
         touches only hashes.
         """
-        if not self._tokens:
-            return True
+        return self.matchToken(token) is not None
+
+    def matchToken(self, token: str | None) -> TokenEntry | None:
+        """
+        The entry of C{token}, C{TokenEntry(b"")} for any agent on a relay
+        without tokens, or C{None} to refuse.  Every entry is compared, in
+        constant time, whatever matches.
+        """
+        if not self.tokenEntries:
+            return TokenEntry(b"")
         if not token:
-            return False
+            return None
         candidate = hashToken(token)
-        ok = False
-        for known in self._tokens:
-            ok |= hmac.compare_digest(candidate, known)
-        return ok
+        found = None
+        for entry in self.tokenEntries:
+            if hmac.compare_digest(candidate, entry.digest):
+                found = entry
+        return found
 
     def httpURL(self, name: str) -> str:
         if self.httpPort is not None:
@@ -276,6 +300,10 @@ class RelayService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        for gate in self.relay.gates:
+            stop = getattr(gate, "stop", None)
+            if stop is not None:
+                stop()
         for session in list(self.relay.sessions):
             session.carrier.closeLink("relay shutting down")
             session.linkLost("relay shutting down")
