@@ -31,6 +31,7 @@ from txtunnel.claims import claimName, nameRequest
 from txtunnel.http1 import errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.rewrite import ResponseHeadRewriter
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
 
@@ -103,11 +104,14 @@ class _Watch:
 
 
 class _RequestSide(StreamSide):
-    def __init__(self, watch: _Watch) -> None:
+    def __init__(self, watch: _Watch, rewriter: ResponseHeadRewriter | None = None) -> None:
         super().__init__()
         self.watch = watch
+        self.rewriter = rewriter
 
     def dataReceived(self, data: bytes) -> None:
+        if self.rewriter is not None:
+            self.rewriter.requestData(data)
         self.watch.heartbeat.requestData(data)
         self.watch.requestBytes()
         super().dataReceived(data)
@@ -119,14 +123,19 @@ class _RequestSide(StreamSide):
 
 
 class _ResponseSide(SocketSide):
-    def __init__(self, stream: Stream, watch: _Watch) -> None:
+    def __init__(self, stream: Stream, watch: _Watch, rewriter: ResponseHeadRewriter | None = None) -> None:
         super().__init__(stream)
         self.watch = watch
+        self.rewriter = rewriter
         watch.socket = self
 
     def dataReceived(self, data: bytes) -> None:
         self.watch.responseBytes()
         self.watch.heartbeat.responseData(data)
+        if self.rewriter is not None:
+            data = self.rewriter.responseData(data)
+            if not data:
+                return
         super().dataReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -137,6 +146,22 @@ class _ResponseSide(SocketSide):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.watch.heartbeat.stop()
         super().connectionLost(reason)
+
+
+def responseRewriter(policy: Any) -> ResponseHeadRewriter | None:
+    """
+    The response header rules of a tunnel's policy (C{add-response-header},
+    C{remove-response-header}), or C{None} when it has none.
+    """
+    if not isinstance(policy, dict):
+        return None
+    add = [tuple(a.split(": ", 1)) for a in policy.get("add-response-header", [])]
+    drop = policy.get("remove-response-header", [])
+    if not add and not drop:
+        return None
+    return ResponseHeadRewriter(
+        [(n.encode(), v.encode()) for n, v in add], [d.lower().encode() for d in drop]
+    )
 
 
 @implementer(IForwarder)
@@ -163,12 +188,13 @@ class HTTPForwarder:
         interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
         watch = _Watch(tunnel, stream, timeout, heartbeat)
+        rewriter = responseRewriter(tunnel.options.get("policy"))
         d = connectStream(
             tunnel.reactor,
             tunnel.target,
             stream,
-            lambda s: _ResponseSide(s, watch),
-            _RequestSide(watch),
+            lambda s: _ResponseSide(s, watch, rewriter),
+            _RequestSide(watch, rewriter),
         )
 
         def failed(f: Failure) -> None:
