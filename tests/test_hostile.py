@@ -114,7 +114,9 @@ def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Pr
     (root / "blob").write_bytes(blob)
     (root / "index.html").write_text("still here\n")
     web = freePort()
-    server = Proc([tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env)
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
     procs.append(server)
     server.waitFor("Serving HTTP")
 
@@ -160,7 +162,9 @@ def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Pr
 
         # Garbage on the link endpoint: a broken upgrade, bytes that are not
         # WebSocket after a real one, and malformed link frames from a fake agent.
-        answer = exchange(port, f"GET /_txtunnel HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n\r\n".encode())
+        answer = exchange(
+            port, f"GET /_txtunnel HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n\r\n".encode()
+        )
         assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
         answer = fakeAgent(port, b"\xff" * 64)  # reserved bits and opcode: not WebSocket
         assert answer.startswith(b"HTTP/1.1 101")  # and then closed, not hung
@@ -194,15 +198,26 @@ def test_twistd_policy_and_no_secret_in_logs(tmp_path: Path, procs: list[Proc], 
     root.mkdir()
     (root / "index.html").write_text("private page\n")
     web = freePort()
-    server = Proc([tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env)
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
     procs.append(server)
     server.waitFor("Serving HTTP")
     tokens = tmp_path / "tokens"
     tokens.write_text("agent-token-s3cret http:team\n")
     relay, port = startRelay(procs, env, tmp_path / "state", "--tokens-file", str(tokens), "--rate-per-ip", "4/m")
     agent = startAgent(
-        procs, env, port, "--token", "agent-token-s3cret", "--http", str(web), "--subdomain", "team",
-        "--basic-auth", "alice:pa55-w0rd",
+        procs,
+        env,
+        port,
+        "--token",
+        "agent-token-s3cret",
+        "--http",
+        str(web),
+        "--subdomain",
+        "team",
+        "--basic-auth",
+        "alice:pa55-w0rd",
     )
     agent.waitFor("tunnel ready: http://team.localhost")
     url = f"http://127.0.0.1:{port}/index.html"

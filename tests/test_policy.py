@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent, startRelay, wait
-from tests.test_gates import headersOrigin  # noqa: F401 (fixture)
+from tests.test_gates import Headers
 from txtunnel.relay.tokens import hashToken
 
 
@@ -43,6 +43,13 @@ async def policyRelay(tmp_path: Path, *args: str) -> Relay:
 
 
 @pytest.fixture
+def headersOrigin() -> Any:
+    port = reactor.listenTCP(0, Site(Headers()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    yield port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest.fixture
 def relays() -> Any:
     started: list[Relay] = []
     yield started
@@ -54,7 +61,7 @@ def relays() -> Any:
 
 
 @pytest_twisted.ensureDeferred
-async def test_basic_auth(relay: Relay, agents: list[RunningAgent], headersOrigin: int) -> None:  # noqa: F811
+async def test_basic_auth(relay: Relay, agents: list[RunningAgent], headersOrigin: int) -> None:
     """
     A tunnel with --basic-auth answers 401 with WWW-Authenticate until the
     visitor gives a listed user's password; the relay only ever holds a
@@ -92,13 +99,13 @@ async def test_basic_auth(relay: Relay, agents: list[RunningAgent], headersOrigi
 
 
 @pytest_twisted.ensureDeferred
-async def test_bad_policy_refused_at_bind(relay: Relay, agents: list[RunningAgent], headersOrigin: int) -> None:  # noqa: F811
+async def test_bad_policy_refused_at_bind(relay: Relay, agents: list[RunningAgent], headersOrigin: int) -> None:
     """
     A bind request with a malformed policy (a plain password where a hash
     belongs, a bad CIDR) is refused with the reason, and the name stays free.
     """
-    from txtunnel.relay.policy import parsePolicy
     from txtunnel.errors import BindError
+    from txtunnel.relay.policy import parsePolicy
 
     with pytest.raises(BindError, match="pbkdf2"):
         parsePolicy({"type": "http", "policy": {"basic-auth": ["alice:plain"]}})
@@ -121,15 +128,19 @@ async def test_bad_policy_refused_at_bind(relay: Relay, agents: list[RunningAgen
 
 
 @pytest_twisted.ensureDeferred
-async def test_ip_rules_per_tunnel(relay: Relay, agents: list[RunningAgent], headersOrigin: int) -> None:  # noqa: F811
+async def test_ip_rules_per_tunnel(relay: Relay, agents: list[RunningAgent], headersOrigin: int) -> None:
     """
     Per-tunnel allow and deny lists: 403 outside the allow list and inside
     the deny list, deny winning over allow; tunnels without rules are open.
     """
     origin = str(headersOrigin)
     await startAgent(agents, relay, "--http", origin, "--subdomain", "denied", "--ip-deny", "127.0.0.0/8")
-    await startAgent(agents, relay, "--http", origin, "--subdomain", "elsewhere", "--ip-allow", "10.0.0.0/8,2001:db8::/32")
-    await startAgent(agents, relay, "--http", origin, "--subdomain", "local", "--ip-allow", "127.0.0.1/32", "--ip-allow", "::1")
+    await startAgent(
+        agents, relay, "--http", origin, "--subdomain", "elsewhere", "--ip-allow", "10.0.0.0/8,2001:db8::/32"
+    )
+    await startAgent(
+        agents, relay, "--http", origin, "--subdomain", "local", "--ip-allow", "127.0.0.1/32", "--ip-allow", "::1"
+    )
     await startAgent(
         agents, relay, "--http", origin, "--subdomain", "both", "--ip-allow", "127.0.0.0/8", "--ip-deny", "127.0.0.1"
     )
@@ -142,7 +153,9 @@ async def test_ip_rules_per_tunnel(relay: Relay, agents: list[RunningAgent], hea
 
 
 @pytest_twisted.ensureDeferred
-async def test_ip_rules_relay_wide(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], headersOrigin: int) -> None:  # noqa: F811
+async def test_ip_rules_relay_wide(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], headersOrigin: int
+) -> None:
     """
     Relay-wide rules apply to every HTTP tunnel, before the tunnel's own.
     """
@@ -179,7 +192,9 @@ def responseOrigin() -> Any:
 
 
 @pytest_twisted.ensureDeferred
-async def test_header_rules(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], responseOrigin: int) -> None:
+async def test_header_rules(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], responseOrigin: int
+) -> None:
     """
     Request headers added and removed by the relay (relay-wide and per
     tunnel) and response headers added and removed by the agent; a visitor
@@ -218,7 +233,7 @@ async def test_header_rules(tmp_path: Path, relays: list[Relay], agents: list[Ru
 
 
 @pytest_twisted.ensureDeferred
-async def test_rate_limits(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], headersOrigin: int) -> None:  # noqa: F811
+async def test_rate_limits(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], headersOrigin: int) -> None:
     """
     Past the per-IP rate the relay answers 429 with Retry-After; the
     tunnel's own rate applies to its tunnel only.
@@ -243,7 +258,9 @@ async def test_rate_limits(tmp_path: Path, relays: list[Relay], agents: list[Run
 
 
 @pytest_twisted.ensureDeferred
-async def test_quota_survives_restart(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int) -> None:
+async def test_quota_survives_restart(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
     """
     A tunnel's monthly quota: requests pass until its bytes are spent,
     then a 429 page says when it resets; the count is in the state dir, so
@@ -450,7 +467,9 @@ def slowloris(port: int, head: bytes, pause: float, limit: float) -> tuple[bytes
 
 
 @pytest_twisted.ensureDeferred
-async def test_header_and_idle_timeouts(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int) -> None:
+async def test_header_and_idle_timeouts(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
     """
     A visitor trickling a request head gets 408 and is closed after
     --header-timeout; a connection with nothing to do is closed after
@@ -494,7 +513,14 @@ def test_authorization_parsing() -> None:
     good = base64.b64encode(b"alice:wonder:land")
     assert parseAuthorization(b"Basic " + good) == "alice:wonder:land"
     assert parseAuthorization(b"basic " + good) == "alice:wonder:land"
-    for bad in (None, b"", b"Bearer x", b"Basic !!!", b"Basic " + base64.b64encode(b"\xff\xfe"), b"Basic " + b"A" * 5000):
+    for bad in (
+        None,
+        b"",
+        b"Bearer x",
+        b"Basic !!!",
+        b"Basic " + base64.b64encode(b"\xff\xfe"),
+        b"Basic " + b"A" * 5000,
+    ):
         assert parseAuthorization(bad) is None
     stored = hashCredentials("alice:wonder:land", iterations=10_000)
     assert checkCredentials("alice:wonder:land", [stored])

@@ -11,8 +11,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
 from txtunnel.basicauth import hashCredentials
+from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
 from txtunnel.headerrules import headerAdds, headerNames
 from txtunnel.iprules import networkList
@@ -231,7 +231,12 @@ class Options(ConfigOptions):
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
-        ["rate-per-ip", None, None, "Requests each visitor address may make to an HTTP tunnel, e.g. 10/s. [default: off]"],
+        [
+            "rate-per-ip",
+            None,
+            None,
+            "Requests each visitor address may make to an HTTP tunnel, e.g. 10/s. [default: off]",
+        ],
         ["rate", None, None, "Requests an HTTP tunnel accepts in all, e.g. 100/s or 600/m:50. [default: off]"],
         ["quota", None, None, "Bytes an HTTP tunnel may move per calendar month, e.g. 10MiB. [default: off]"],
     ]

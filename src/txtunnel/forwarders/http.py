@@ -159,9 +159,7 @@ def responseRewriter(policy: Any) -> ResponseHeadRewriter | None:
     drop = policy.get("remove-response-header", [])
     if not add and not drop:
         return None
-    return ResponseHeadRewriter(
-        [(n.encode(), v.encode()) for n, v in add], [d.lower().encode() for d in drop]
-    )
+    return ResponseHeadRewriter([(n.encode(), v.encode()) for n, v in add], [d.lower().encode() for d in drop])
 
 
 @implementer(IForwarder)

@@ -462,6 +462,7 @@ def policyGates(relay: Any) -> list[IVisitorGate]:
     settings each one costs a dictionary lookup per request.
     """
     settings = relay.settings
+
     def clock() -> float:
         return float(relay.reactor.seconds())
 

@@ -20,8 +20,8 @@ from zope.interface import implementer
 
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.link import DEFAULT_WINDOW
-from txtunnel.relay.edge import EdgeFactory
 from txtunnel.ratelimit import BucketTable
+from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.policy import policyGates
 from txtunnel.relay.ports import PortPool
