@@ -530,3 +530,77 @@ def test_authorization_parsing() -> None:
         hashCredentials("no-colon")
     with pytest.raises(ValueError):
         hashCredentials(":nouser")
+
+
+def ipv6Available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6Available(), reason="no IPv6 loopback")
+@pytest_twisted.ensureDeferred
+async def test_ip_rules_ipv6(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], headersOrigin: int
+) -> None:
+    """
+    On a relay listening on ::1, IPv6 CIDR rules admit and refuse visitors.
+    """
+    relay = await policyRelay(tmp_path, "--http", r"tcp6:0:interface=\:\:1")
+    relays.append(relay)
+    url = f"ws://[::1]:{relay.port}"
+    origin = str(headersOrigin)
+    await startAgent(agents, relay, "--relay", url, "--http", origin, "--subdomain", "v6in", "--ip-allow", "::1/128")
+    await startAgent(agents, relay, "--relay", url, "--http", origin, "--subdomain", "v6out", "--ip-deny", "::/0")
+    await startAgent(
+        agents, relay, "--relay", url, "--http", origin, "--subdomain", "v4only", "--ip-allow", "127.0.0.0/8"
+    )
+    for name, status in (("v6in", 200), ("v6out", 403), ("v4only", 403)):
+        code, out, err = await curl("-gsi", "-H", host(relay, name), f"http://[::1]:{relay.port}/")
+        assert code == 0, err
+        assert out.startswith(f"HTTP/1.1 {status}".encode()), (name, out)
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_per_ip_and_tunnel_rate_per_ip(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    The relay's per-address quota counts across tunnels; a tunnel's own
+    per-address rate limits only that tunnel.
+    """
+    relay = await policyRelay(tmp_path, "--quota-per-ip", "20000")
+    relays.append(relay)
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "qa", "--rate-per-ip", "1/h")
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "qb")
+    assert (await get(relay, "qa", "/hello")).startswith(b"HTTP/1.1 200")
+    out = await get(relay, "qa", "/hello")
+    assert out.startswith(b"HTTP/1.1 429") and b"from your address" in out, out
+    assert (await get(relay, "qb", "/big?n=25000")).startswith(b"HTTP/1.1 200")
+    out = await get(relay, "qb", "/hello")
+    assert out.startswith(b"HTTP/1.1 429") and b"your address's monthly bandwidth quota" in out, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_policy_from_agent_ini(
+    tmp_path: Path, relay: Relay, agents: list[RunningAgent], headersOrigin: int
+) -> None:
+    """
+    [tunnel:NAME] policy keys reach the relay: one tunnel locked with basic
+    auth and an [agent]-wide deny list, another open.
+    """
+    ini = tmp_path / "agent.ini"
+    ini.write_text(
+        "[agent]\nremove-header = X-Secret\n"
+        f"[tunnel:locked]\ntype = http\ntarget = {headersOrigin}\nsubdomain = inilocked\nbasic-auth = carol:pw-1\n"
+        f"[tunnel:open]\ntype = http\ntarget = {headersOrigin}\nsubdomain = iniopen\n"
+    )
+    await startAgent(agents, relay, "--config", str(ini))
+    assert (await get(relay, "inilocked")).startswith(b"HTTP/1.1 401")
+    out = await get(relay, "inilocked", "/", "-u", "carol:pw-1", "-H", "X-Secret: 1")
+    assert out.startswith(b"HTTP/1.1 200") and b"x-secret" not in out, out
+    out = await get(relay, "iniopen", "/", "-H", "X-Secret: 1")
+    assert out.startswith(b"HTTP/1.1 200") and b"x-secret" not in out, out

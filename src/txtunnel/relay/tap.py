@@ -220,29 +220,25 @@ class Options(ConfigOptions):
 
     def opt_ip_allow(self, value: str) -> None:
         """
-        Only these visitor addresses (IP or CIDR, IPv4 or IPv6; repeat or
-        comma-separate) may reach any HTTP tunnel. [default: all]
+        Only these visitor addresses (IP or CIDR, IPv4 or IPv6; repeat or comma-separate) may reach any HTTP tunnel. [default: all]
         """
         self["ip-allow"].append(value)
 
     def opt_ip_deny(self, value: str) -> None:
         """
-        Visitor addresses (IP or CIDR) refused with 403 on every HTTP
-        tunnel; deny wins over allow.
+        Visitor addresses (IP or CIDR) refused with 403 on every HTTP tunnel; deny wins over allow.
         """
         self["ip-deny"].append(value)
 
     def opt_add_header(self, value: str) -> None:
         """
-        'Name: value' added to every request a local service receives (a
-        visitor's header of that name is replaced). Repeat for more.
+        'Name: value' added to every request a local service receives (a visitor's header of that name is replaced). Repeat for more.
         """
         self["add-header"].append(value)
 
     def opt_remove_header(self, value: str) -> None:
         """
-        Header removed from every request before it reaches a local service.
-        Repeat for more.
+        Header removed from every request before it reaches a local service. Repeat for more.
         """
         self["remove-header"].append(value)
 
