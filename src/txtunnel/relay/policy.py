@@ -479,12 +479,13 @@ class PolicyGate(_Validating):
         for i in range(start, len(gates)):
             result = gates[i].check(request)
             if isinstance(result, Deferred):
-                return result.addCallback(
-                    lambda answer, i=i: answer if answer is not None else self._from(i + 1, request)
-                )
+                return result.addCallback(self._then, i + 1, request)
             if result is not None:
                 return result
         return None
+
+    def _then(self, answer: Answer | None, start: int, request: VisitorRequest) -> Any:
+        return answer if answer is not None else self._from(start, request)
 
     def stop(self) -> None:
         for gate in self.gates:
