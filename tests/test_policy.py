@@ -604,3 +604,26 @@ async def test_policy_from_agent_ini(
     assert out.startswith(b"HTTP/1.1 200") and b"x-secret" not in out, out
     out = await get(relay, "iniopen", "/", "-H", "X-Secret: 1")
     assert out.startswith(b"HTTP/1.1 200") and b"x-secret" not in out, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnect_is_not_a_new_tunnel(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    Taking back its address after a dropped link does not spend the
+    agent address's --bind-rate, while a new tunnel does.
+    """
+    from tests.test_reconnect import dropLink, rebound
+
+    relay = await policyRelay(tmp_path, "--bind-rate", "1/h:1")
+    relays.append(relay)
+    agent = await startAgent(agents, relay, "--http", str(origin), "--subdomain", "steady")
+    await startAgent(agents, relay, "--http", str(origin))  # the second and last new one
+    for _ in range(2):
+        old = dropLink(agent)
+        await rebound(agent, old)
+    assert (await get(relay, "steady", "/hello")).startswith(b"HTTP/1.1 200")
+    third = await startAgent(agents, relay, "--http", str(origin), expectReady=False)
+    with pytest.raises(RuntimeError, match="too many new tunnels"):
+        await third.agent.ready
