@@ -627,3 +627,65 @@ async def test_reconnect_is_not_a_new_tunnel(
     third = await startAgent(agents, relay, "--http", str(origin), expectReady=False)
     with pytest.raises(RuntimeError, match="too many new tunnels"):
         await third.agent.ready
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_wide_tunnel_and_total_rates(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    --rate-per-tunnel limits each tunnel on its own; --rate-total limits
+    the relay as a whole.
+    """
+    relay = await policyRelay(tmp_path, "--rate-per-tunnel", "2/h")
+    relays.append(relay)
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "ta")
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "tb")
+    statuses = [int((await get(relay, name, "/hello")).split(b" ", 2)[1]) for name in ("ta", "ta", "ta", "tb", "tb")]
+    assert statuses == [200, 200, 429, 200, 200], statuses
+    out = await get(relay, "tb", "/hello")
+    assert b"too many requests to this tunnel" in out, out
+
+    relay = await startRelay(str(tmp_path / "state2"), "--rate-total", "3/h")
+    relays.append(relay)
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "ta")
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "tb")
+    statuses = [int((await get(relay, name, "/hello")).split(b" ", 2)[1]) for name in ("ta", "tb", "ta", "tb")]
+    assert statuses == [200, 200, 200, 429], statuses
+    assert b"too many requests to this relay" in await get(relay, "ta", "/hello")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reserved_tcp_port(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    A TCP port reserved for a token is refused to other tokens and never
+    given out at random; its token gets it.
+    """
+    from tests.conftest import freePortRange
+
+    low, high = freePortRange(3)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"owner-token-1 tcp:{low}\nother-token-1\n")
+    relay = await policyRelay(tmp_path, "--tokens-file", str(tokens), "--tcp-ports", f"{low}-{high}")
+    relays.append(relay)
+    thief = await startAgent(
+        agents,
+        relay,
+        "--token",
+        "other-token-1",
+        "--tcp",
+        str(echoServer),
+        "--remote-port",
+        str(low),
+        expectReady=False,
+    )
+    with pytest.raises(RuntimeError, match=f"the tcp port {low} is reserved for another token"):
+        await thief.agent.ready
+    anyPort = await startAgent(agents, relay, "--token", "other-token-1", "--tcp", str(echoServer))
+    assert anyPort.address() != f"tcp://127.0.0.1:{low}"
+    owner = await startAgent(
+        agents, relay, "--token", "owner-token-1", "--tcp", str(echoServer), "--remote-port", str(low)
+    )
+    assert owner.address() == f"tcp://127.0.0.1:{low}"

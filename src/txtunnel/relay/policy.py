@@ -322,6 +322,7 @@ class QuotaGate(_Validating):
         self._pending: dict[tuple[str, str, str], int] = {}
         self._loop: LoopingCall | None = None
         self._period = ""
+        self._stopped = False
 
     def _now(self) -> float:
         return float(self.relay.wallClock())
@@ -374,7 +375,7 @@ class QuotaGate(_Validating):
         for kind, key in keys:
             k = (period, kind, key)
             pending[k] = pending.get(k, 0) + n
-        if self._loop is None and self.flushInterval > 0:
+        if self._loop is None and self.flushInterval > 0 and not self._stopped:
             self._loop = LoopingCall(self.flush)
             self._loop.clock = self.relay.reactor
             self._loop.start(self.flushInterval, now=False).addErrback(
@@ -385,10 +386,10 @@ class QuotaGate(_Validating):
         """
         Write the counts gathered since the last flush.
         """
-        pending, self._pending = self._pending, {}
         store = self.relay.store
-        if not pending or store is None:
+        if not self._pending or store is None:
             return None
+        pending, self._pending = self._pending, {}
         for k, n in pending.items():
             if k in self._stored:
                 self._stored[k] += n
@@ -401,6 +402,10 @@ class QuotaGate(_Validating):
         return result
 
     def stop(self) -> None:
+        """
+        Write what is counted; the relay is stopping and will close its store.
+        """
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
