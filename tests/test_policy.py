@@ -689,3 +689,35 @@ async def test_reserved_tcp_port(
         agents, relay, "--token", "owner-token-1", "--tcp", str(echoServer), "--remote-port", str(low)
     )
     assert owner.address() == f"tcp://127.0.0.1:{low}"
+
+
+def tcpEcho(address: str, payload: bytes) -> bytes:
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_ip_rules_cover_tcp_tunnels(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    The relay-wide deny list also closes TCP tunnel connections at once
+    (they have no HTTP to answer); an allowed address gets through.
+    """
+    relay = await policyRelay(tmp_path, "--ip-deny", "127.0.0.0/8")
+    relays.append(relay)
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer))
+    assert await inThread(tcpEcho, agent.address(), b"ping") == b""
+    relay = await startRelay(str(tmp_path / "state2"), "--ip-allow", "127.0.0.1")
+    relays.append(relay)
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer))
+    assert await inThread(tcpEcho, agent.address(), b"ping") == b"ping"

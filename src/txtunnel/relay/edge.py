@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txtunnel.errors import TooManyStreams
+from txtunnel.errors import StreamRefused
 from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.http1 import (
     Answer,
@@ -413,8 +413,9 @@ class EdgeProtocol(Protocol):
         responder = _ToVisitor(self)
         try:
             stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
-        except TooManyStreams as e:
-            self._send(Answer(503, str(e), headers=[("Retry-After", "1")]))
+        except StreamRefused as e:
+            headers = [("Retry-After", "1")] if e.status == 503 else []
+            self._send(Answer(e.status, str(e), headers=headers))
             return False
         except Exception as e:  # the link went away between routing and opening
             self._answer(502, f"the tunnel's agent is not connected ({e})")

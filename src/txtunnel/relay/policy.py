@@ -523,7 +523,7 @@ def policyGates(relay: Any) -> list[IVisitorGate]:
     )
     active = any(settings.get(key) for key in keys)
     gates: list[Any] = [
-        IPGate(IPRules.fromLists(settings.get("ip-allow", []), settings.get("ip-deny", []))),
+        IPGate(relay.visitorRules),
         RateGate(clock, settings.get("rate-per-ip"), settings.get("rate-per-tunnel"), settings.get("rate-total")),
         QuotaGate(relay, settings.get("quota-per-ip", 0), settings.get("quota-per-tunnel", 0)),
         BasicAuthGate(),

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
+from txtunnel.iprules import IPRules
 from txtunnel.link import DEFAULT_WINDOW
 from txtunnel.ratelimit import BucketTable
 from txtunnel.relay.edge import EdgeFactory
@@ -72,6 +73,9 @@ class Relay:
                 self.reserved[reservation] = entry.digest
         for kind, pool in (("tcp", self.ports), ("udp", self.udpPorts)):
             pool.reserved.update(int(key) for k, key in self.reserved if k == kind)
+        #: Relay-wide IP rules (C{--ip-allow}, C{--ip-deny}): checked by the
+        #: policy gate for HTTP and when any other visitor's stream opens.
+        self.visitorRules = IPRules.fromLists(settings.get("ip-allow", []), settings.get("ip-deny", []))
         #: The checks every visitor request to an HTTP tunnel passes, in order.
         self.gates: list[IVisitorGate] = []
         self.gates.extend(policyGates(self))

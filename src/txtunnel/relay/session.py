@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txtunnel.errors import BindError, TooManyStreams
+from txtunnel.errors import BindError, TooManyStreams, VisitorRefused
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
@@ -49,7 +49,10 @@ class RelayTunnel:
 
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
         link = self.session.link
-        limit = self.session.relay.maxStreams
+        relay = self.session.relay
+        if relay.visitorRules and not relay.visitorRules.permits(str(header.get("peer", ""))):
+            raise VisitorRefused("your address may not use this relay")
+        limit = relay.maxStreams
         if limit and len(link.streams) >= limit:
             raise TooManyStreams(f"the tunnel's agent is carrying its limit of {limit} connections; try again shortly")
         return link.openStream(dict(header, tunnel=self.id), protocol)
