@@ -721,3 +721,40 @@ async def test_relay_ip_rules_cover_tcp_tunnels(
     relays.append(relay)
     agent = await startAgent(agents, relay, "--tcp", str(echoServer))
     assert await inThread(tcpEcho, agent.address(), b"ping") == b"ping"
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_guessing_is_slowed(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    After ten failed token attempts from one address, even the right token
+    from it is turned away for now (and its agent keeps retrying): guessing
+    tokens is slowed to ten a minute.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    relay = await policyRelay(tmp_path, "--token", "the-right-token")
+    relays.append(relay)
+    first = await startAgent(agents, relay, "--token", "the-right-token", "--http", str(origin))
+    await first.stop()
+    for i in range(10):
+        wrong = await startAgent(agents, relay, "--token", f"guess-{i:04d}", "--http", str(origin), expectReady=False)
+        with pytest.raises(RuntimeError, match="invalid or missing token"):
+            await wrong.agent.ready
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        right = await startAgent(agents, relay, "--token", "the-right-token", "--http", str(origin), expectReady=False)
+        for _ in range(100):
+            if any("too many failed token attempts from this address" in line for line in seen):
+                break
+            await wait(0.05)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert any("too many failed token attempts from this address; retry in" in line for line in seen), seen[-5:]
+    assert not right.agent.ready.called and right.agent.failure is None  # still trying, not given up

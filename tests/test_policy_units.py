@@ -337,3 +337,15 @@ def test_agent_policy_only_for_http() -> None:
     options = agentOptions(["--http", "80", "--basic-auth", "a:b", "--remove-header", "Cookie"])
     policy: dict[str, Any] = options.tunnels[0]["options"]["policy"]
     assert policy["remove-header"] == ["Cookie"] and policy["basic-auth"][0].startswith("pbkdf2-sha256$")
+
+
+def test_visitor_keys_group_ipv6_by_64() -> None:
+    """
+    Rates and quotas count an IPv6 visitor by its /64, IPv4 by address.
+    """
+    from txtunnel.iprules import visitorKey
+
+    assert visitorKey("2001:db8:1:2:aaaa::1") == visitorKey("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+    assert visitorKey("2001:db8:1:3::1") != visitorKey("2001:db8:1:2::1")
+    assert visitorKey("10.1.2.3") == visitorKey("::ffff:10.1.2.3") == "10.1.2.3"
+    assert visitorKey("10.1.2.4") != visitorKey("10.1.2.3")

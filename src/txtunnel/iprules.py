@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-__all__ = ["IPRules", "networkList", "parseAddress"]
+__all__ = ["IPRules", "networkList", "parseAddress", "visitorKey"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -63,6 +63,19 @@ def parseAddress(text: str) -> Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def visitorKey(clientIP: str) -> str:
+    """
+    The key that counts as one visitor for rates and quotas: the IPv4
+    address, or the IPv6 /64 network (one site gets a whole /64, so
+    counting single IPv6 addresses would let a visitor step around a limit
+    by changing address).
+    """
+    address = parseAddress(clientIP)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address) if address is not None else clientIP
 
 
 @attrs.frozen

@@ -31,7 +31,7 @@ from txtunnel.gates import VisitorRequest
 from txtunnel.headerrules import headerAdds, headerNames
 from txtunnel.http1 import Answer
 from txtunnel.interfaces import IVisitorGate
-from txtunnel.iprules import IPRules, networkList
+from txtunnel.iprules import IPRules, networkList, visitorKey
 from txtunnel.ratelimit import BucketTable, Rate, parseRate
 
 __all__ = [
@@ -244,12 +244,11 @@ class RateGate(_Validating):
     def check(self, request: VisitorRequest) -> Answer | None:
         policy = tunnelPolicy(request)
         checks: list[tuple[BucketTable, str, str]] = []
+        visitor = visitorKey(request.clientIP)
         if self.perIP is not None:
-            checks.append((self.perIP, request.clientIP, "from your address"))
+            checks.append((self.perIP, visitor, "from your address"))
         if policy.ratePerIP is not None:
-            checks.append(
-                (self._table(policy.ratePerIP, "ip"), f"{request.name}\0{request.clientIP}", "from your address")
-            )
+            checks.append((self._table(policy.ratePerIP, "ip"), f"{request.name}\0{visitor}", "from your address"))
         if self.perTunnel is not None:
             checks.append((self.perTunnel, request.name, "to this tunnel"))
         if policy.rate is not None:
@@ -349,7 +348,7 @@ class QuotaGate(_Validating):
         period = monthOf(now)
         keys: list[tuple[str, str]] = []
         for kind, key, limit, what in (
-            ("ip", request.clientIP, self.perIP, "your address's"),
+            ("ip", visitorKey(request.clientIP), self.perIP, "your address's"),
             ("tunnel", request.name, tunnelLimit, "this tunnel's"),
         ):
             if not limit:

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.iprules import IPRules
 from txtunnel.link import DEFAULT_WINDOW
-from txtunnel.ratelimit import BucketTable
+from txtunnel.ratelimit import BucketTable, Rate
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
 from txtunnel.relay.policy import policyGates
@@ -84,6 +84,9 @@ class Relay:
         #: Tunnels the agents of one IP address may hold at once.
         self.maxTunnelsPerIP = int(settings.get("max-tunnels-per-ip", 10))
         bindRate = settings.get("bind-rate")
+        #: Failed token attempts per agent address: ten a minute, then the
+        #: address is refused for a while, so tokens cannot be guessed fast.
+        self.authFailures = BucketTable(Rate(10, 60), lambda: float(reactor.seconds()), 10_000)
         #: New tunnels per agent IP address (C{--bind-rate}).
         self.bindLimiter = BucketTable(bindRate, lambda: float(reactor.seconds()), 10_000) if bindRate else None
         #: Seconds a disconnected agent's names and ports are kept for it.

@@ -117,8 +117,16 @@ class RelaySession:
             )
             return
         token = message.get("token")
+        failures = self.relay.authFailures
+        wait = failures.wait(self.peerHost)
+        if wait > 0:
+            # Not "auth": an agent with a good token behind the same address
+            # should keep retrying, not give up.
+            self._refuse("busy", f"too many failed token attempts from this address; retry in {max(1, round(wait))}s")
+            return
         self.token = self.relay.matchToken(token if isinstance(token, str) else None)
         if self.token is None:
+            failures.take(self.peerHost)
             self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
         key = message.get("key")
