@@ -349,3 +349,31 @@ def test_visitor_keys_group_ipv6_by_64() -> None:
     assert visitorKey("2001:db8:1:3::1") != visitorKey("2001:db8:1:2::1")
     assert visitorKey("10.1.2.3") == visitorKey("::ffff:10.1.2.3") == "10.1.2.3"
     assert visitorKey("10.1.2.4") != visitorKey("10.1.2.3")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=15), children, max_size=4),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    ["basic-auth", "ip-allow", "ip-deny", "add-header", "remove-header", "rate-per-ip", "rate", "quota", "x"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_json, st.dictionaries(_keys, _json, max_size=5)), st.sampled_from(["http", "tcp", None, 5]))
+def test_any_bind_policy_is_accepted_or_refused_with_a_reason(policy: Any, kind: Any) -> None:
+    """
+    Whatever an agent puts in a bind request's policy, the relay either
+    accepts it or refuses the bind with a BindError; nothing else escapes.
+    """
+    from txtunnel.errors import BindError
+    from txtunnel.relay.policy import TunnelPolicy, parsePolicy
+
+    try:
+        parsed = parsePolicy({"type": kind, "policy": policy})
+    except BindError as e:
+        assert str(e)
+    else:
+        assert isinstance(parsed, TunnelPolicy)
