@@ -34,13 +34,11 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from harness import idle, measure, origin, pyspy, report, sshpath, tunnels  # noqa: E402
+from harness import idle, measure, origin, pyspy, report, sshpath, tunnels, udp  # noqa: E402
 from harness.install import ensure_tools  # noqa: E402
 from harness.procs import Procs, RSSSampler, free_range, raise_nofile, rss_kb  # noqa: E402
 
 MiB = 1 << 20
-NA_WSS = "not implemented yet"
-NA_UDP = "not implemented yet"
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -49,6 +47,7 @@ MODES: dict[str, dict[str, Any]] = {
         "big": 64 * MiB,
         "huge": 256 * MiB,
         "iperf_seconds": 2,
+        "udp_seconds": 2,
         "idle_tunnels": 100,
         "idle_streams": 1000,
         "profile_seconds": 0,
@@ -59,6 +58,7 @@ MODES: dict[str, dict[str, Any]] = {
         "big": 256 * MiB,
         "huge": 1024 * MiB,
         "iperf_seconds": 5,
+        "udp_seconds": 5,
         "idle_tunnels": 1000,
         "idle_streams": 10000,
         "profile_seconds": 10,
@@ -116,12 +116,13 @@ class Bench:
         self.tools: dict[str, str | None] = {}
         self.notes: list[str] = []
         self.paths: dict[str, dict[str, Any]] = {}
-        self.unavailable: dict[str, str] = {"wss": NA_WSS}
+        self.unavailable: dict[str, str] = {}
         self.figures: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in report.FIGURES}
         self.memory: dict[str, Any] = {}
         self.profile: dict[str, Any] = {}
         self.started = time.monotonic()
         self.files: dict[str, str] = {}
+        self.udp_runs = 0
 
     # -- logging
 
@@ -168,7 +169,7 @@ class Bench:
 
         # txtunnel: one relay, one agent with all the tunnels on its one link.
         ports = free_range(8)
-        relay = tunnels.start_relay(self.procs, "relay", self.tmp, self.env, ports)
+        relay = tunnels.start_relay(self.procs, "relay", self.tmp, self.env, ports, https=True)
         specs = [
             tunnels.TunnelSpec("web", "http", nginx_port),
             tunnels.TunnelSpec("up", "http", sink_port),
@@ -177,20 +178,35 @@ class Bench:
         ]
         if iperf_port:
             specs.append(tunnels.TunnelSpec("tiperf", "tcp", iperf_port, ports[0] + 2))
+        self.udp = udp.Receiver()
+        specs.append(tunnels.TunnelSpec("tudp", "udp", self.udp.port, ports[0] + 4))
         agent = tunnels.start_agent(self.procs, "agent", self.tmp, self.env, relay, specs)
         self.relay, self.agent = relay, agent
         self.say("txtunnel: " + "; ".join(f"{k} -> {v}" for k, v in agent.ready.items()))
+        # A second agent on a wss:// link (TLS, verified against the relay's
+        # development CA): visitors still speak plain HTTP to the relay, so
+        # the column measures what encrypting the link costs.
+        wss_specs = [tunnels.TunnelSpec("sweb", "http", nginx_port), tunnels.TunnelSpec("sup", "http", sink_port)]
+        wss_agent = tunnels.start_agent(self.procs, "agent-wss", self.tmp, self.env, relay, wss_specs, wss=True)
+        self.say("txtunnel over wss: " + "; ".join(f"{k} -> {v}" for k, v in wss_agent.ready.items()))
         relay_url = base.format(relay.port)
         self.paths["http"] = {
             "web": (relay_url, relay.host("web")),
             "sink": (relay_url, relay.host("up")),
             "iperf": None,
         }
+        self.paths["wss"] = {
+            "web": (relay_url, relay.host("sweb")),
+            "sink": (relay_url, relay.host("sup")),
+            "iperf": None,
+        }
         self.paths["tcp"] = {
             "web": (base.format(ports[0]), None),
             "sink": (base.format(ports[0] + 1), None),
             "iperf": ports[0] + 2 if iperf_port else None,
+            "udp": ports[0] + 4,
         }
+        self.paths["direct"]["udp"] = self.udp.port
         self.sampler.watch("relay", relay.proc.pid)
         self.sampler.watch("agent", agent.proc.pid)
 
@@ -318,6 +334,21 @@ class Bench:
                         ),
                         ["mbps"],
                     )
+
+        for path in order:
+            port = self.paths[path].get("udp")
+            if port is None:
+                continue
+            for key, field, rate in (("udp", "dgps", 0), ("udp_loss", "loss_pct", udp.PACED_RATE)):
+                self.udp_runs += 1
+                self.record(
+                    [key],
+                    path,
+                    lambda port=port, run=self.udp_runs, rate=rate: udp.measure(
+                        self.udp, port, cfg["udp_seconds"], run, HERE, rate
+                    ),
+                    [field],
+                )
 
     def warm_up(self) -> None:
         if not self.tools["wrk"]:
@@ -474,10 +505,14 @@ class Bench:
             row = self.figures[key]
             for path, reason in self.unavailable.items():
                 row[path] = {"na": reason}
-        for path, _label in report.PATHS:
-            self.figures["udp"][path] = {"na": NA_UDP if path != "direct" else "no UDP path to compare yet"}
+        for key in ("udp", "udp_loss"):
+            for path in ("http", "wss"):
+                self.figures[key][path] = {"na": "not UDP"}
+            for path in ("ssh", "sshnd"):
+                self.figures[key].setdefault(path, {"na": "ssh -R has no UDP"})
         for key in ("iperf_up", "iperf_down"):
-            self.figures[key]["http"] = {"na": "not HTTP"}
+            for path in ("http", "wss"):
+                self.figures[key][path] = {"na": "not HTTP"}
         report.summarize(self.figures)
         cpu = platform.processor() or platform.machine()
         meta = {

@@ -76,7 +76,17 @@ async def startRelay(tmp: str, *args: str) -> Relay:
     low, high = freePortRange(20)
     options = relayTap.Options(environ={})
     options.parseOptions(
-        ["--http", "tcp:0:interface=127.0.0.1", "--tcp-ports", f"{low}-{high}", "--state-dir", tmp, *args]
+        [
+            "--http",
+            "tcp:0:interface=127.0.0.1",
+            "--tcp-ports",
+            f"{low}-{high}",
+            "--state-dir",
+            tmp,
+            "--drain-timeout",
+            "1",
+            *args,
+        ]
     )
     service: Any = relayTap.makeService(options, reactor)
     service.startService()
@@ -118,9 +128,9 @@ def agents() -> Iterator[list[RunningAgent]]:
 
 async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True) -> RunningAgent:
     options = agentTap.Options(environ={})
-    options.parseOptions(["--relay", relay.url, *args])
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", *args])
     agent = agentTap.buildAgent(options, reactor)
-    service = AgentService(agent, keepalive=options["keepalive"])
+    service = AgentService(agent, **agentTap.serviceSettings(options))
     service.startService()
     running = RunningAgent(agent, service)
     agents.append(running)

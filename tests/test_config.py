@@ -97,9 +97,12 @@ def test_relay_ini_and_environment(tmp_path: Path) -> None:
     The command line beats TXTUNNEL_* variables, which beat the file.
     """
     ini = tmp_path / "relay.ini"
-    ini.write_text("[relay]\ndomain = file.example\nhttp = tcp:7000\ntcp-ports = 21000-21005\ntoken = aaaaaaaa, bbbbbbbb\n")
+    ini.write_text(
+        "[relay]\ndomain = file.example\nhttp = tcp:7000\ntcp-ports = 21000-21005\ntoken = aaaaaaaa, bbbbbbbb\n"
+    )
     options = relayOptions(
-        ["--config", str(ini), "--http", "tcp:7002"], {"TXTUNNEL_RELAY_HTTP": "tcp:7001", "TXTUNNEL_RELAY_DOMAIN": "env.example", "TXTUNNEL_HTTP": "ignored"}
+        ["--config", str(ini), "--http", "tcp:7002"],
+        {"TXTUNNEL_RELAY_HTTP": "tcp:7001", "TXTUNNEL_RELAY_DOMAIN": "env.example", "TXTUNNEL_HTTP": "ignored"},
     )
     assert options["http"] == "tcp:7002"
     assert options["domain"] == "env.example"
@@ -210,7 +213,7 @@ def test_agent_ini_with_several_tunnels(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("[tunnel:a]\ntype = gopher\ntarget = 70\n", "agent.ini [tunnel:a] type: expected one of http, tcp"),
+        ("[tunnel:a]\ntype = gopher\ntarget = 70\n", "agent.ini [tunnel:a] type: expected one of grpc, http, tcp"),
         ("[tunnel:a]\ntype = http\n", "agent.ini [tunnel:a] target: missing"),
         ("[tunnel:a]\ntype = http\ntarget = 80\nport = 3\n", "agent.ini [tunnel:a] port: unknown key"),
         ("[tunnel:a]\ntype = tcp\ntarget = 80\nremote-port = 0\n", "agent.ini [tunnel:a] remote-port: 0 is not a port"),
@@ -234,7 +237,9 @@ def test_agent_environment() -> None:
     """
     TXTUNNEL_RELAY, TXTUNNEL_TOKEN and TXTUNNEL_HTTP configure an agent.
     """
-    options = agentOptions([], {"TXTUNNEL_RELAY": "wss://r.example", "TXTUNNEL_TOKEN": "tok-12345", "TXTUNNEL_HTTP": "3000"})
+    options = agentOptions(
+        [], {"TXTUNNEL_RELAY": "wss://r.example", "TXTUNNEL_TOKEN": "tok-12345", "TXTUNNEL_HTTP": "3000"}
+    )
     assert options["relay"] == "wss://r.example"
     assert options["token"] == "tok-12345"
     assert options.tunnels[0]["target"] == ("127.0.0.1", 3000)

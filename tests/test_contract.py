@@ -414,3 +414,21 @@ def test_twistd_udp_tunnel(tmp_path: Path, procs: list[Proc], env: dict[str, str
     for p in (agent, relay):
         assert p.stop() in STOPPED_BY_SIGTERM
     assert "Traceback" not in relay.output + agent.output
+
+
+def test_twistdExitsNonZeroWhenItGivesUp(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:
+    """
+    Under twistd, a relay that cannot listen on the address it was told and
+    an agent whose token is refused stop with exit status 1, not 0, so a
+    supervisor (systemd, Docker) sees the failure.
+    """
+    relay, port = startRelay(procs, env, tmp_path / "s", "--token", "right-token")
+    taken = twistd(
+        procs, env, "tunnelrelay", "--http", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "t")
+    )
+    assert taken.popen.wait(30) == 1
+    assert "relay failed to start" in taken.output
+    agent = startAgent(procs, env, port, "--token", "wrong-token", "--http", "8000")
+    assert agent.popen.wait(30) == 1
+    assert "invalid or missing token" in agent.output
+    assert relay.stop() in STOPPED_BY_SIGTERM

@@ -197,12 +197,18 @@ async def test_connection_switches_between_tunnels(relay: Relay, agents: list[Ru
         return bodies
 
     bodies = await inThread(exchange)
-    assert [b"path=/hello/" + n in b for n, b in zip((b"one", b"two", b"one"), bodies, strict=True)] == [True, True, True]
+    assert [b"path=/hello/" + n in b for n, b in zip((b"one", b"two", b"one"), bodies, strict=True)] == [
+        True,
+        True,
+        True,
+    ]
     assert b"x-forwarded-host=two.localhost" in bodies[1]
 
 
 @pytest_twisted.ensureDeferred
-async def test_chunked_upload_streams_unchanged(relay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Any) -> None:
+async def test_chunked_upload_streams_unchanged(
+    relay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Any
+) -> None:
     """
     A chunked 8 MiB upload reaches the local service intact (sha256) and the
     echoed body comes back whole.
@@ -237,9 +243,7 @@ async def test_streamed_download(relay: Relay, agents: list[RunningAgent], origi
     """
     await startAgent(agents, relay, "--http", str(origin), "--subdomain", "down")
     n = 32 * 1024 * 1024
-    code, out, err = await curl(
-        "-H", f"Host: down.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/big?n={n}"
-    )
+    code, out, err = await curl("-H", f"Host: down.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/big?n={n}")
     assert code == 0, err
     assert len(out) == n
     assert hashlib.sha256(out).hexdigest() == hashlib.sha256(pattern(65536) * 512).hexdigest()
@@ -265,7 +269,9 @@ async def test_slow_local_service_gives_504(relay: Relay, agents: list[RunningAg
     response timeout.
     """
     await startAgent(agents, relay, "--http", str(origin), "--subdomain", "slow", "--response-timeout", "0.5")
-    code, out, err = await curl("-i", "-H", f"Host: slow.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/never")
+    code, out, err = await curl(
+        "-i", "-H", f"Host: slow.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/never"
+    )
     assert code == 0, err
     assert out.startswith(b"HTTP/1.1 504")
     assert b"did not answer within 0.5s" in out
@@ -295,7 +301,9 @@ async def test_agent_gone_gives_502(relay: Relay, agents: list[RunningAgent], or
     from twisted.internet import defer, reactor, task
 
     d = task.deferLater(reactor, 0.3, lambda: defer.ensureDeferred(agent.stop()))
-    code, out, err = await curl("-i", "-H", f"Host: gone.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/never")
+    code, out, err = await curl(
+        "-i", "-H", f"Host: gone.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/never"
+    )
     await d
     assert code == 0, err
     assert out.startswith(b"HTTP/1.1 502"), out
@@ -325,13 +333,17 @@ def selfSignedCertificate(directory: Any) -> tuple[str, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName("secure.localhost")]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName("secure.localhost")]), False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
     keyPath, certPath = directory / "key.pem", directory / "cert.pem"
     keyPath.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
     )
     certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return str(keyPath), str(certPath)
@@ -348,12 +360,18 @@ async def test_https_listener(tmp_path: Any, agents: list[RunningAgent], origin:
     from tests.conftest import startRelay
 
     key, cert = selfSignedCertificate(tmp_path)
-    relay = await startRelay(str(tmp_path / "state"), "--https", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    relay = await startRelay(
+        str(tmp_path / "state"), "--https", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    )
     try:
         await startAgent(agents, relay, "--http", str(origin), "--subdomain", "secure")
         port = relay.relay.httpsPort
         code, out, err = await curl(
-            "--cacert", cert, "--resolve", f"secure.localhost:{port}:127.0.0.1", f"https://secure.localhost:{port}/hello"
+            "--cacert",
+            cert,
+            "--resolve",
+            f"secure.localhost:{port}:127.0.0.1",
+            f"https://secure.localhost:{port}/hello",
         )
         assert code == 0, err
         assert b"hello from origin" in out

@@ -210,6 +210,26 @@ def test_streamIdParity() -> None:
     assert pair.relayCarrier.closed == pair.agentCarrier.closed == []
 
 
+def test_finiteStreamsLeaveOutEndlessOnes() -> None:
+    """
+    L{Link.finiteStreams}, what a shutdown drain waits for, counts open
+    streams except those marked L{Stream.endless} (UDP flows), and drops
+    to zero as the finite ones close.
+    """
+    pair = Pair()
+    pair.agent.streamOpened = lambda s: s.attach(Recorder())
+    flow = pair.relay.openStream({})
+    flow.endless = True
+    request = pair.relay.openStream({})
+    pair.pump()
+    assert len(pair.relay.streams) == 2
+    assert pair.relay.finiteStreams() == 1
+    request.reset("cancel", "done")
+    pair.pump()
+    assert pair.relay.finiteStreams() == 0
+    assert list(pair.relay.streams) == [flow.id]
+
+
 def test_dataBothWays() -> None:
     """
     Bytes written on either end arrive in order at the other, including more
@@ -1030,14 +1050,74 @@ def test_keepaliveTimeoutClosesLink() -> None:
     clock.advance(10)
     clock.advance(10)
     assert carrier.closed == []
-    clock.advance(5)
+    clock.advance(4.9)
     assert carrier.closed == []
-    clock.advance(5)
+    clock.advance(0.1)
     assert carrier.closed == ["keepalive timeout"]
     assert clock.getDelayedCalls() == []
     clock.advance(100)
     assert carrier.closed == ["keepalive timeout"]
     link.connectionLost("keepalive timeout")
+    assert clock.getDelayedCalls() == []
+
+
+def test_halfOpenLinkNoticedWithinTwoIntervals() -> None:
+    """
+    With the default factor, a link that goes quiet at any moment between
+    pings is closed within twice the keepalive interval of the last byte
+    heard (the deadline runs from that byte, not from the next ping).
+    """
+    from txtunnel.link import KEEPALIVE_TIMEOUT_FACTOR
+
+    for quietAt in (0.3, 4.0, 9.99):
+        clock = Clock()
+        carrier = QueueCarrier()
+        link = Link(carrier, role="agent", clock=clock, keepalive=10, keepaliveTimeout=10 * KEEPALIVE_TIMEOUT_FACTOR)
+        link.start()
+        clock.advance(quietAt)
+        link.dataReceived(encodeFrame(FrameType.PONG, 0, b"\x00" * 8))
+        heard = clock.seconds()
+        while not carrier.closed:
+            clock.advance(0.01)
+        assert clock.seconds() - heard <= 2 * 10
+        assert clock.seconds() - heard >= 10
+        link.connectionLost()
+        assert clock.getDelayedCalls() == []
+
+
+def test_probeClosesASilentLink() -> None:
+    """
+    L{Link.probe} sends a PING at once and closes the link if nothing is
+    heard within its timeout, long before the keepalive would.
+    """
+    clock = Clock()
+    carrier = QueueCarrier()
+    link = Link(carrier, role="agent", clock=clock, keepalive=10, keepaliveTimeout=15)
+    link.start()
+    clock.advance(1)
+    link.probe(2.0)
+    assert [f.type for f in carrier.sent] == [FrameType.PING]
+    clock.advance(1.9)
+    assert carrier.closed == []
+    clock.advance(0.1)
+    assert carrier.closed == ["probe timeout"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_probeAnsweredKeepsTheLink() -> None:
+    """
+    A probe that is answered (any bytes) leaves the link open.
+    """
+    clock = Clock()
+    carrier = QueueCarrier()
+    link = Link(carrier, role="agent", clock=clock, keepalive=10, keepaliveTimeout=15)
+    link.start()
+    link.probe(2.0)
+    clock.advance(0.5)
+    link.dataReceived(encodeFrame(FrameType.PONG, 0, b"\x00" * 8))
+    clock.advance(5)
+    assert carrier.closed == []
+    link.connectionLost()
     assert clock.getDelayedCalls() == []
 
 

@@ -37,9 +37,7 @@ def dropLink(agent: RunningAgent) -> AgentSession:
 
 
 async def rebound(agent: RunningAgent, old: AgentSession) -> None:
-    await waitFor(
-        lambda: agent.agent.session not in (None, old) and all(t.address for t in agent.agent.tunnels)
-    )
+    await waitFor(lambda: agent.agent.session not in (None, old) and all(t.address for t in agent.agent.tunnels))
 
 
 @pytest_twisted.ensureDeferred
@@ -71,7 +69,9 @@ async def test_tcp_port_survives_a_dropped_link(relay: Relay, agents: list[Runni
 
 
 @pytest_twisted.ensureDeferred
-async def test_clean_stop_frees_the_name_at_once(relay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Path) -> None:
+async def test_clean_stop_frees_the_name_at_once(
+    relay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Path
+) -> None:
     """
     An agent that stops cleanly says goodbye: another agent can take its
     subdomain straight away.

@@ -38,7 +38,9 @@ def tokenRelay(tmp_path: Path) -> Any:
     [([], "this relay requires a token"), (["--token", "wrong-token-1"], "invalid or missing token")],
 )
 @pytest_twisted.ensureDeferred
-async def test_token_required(tokenRelay: Relay, agents: list[RunningAgent], origin: int, extra: list[str], words: str) -> None:
+async def test_token_required(
+    tokenRelay: Relay, agents: list[RunningAgent], origin: int, extra: list[str], words: str
+) -> None:
     """
     A relay with tokens refuses agents without the right one, with a reason
     the agent reports, and the agent gives up instead of retrying forever.
@@ -105,16 +107,18 @@ async def test_default_port_taken_moves_on() -> None:
     taken = blocker.getsockname()[1]
     try:
         with capturedLogs() as events:
-            port = await listenWithFallback(reactor, f"tcp:{taken}:interface=127.0.0.1", Factory.forProtocol(Protocol), True, "HTTP")
+            port = await listenWithFallback(
+                reactor, f"tcp:{taken}:interface=127.0.0.1", Factory.forProtocol(Protocol), True, "HTTP"
+            )
         try:
             assert port.getHost().port > taken
-            assert any(
-                e["log_level"] is LogLevel.warn and "was taken; listening on" in e["log_format"] for e in events
-            )
+            assert any(e["log_level"] is LogLevel.warn and "was taken; listening on" in e["log_format"] for e in events)
         finally:
             await port.stopListening()
         with pytest.raises(Exception, match="Address already in use"):
-            await listenWithFallback(reactor, f"tcp:{taken}:interface=127.0.0.1", Factory.forProtocol(Protocol), False, "HTTP")
+            await listenWithFallback(
+                reactor, f"tcp:{taken}:interface=127.0.0.1", Factory.forProtocol(Protocol), False, "HTTP"
+            )
     finally:
         blocker.close()
 

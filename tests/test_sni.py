@@ -401,7 +401,7 @@ def test_too_many_records() -> None:
     ("kwargs", "message"),
     [
         ({"sni": sniExtension((0, b"a.localhost"), (0, b"b.localhost"))}, "two names of type 0"),
-        ({"sni": sniExtension((0, b"")) }, "server name of 0 characters"),
+        ({"sni": sniExtension((0, b""))}, "server name of 0 characters"),
         ({"sni": sniExtension((0, "bü.localhost".encode()))}, "not ASCII"),
         ({"sni": sniExtension((0, b"a..localhost"))}, "not a DNS name"),
         ({"sni": sniExtension((0, b"a b.localhost"))}, "not a DNS name"),

@@ -399,7 +399,9 @@ def dechunk(raw: bytes) -> bytes:
 
 events = st.lists(
     st.tuples(
-        st.lists(st.sampled_from(["data: a", "data: β", "event: e", "id: 7", ": note", "data"]), min_size=1, max_size=3),
+        st.lists(
+            st.sampled_from(["data: a", "data: β", "event: e", "id: 7", ": note", "data"]), min_size=1, max_size=3
+        ),
         st.sampled_from(["\n", "\r\n", "\r"]),
     ),
     max_size=5,
@@ -421,13 +423,17 @@ def test_heartbeats_never_change_the_events(streamEvents: list[tuple[list[str], 
     # Cut the content into chunks (often where events end), and the whole
     # response into reads (often where chunks end).
     anywhere = st.integers(0, len(content))
-    cuts = sorted(set(data.draw(st.lists(st.sampled_from(eventEnds) | anywhere if eventEnds else anywhere, max_size=6))))
+    cuts = sorted(
+        set(data.draw(st.lists(st.sampled_from(eventEnds) | anywhere if eventEnds else anywhere, max_size=6)))
+    )
     bounds = [0, *cuts, len(content)]
     chunks = [chunk(content[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
     raw = SSE_CHUNKED + b"".join(chunks) + b"0\r\n\r\n"
     chunkEnds = [len(SSE_CHUNKED) + sum(len(c) for c in chunks[: i + 1]) for i in range(len(chunks))]
     anyRead = st.integers(0, len(raw))
-    readCuts = sorted(set(data.draw(st.lists(st.sampled_from(chunkEnds) | anyRead if chunkEnds else anyRead, max_size=8))))
+    readCuts = sorted(
+        set(data.draw(st.lists(st.sampled_from(chunkEnds) | anyRead if chunkEnds else anyRead, max_size=8)))
+    )
     readBounds = [0, *readCuts, len(raw)]
 
     b = Beating(interval=1)

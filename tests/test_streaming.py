@@ -110,7 +110,7 @@ def sseScript(request: Any) -> tuple[bytes, list[Step], int | None]:
     n, gap = int(arg(request, b"n", 5)), arg(request, b"gap", 0.2)
 
     def event(i: int) -> Callable[[], bytes]:
-        return lambda: b"id: %d\nevent: tick\ndata: {\"i\": %d, \"t\": %s}\n\n" % (i, i, stamp())
+        return lambda: b'id: %d\nevent: tick\ndata: {"i": %d, "t": %s}\n\n' % (i, i, stamp())
 
     steps = [(gap, event(i)) for i in range(n)]
     # Stamps are fixed width, so the length is known before the events are.
@@ -120,6 +120,7 @@ def sseScript(request: Any) -> tuple[bytes, list[Step], int | None]:
 
 def ndjsonScript(request: Any) -> tuple[bytes, list[Step], int | None]:
     n, gap = int(arg(request, b"n", 5)), arg(request, b"gap", 0.2)
+
     def line(i: int) -> Callable[[], bytes]:
         return lambda: b'{"i": %d, "t": %s}\n' % (i, stamp())
 
@@ -211,7 +212,12 @@ class Fetched:
 
 
 def fetch(
-    port: int, host: str, target: str, headers: tuple[tuple[str, str], ...] = (), http10: bool = False, timeout: float = 20
+    port: int,
+    host: str,
+    target: str,
+    headers: tuple[tuple[str, str], ...] = (),
+    http10: bool = False,
+    timeout: float = 20,
 ) -> Fetched:
     """
     One GET on a fresh connection to the relay, read as it comes.
@@ -328,7 +334,16 @@ async def test_sse_with_curl(relay: Relay, agents: list[RunningAgent], streamOri
     reactor.spawnProcess(  # type: ignore[attr-defined]
         child,
         "curl",
-        ["curl", "-sS", "--no-buffer", "--max-time", "30", "-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/sse?n=8&gap=0.15"],
+        [
+            "curl",
+            "-sS",
+            "--no-buffer",
+            "--max-time",
+            "30",
+            "-H",
+            f"Host: {host}",
+            f"http://127.0.0.1:{relay.port}/sse?n=8&gap=0.15",
+        ],
         env=os.environ,
     )
     code = await child.done
@@ -351,7 +366,9 @@ async def test_ndjson_lines_arrive_as_written(relay: Relay, agents: list[Running
 
 
 @pytest_twisted.ensureDeferred
-async def test_mixed_replace_frames_arrive_as_written(relay: Relay, agents: list[RunningAgent], streamOrigin: int) -> None:
+async def test_mixed_replace_frames_arrive_as_written(
+    relay: Relay, agents: list[RunningAgent], streamOrigin: int
+) -> None:
     """
     An MJPEG-like C{multipart/x-mixed-replace} stream: each frame arrives
     whole, when it is written.
@@ -430,7 +447,9 @@ async def test_media_multiple_ranges_and_bad_range(relay: Relay, agents: list[Ru
 
 
 @pytest_twisted.ensureDeferred
-async def test_long_poll_answered_after_three_seconds(relay: Relay, agents: list[RunningAgent], streamOrigin: int) -> None:
+async def test_long_poll_answered_after_three_seconds(
+    relay: Relay, agents: list[RunningAgent], streamOrigin: int
+) -> None:
     """
     A request the service holds for 3 s before answering is answered, not
     cut with a 504 (the default response timeout is 120 s).
@@ -444,7 +463,9 @@ async def test_long_poll_answered_after_three_seconds(relay: Relay, agents: list
 
 # -- the SSE heartbeat
 
-HEARTBEATS = re.compile(rb"\A(?::\n\n)+data: one\n\n(?::\n\n)+data: two-a\ndata: two-b\n\n(?::\n\n)+data: three\n\n(?::\n\n)*\Z")
+HEARTBEATS = re.compile(
+    rb"\A(?::\n\n)+data: one\n\n(?::\n\n)+data: two-a\ndata: two-b\n\n(?::\n\n)+data: three\n\n(?::\n\n)*\Z"
+)
 
 
 @pytest.mark.parametrize("http10", [False, True], ids=["chunked", "close-delimited"])

@@ -123,9 +123,7 @@ def test_discovered_lazily_and_provides_the_interface(plugin: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_in_process_traffic(
-    plugin: Path, tmp_path: Path, agents: list[RunningAgent], echoServer: int
-) -> None:
+async def test_in_process_traffic(plugin: Path, tmp_path: Path, agents: list[RunningAgent], echoServer: int) -> None:
     """
     A relay and an agent (configured with agent.ini, C{type = upper}) carry
     1 MiB through the plugin's tunnel, both ways, with its transformation.

@@ -90,9 +90,7 @@ class Certs:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), critical=False)
             .sign(caKey, hashes.SHA256())
         )
@@ -107,14 +105,10 @@ class Certs:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), critical=False)
             .sign(caKey, hashes.SHA256())
         )
         self.key = key
@@ -152,9 +146,7 @@ def tlsOrigin(certs: Certs) -> Iterator[int]:
         certificate=certs.leaf,  # type: ignore[arg-type]
         acceptableProtocols=[b"http/1.1"],
     )
-    port = pytest_twisted.blockon(
-        SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(originSite())
-    )
+    port = pytest_twisted.blockon(SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(originSite()))
     yield port.getHost().port
     pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
 
@@ -379,7 +371,14 @@ async def test_page_through_passthrough_with_local_certificate(
     assert code == 0, err
     assert b"hello from origin" in out
     code, out, err = await curl(
-        "--resolve", f"{HOST}:{port}:127.0.0.1", "--cacert", str(certs.caFile), "-w", "%{certs}", "-o", "/dev/null",
+        "--resolve",
+        f"{HOST}:{port}:127.0.0.1",
+        "--cacert",
+        str(certs.caFile),
+        "-w",
+        "%{certs}",
+        "-o",
+        "/dev/null",
         f"https://{HOST}:{port}/hello",
     )
     assert code == 0, err

@@ -632,6 +632,34 @@ async def test_echo_sizes_in_order(
 
 
 @pytest_twisted.ensureDeferred
+async def test_burst_of_datagrams_is_not_lost(
+    udpRelay: Relay, agents: list[RunningAgent], listeners: list[Any], logged: list[Any]
+) -> None:
+    """
+    A burst larger than the kernel's default socket buffer (400 datagrams
+    of 512 bytes, about 500 KB of buffer with the kernel's per-datagram
+    overhead, sent at once while the relay is not reading) all arrives:
+    the public and local UDP sockets ask for bigger buffers.
+    """
+    import socket
+
+    echo = UDPEcho()
+    target = listenUDP(listeners, echo)
+    listeners[-1].getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    agent = await startAgent(agents, udpRelay, "--udp", str(target))
+    port = publicPort(agent)
+    handle = bindingOf(udpRelay).listening.getHandle()
+    assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > 1 << 20
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        for i in range(400):
+            sender.sendto(b"%06d" % i + b"." * 506, ("127.0.0.1", port))
+    await until(lambda: len(echo.sources) >= 400)
+    await wait(0.2)
+    assert len(echo.sources) == 400
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_remotes_get_their_own_flows(
     udpRelay: Relay, agents: list[RunningAgent], listeners: list[Any], logged: list[Any]
 ) -> None:

@@ -503,7 +503,9 @@ async def test_wss_through_https_listener(tmp_path: Any, agents: list[RunningAge
     from tests.test_http_tunnel import selfSignedCertificate
 
     key, cert = selfSignedCertificate(tmp_path)
-    relay = await startRelay(str(tmp_path / "state"), "--https", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    relay = await startRelay(
+        str(tmp_path / "state"), "--https", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    )
     try:
         await startWSAgent(agents, relay, wsOrigin.port, "secure")
         port = relay.relay.httpsPort

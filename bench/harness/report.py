@@ -17,7 +17,7 @@ PATHS: list[tuple[str, str]] = [
     ("direct", "direct"),
     ("http", "txtunnel http (ws)"),
     ("wss", "txtunnel http (wss)"),
-    ("tcp", "txtunnel tcp"),
+    ("tcp", "txtunnel tcp (udp)"),
     ("ssh", "ssh -R"),
     ("sshnd", "ssh -R -tt (nodelay)"),
 ]
@@ -34,7 +34,8 @@ FIGURES: dict[str, tuple[str, str, bool]] = {
     "upload": ("upload {big}", "MB/s", True),
     "iperf_up": ("TCP iperf3, visitor sends", "MB/s", True),
     "iperf_down": ("TCP iperf3, visitor receives", "MB/s", True),
-    "udp": ("UDP datagrams/s (loss)", "dgram/s", True),
+    "udp": ("UDP datagrams/s, 512 B", "dgram/s", True),
+    "udp_loss": ("UDP loss at 20,000 dgram/s offered", "%", False),
 }
 
 
@@ -264,7 +265,7 @@ def chart(results: dict[str, Any], path: str) -> str | None:
         return "matplotlib is not installed (pip install matplotlib, or tox -e bench): no chart"
     figures = results["figures"]
     groups = [
-        ("throughput (higher is better)", ["rps_c50", "rps_c1", "download", "upload", "iperf_up", "iperf_down"]),
+        ("throughput (higher is better)", ["rps_c50", "rps_c1", "download", "upload", "iperf_up", "iperf_down", "udp"]),
         ("latency (lower is better)", ["p50_c50", "p99_c50", "p50_c1", "p99_c1"]),
     ]
     colors = {"http": "tab:blue", "wss": "tab:cyan", "tcp": "tab:green", "ssh": "tab:red", "sshnd": "tab:purple"}

@@ -66,6 +66,10 @@ class Relay:
     port: int
     tcp_ports: tuple[int, int]
     domain: str = "localhost"
+    #: The HTTPS (and wss:// link) port, and the development CA that signs
+    #: its certificates, when the relay was started with C{https=True}.
+    https_port: int | None = None
+    ca: str | None = None
 
     def host(self, name: str) -> str:
         return f"{name}.{self.domain}:{self.port}"
@@ -86,27 +90,50 @@ class Agent:
 
 
 def start_relay(
-    procs: Procs, name: str, tmp: str, env: dict[str, str], tcp_ports: tuple[int, int], timeout: float = 60
+    procs: Procs,
+    name: str,
+    tmp: str,
+    env: dict[str, str],
+    tcp_ports: tuple[int, int],
+    timeout: float = 60,
+    https: bool = False,
 ) -> Relay:
+    """
+    A relay on free loopback ports; with C{https}, also an HTTPS listener
+    (its development CA in the state dir) that agents can link to over
+    C{wss://}.
+    """
     port = free_port()
     state = os.path.join(tmp, f"{name}-state")
     os.makedirs(state, exist_ok=True)
+    extra: list[str] = []
+    https_port = None
+    if https:
+        https_port = free_port()
+        extra = ["--https", f"tcp:{https_port}:interface=127.0.0.1:backlog=4096"]
     argv = twistd_argv(
         "tunnelrelay",
         "--http",
         f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "--tcp-ports",
         f"{tcp_ports[0]}-{tcp_ports[1]}",
+        "--udp-ports",
+        f"{tcp_ports[0]}-{tcp_ports[1]}",
         "--state-dir",
         state,
+        *extra,
     )
     proc = procs.start(name, argv, env=env, nofile=True)
     procs.wait_for(proc, r"relay listening on", timeout)
-    return Relay(proc, port, tcp_ports)
+    ca = os.path.join(state, "tls", "dev-ca-localhost.pem") if https else None
+    return Relay(proc, port, tcp_ports, https_port=https_port, ca=ca)
 
 
-def agent_ini(path: str, relay: Relay, tunnels: list[TunnelSpec]) -> str:
-    lines = ["[agent]", f"relay = ws://127.0.0.1:{relay.port}", ""]
+def agent_ini(path: str, relay: Relay, tunnels: list[TunnelSpec], wss: bool = False) -> str:
+    if wss:
+        lines = ["[agent]", f"relay = wss://localhost:{relay.https_port}", f"ca = {relay.ca}", ""]
+    else:
+        lines = ["[agent]", f"relay = ws://127.0.0.1:{relay.port}", ""]
     for t in tunnels:
         lines += [f"[tunnel:{t.name}]", f"type = {t.type}", f"target = 127.0.0.1:{t.target}"]
         if t.type == "http":
@@ -128,8 +155,9 @@ def start_agent(
     tunnels: list[TunnelSpec],
     wait: bool = True,
     timeout: float = 60,
+    wss: bool = False,
 ) -> Agent:
-    ini = agent_ini(os.path.join(tmp, f"{name}.ini"), relay, tunnels)
+    ini = agent_ini(os.path.join(tmp, f"{name}.ini"), relay, tunnels, wss)
     proc = procs.start(name, twistd_argv("tunnelagent", "--config", ini), env=env, nofile=True)
     agent = Agent(proc)
     if wait:

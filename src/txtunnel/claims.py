@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError, ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -129,14 +129,26 @@ def connectOrReset(tunnel: IAgentTunnel, stream: Stream) -> Deferred[Any]:
     service; if it cannot be reached, reset the stream with the reason (the
     visitor's connection is then closed at once).
     """
+    host, port = tunnel.target
+    breaker = getattr(tunnel, "breaker", None)
+    if breaker is not None and not breaker.allow():
+        wait = max(1, round(breaker.retryAfter()))
+        stream.reset("refused", f"local service {host}:{port} is failing; not trying it for {wait}s (circuit open)")
+        return succeed(None)
     d = connectStream(tunnel.reactor, tunnel.target, stream)
+
+    def connected(side: Any) -> Any:
+        if breaker is not None:
+            breaker.success()
+        return side
 
     def failed(f: Failure) -> None:
         if stream.closed:
             return
-        host, port = tunnel.target
         reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
         log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
+        if breaker is not None:
+            breaker.failure(reason)
         stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
 
-    return d.addErrback(failed)
+    return d.addCallbacks(connected, failed)

@@ -90,6 +90,7 @@ class Options(usage.Options):
         ["tcp", None, _agentCommand("tcp"), "Expose a local TCP service."],
         ["udp", None, _agentCommand("udp"), "Expose a local UDP service."],
         ["tls", None, _agentCommand("tls"), "Expose a local TLS service by passthrough (SNI routing)."],
+        ["grpc", None, _agentCommand("grpc"), "Expose a local gRPC (cleartext HTTP/2) service."],
         ["relay", None, relayTap.Options, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
     ]
@@ -104,7 +105,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay or demo")
+            raise usage.UsageError("a command is needed: http, tcp, udp, tls, grpc, relay or demo")
 
 
 def _format(event: dict[str, Any]) -> str | None:
@@ -141,7 +142,7 @@ def _runAgent(options: agentTap.Options, reactor: Any) -> int:
 
     agent.fatalHooks.append(fatal)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    service = AgentService(agent, keepalive=options["keepalive"])
+    service = AgentService(agent, **agentTap.serviceSettings(options))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

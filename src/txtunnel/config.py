@@ -22,6 +22,7 @@ from txtunnel.errors import ConfigError
 
 __all__ = [
     "ConfigOptions",
+    "boolean",
     "parseTarget",
     "positiveFloat",
     "portNumber",
@@ -69,6 +70,21 @@ def positiveFloat(text: str) -> float:
     if value < 0:
         raise ValueError(f"{text!r} must not be negative")
     return value
+
+
+def boolean(text: Any) -> bool:
+    """
+    C{true}/C{false} (also yes/no, on/off, 1/0) from a config file or
+    environment variable.
+    """
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
 
 
 def tokenList(text: str) -> list[str]:

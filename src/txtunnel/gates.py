@@ -53,6 +53,9 @@ class VisitorRequest:
     tunnel: Any
     addHeaders: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     dropHeaders: set[bytes] = attrs.field(factory=set)
+    #: The visitor's connection (a TLS transport on the HTTPS listener, for
+    #: gates that look at the client certificate).
+    transport: Any = None
     #: Called with the number of bytes that pass between the visitor and
     #: the tunnel for this request and later ones on the same stream
     #: (heads included, both directions), e.g. to count a bandwidth quota.

@@ -49,10 +49,17 @@ from txtunnel.frames import (
 )
 from txtunnel.interfaces import ILinkCarrier
 
-__all__ = ["DEFAULT_WINDOW", "Link", "Stream", "StreamAddress", "StreamReset"]
+__all__ = ["DEFAULT_WINDOW", "KEEPALIVE_TIMEOUT_FACTOR", "Link", "Stream", "StreamAddress", "StreamReset"]
 
 #: Bytes a peer may send on a stream before it must wait for credit.
 DEFAULT_WINDOW = 1024 * 1024
+
+#: A link silent this many keepalive intervals is closed.  Each side pings
+#: every interval and a live peer answers at once, so a healthy link is
+#: never silent much over one interval; the timer is armed from the last
+#: byte heard, so a dead (half-open) link is closed within 1.5 intervals of
+#: going quiet -- inside the 2x the design promises.
+KEEPALIVE_TIMEOUT_FACTOR = 1.5
 
 #: Largest DATA frame we send; big enough to keep per-frame cost small.
 DATA_CHUNK = 256 * 1024
@@ -125,6 +132,10 @@ class Stream:
         self._producerPaused = False
         self._pulling = False
         self._pullAgain = False
+        #: Set by forwarders whose streams never end by themselves (a UDP
+        #: flow ends only when idle): a drain on shutdown does not wait for
+        #: them.  See L{Link.finiteStreams}.
+        self.endless = False
 
     # -- wiring
 
@@ -395,7 +406,7 @@ class Link:
         window: int = DEFAULT_WINDOW,
         maxFrame: int = MAX_FRAME_PAYLOAD,
         keepalive: float = 10.0,
-        keepaliveTimeout: float = 25.0,
+        keepaliveTimeout: float = 15.0,
     ) -> None:
         if role not in ("relay", "agent"):
             raise ValueError(f"role must be 'relay' or 'agent', not {role!r}")
@@ -420,6 +431,8 @@ class Link:
         self._keepaliveTimeout = keepaliveTimeout
         self._lastHeard = clock.seconds()
         self._pingCall: IDelayedCall | None = None
+        self._watchCall: IDelayedCall | None = None
+        self._probeCall: IDelayedCall | None = None
         self.bytesIn = 0
         self.bytesOut = 0
 
@@ -429,21 +442,65 @@ class Link:
         """
         Begin the keepalive: a PING every C{keepalive} seconds, and close the
         link when nothing at all has been heard for C{keepaliveTimeout}.
+
+        The silence deadline is its own timer, re-armed lazily from the time
+        last heard (no per-frame timer work), so a dead link is closed
+        C{keepaliveTimeout} after the last byte heard, not at the next ping.
         """
         if self._keepalive > 0:
             self._pingCall = self.clock.callLater(self._keepalive, self._ping)
+        if self._keepaliveTimeout > 0 and self._keepalive > 0:
+            self._watchCall = self.clock.callLater(self._keepaliveTimeout, self._watch)
 
     def _ping(self) -> None:
         self._pingCall = None
         if self.closed:
             return
-        silent = self.clock.seconds() - self._lastHeard
-        if silent >= self._keepaliveTimeout:
-            self.log.warn("link to {peer} silent for {silent:.1f}s; closing it", peer=self.peer, silent=silent)
-            self.carrier.closeLink("keepalive timeout")
-            return
         self._send(encodeFrame(FrameType.PING, 0, os.urandom(8)))
         self._pingCall = self.clock.callLater(self._keepalive, self._ping)
+
+    def _watch(self) -> None:
+        self._watchCall = None
+        if self.closed:
+            return
+        silent = self.clock.seconds() - self._lastHeard
+        if silent >= self._keepaliveTimeout:
+            self._deadLink(f"silent for {silent:.1f}s", "keepalive timeout")
+            return
+        self._watchCall = self.clock.callLater(self._keepaliveTimeout - silent, self._watch)
+
+    def _deadLink(self, why: str, reason: str) -> None:
+        self.log.warn("link to {peer} {why}; closing it", peer=self.peer, why=why, link_event="dead", reason=reason)
+        self._cancelTimers()
+        self.carrier.closeLink(reason)
+
+    def probe(self, timeout: float) -> None:
+        """
+        Check the link now: send a PING and close the link if nothing at all
+        is heard within C{timeout} seconds.  Used after the machine wakes
+        from sleep, when the link is likely dead but the keepalive would
+        take its full timeout to say so.
+        """
+        if self.closed:
+            return
+        sentAt = self.clock.seconds()
+        self._send(encodeFrame(FrameType.PING, 0, os.urandom(8)))
+        if self._probeCall is not None and self._probeCall.active():
+            self._probeCall.cancel()
+
+        def check() -> None:
+            self._probeCall = None
+            if not self.closed and self._lastHeard < sentAt:
+                self._deadLink(f"did not answer a probe within {timeout:g}s", "probe timeout")
+
+        self._probeCall = self.clock.callLater(timeout, check)
+
+    def _cancelTimers(self) -> None:
+        for name in ("_pingCall", "_watchCall", "_probeCall"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
 
     def connectionLost(self, why: str = "link lost") -> None:
         """
@@ -452,9 +509,7 @@ class Link:
         if self.closed:
             return
         self.closed = True
-        if self._pingCall is not None and self._pingCall.active():
-            self._pingCall.cancel()
-        self._pingCall = None
+        self._cancelTimers()
         for stream in list(self.streams.values()):
             stream._resetFrame("link-lost", why)
         self._blocked.clear()
@@ -513,6 +568,13 @@ class Link:
     def _sendReset(self, sid: int, code: str, reason: str) -> None:
         if not self.closed:
             self._send(encodeJSON(FrameType.RESET, sid, {"code": code, "reason": reason[:500]}))
+
+    def finiteStreams(self) -> int:
+        """
+        Open streams that will end by themselves (not L{Stream.endless}):
+        what a drain on shutdown waits for.
+        """
+        return sum(1 for stream in self.streams.values() if not stream.endless)
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)

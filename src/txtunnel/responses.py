@@ -63,11 +63,14 @@ class ResponseFramer:
         body bytes C{data[start:end]}: the content of a chunked body without
         its framing, or the bytes as they are otherwise.  It costs nothing
         when unset.
+    @ivar onHead: if set, called with C{(status, headers)} as each response
+        head (interim ones included) is parsed, before any of its body.
     """
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.onBody: Callable[[bytes, int, int], None] | None = None
+        self.onHead: Callable[[int, list[tuple[bytes, bytes]]], None] | None = None
         self._methods: deque[bytes] = deque()
         self._state = _HEAD
         self._head = bytearray()
@@ -214,6 +217,8 @@ class ResponseFramer:
         status = parser.get_status_code()
         self._status = status
         self.headers = collector.headers
+        if self.onHead is not None:
+            self.onHead(status, collector.headers)
         method = self._methods[0]
         if 100 <= status < 200:
             if status == 101:

@@ -84,6 +84,16 @@ class SQLiteStore:
         db.execute("UPDATE claims SET expires=? WHERE expires IS NULL", (until,))
         return succeed(None)
 
+    def heldClaims(self) -> dict[tuple[str, str], float]:
+        """
+        Every claim held for an agent that is away, with when its hold ends
+        (read once at start-up, to tell visitors the agent is coming back).
+        """
+        rows = self._db.execute(
+            "SELECT namespace, key, expires FROM claims WHERE expires IS NOT NULL AND expires > ?", (self._now(),)
+        )
+        return {(namespace, key): expires for namespace, key, expires in rows}
+
     def release(self, namespace: str, key: str, owner: str) -> Deferred[None]:
         self._db.execute("DELETE FROM claims WHERE namespace=? AND key=? AND owner=?", (namespace, key, owner))
         return succeed(None)

@@ -20,7 +20,9 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
@@ -41,6 +43,8 @@ txaio.use_twisted()
 # autobahn logs every frame at debug level; the link's own logs say what matters.
 txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
+_DONE = Failure(ConnectionDone())
+
 #: Where agents connect on the relay's public HTTP(S) listener.
 LINK_PATH = "/_txtunnel"
 
@@ -51,6 +55,9 @@ BATCH_LIMIT = 256 * 1024
 CLOSE_PROTOCOL_ERROR = 4002
 CLOSE_REFUSED = 4003
 CLOSE_NORMAL = 1000
+
+#: Close reasons for a link found dead, dropped at once.
+DEAD_LINK_REASONS = frozenset({"keepalive timeout", "probe timeout"})
 
 
 def _options(factory: Any) -> None:
@@ -129,6 +136,10 @@ class _LinkCarrierMixin:
         else:
             code = CLOSE_NORMAL
         self.sendClose(code, reason[:120])  # type: ignore[attr-defined]
+        if reason in DEAD_LINK_REASONS:
+            # Nothing comes back on a dead link: waiting for the close
+            # handshake would only delay the reconnect.
+            self.dropConnection(abort=True)  # type: ignore[attr-defined]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         link = self.link
@@ -182,6 +193,15 @@ class LinkClientProtocol(_LinkCarrierMixin, WebSocketClientProtocol):  # type: i
         link = self._startLink(self.factory.url)
         self.session = self.factory.sessionFactory(link, self)
 
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        # A connection that ends before the link is up (a TLS handshake
+        # that failed verification, say) is reported with its reason, which
+        # the WebSocket layer would otherwise reduce to "closed uncleanly".
+        onFailed = getattr(self.factory, "onConnectFailed", None)
+        if self.link is None and onFailed is not None:
+            onFailed(reason)
+        super().connectionLost(reason)
+
     def linkClosed(self, code: int | None, reason: str | None) -> None:
         session = getattr(self, "session", None)
         if session is not None:
@@ -228,6 +248,11 @@ class LinkClientFactory(WebSocketClientFactory):  # type: ignore[misc]
         keepaliveTimeout: float,
     ) -> None:
         super().__init__(url=url, headers={})
+        #: Called with the reason when a connection ends before its link is up.
+        self.onConnectFailed: Callable[[Failure], object] | None = None
+        #: Called C{(carrier, code, reason)} when a link closes before its
+        #: session started (a refused or failed handshake).
+        self.onLinkLost: Callable[[Any, int | None, str | None], object] | None = None
         self.sessionFactory = sessionFactory
         self.clock = clock
         self.window = window

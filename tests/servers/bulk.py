@@ -37,7 +37,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 if url.path == "/big":
                     n = int(parse_qs(url.query).get("n", ["1048576"])[0])
                     await drainBody(conn, reader)
-                    writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Length", str(n)), ("Content-Type", "application/octet-stream")])))
+                    writer.write(
+                        conn.send(
+                            h11.Response(
+                                status_code=200,
+                                headers=[("Content-Length", str(n)), ("Content-Type", "application/octet-stream")],
+                            )
+                        )
+                    )
                     sent = 0
                     while sent < n:
                         chunk = BLOCK[: min(len(BLOCK), n - sent)]

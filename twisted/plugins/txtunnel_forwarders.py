@@ -20,3 +20,8 @@ tls = LazyForwarder(
     "txtunnel.forwarders.tls.TLSForwarder",
     "TLS passthrough at NAME.<domain> on the relay's TLS port, routed by SNI",
 )
+grpc = LazyForwarder(
+    "grpc",
+    "txtunnel.forwarders.grpc.GRPCForwarder",
+    "gRPC and HTTP/2 (h2c) services at NAME.<domain> on the relay's public HTTP(S) listeners",
+)

@@ -9,16 +9,26 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txtunnel.agent.breaker import (
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_FAILURES,
+    CircuitBreaker,
+    HealthCheck,
+)
 from txtunnel.agent.session import AgentSession
+from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
+from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
 from txtunnel.interfaces import IAgentTunnel, IForwarder
-from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
 from txtunnel.wslink import LinkClientFactory, relayEndpointString
 
 __all__ = ["Agent", "AgentService", "AgentTunnel"]
@@ -50,6 +60,20 @@ class AgentTunnel:
         self.lastAddress: str | None = None
         #: What to send back to the relay to get the same address again.
         self.reclaim: dict[str, Any] = {}
+        #: Fails fast (503) while the local service keeps failing.
+        self.breaker = CircuitBreaker(
+            reactor,
+            threshold=int(options.get("breaker-failures", DEFAULT_BREAKER_FAILURES)),
+            cooldown=float(options.get("breaker-cooldown", DEFAULT_BREAKER_COOLDOWN)),
+            name=name,
+        )
+        check = options.get("health-check")
+        #: Probes the local service on a schedule, when configured.
+        self.health: HealthCheck | None = None
+        if check:
+            self.health = HealthCheck(
+                reactor, target, check, self.breaker, interval=float(options.get("health-interval", 10.0))
+            )
 
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
@@ -87,16 +111,34 @@ class Agent:
         self._answered: set[str] = set()
         #: Called with the reason when the agent gives up (see L{fatal}).
         self.fatalHooks: list[Callable[[str], object]] = []
+        #: TLS settings of a C{wss://} link (C{None}: verify against the
+        #: system's roots, no client certificate).
+        self.linkTLS: LinkClientTLS | None = None
+        #: The link's connection state machine; a status console or metrics
+        #: read C{states.state} or add to C{states.observers}.
+        self.states = LinkStates(relayURL)
+
+    @property
+    def state(self) -> LinkState:
+        """
+        Where the link to the relay is now (see L{LinkState}).
+        """
+        return self.states.state
 
     def sessionStarted(self, session: AgentSession) -> None:
         self.session = session
         self._answered.clear()
+        self.states.event("opened")
+
+    def sessionWelcomed(self, session: AgentSession) -> None:
+        self.states.event("welcomed")
 
     def sessionEnded(self, session: AgentSession, reason: str) -> None:
         if self.session is session:
             self.session = None
         if self.failure is None and not self.stopping:
             self.log.warn("link to relay lost ({reason}); reconnecting", reason=reason)
+            self.states.event("lost", reason=reason)
 
     def tunnelBound(self, tunnel: AgentTunnel) -> None:
         self._answer(tunnel)
@@ -121,6 +163,7 @@ class Agent:
             return
         self.failure = reason
         self.log.critical("agent stopping: {reason}", reason=reason)
+        self.states.event("close", reason=reason)
         if self.session is not None:
             self.session.carrier.closeLink("agent stopping")
         for hook in self.fatalHooks:
@@ -129,10 +172,38 @@ class Agent:
             self.ready.errback(RuntimeError(reason))
 
 
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """
+    The relay's endpoint, telling the agent's state machine about each
+    attempt and each failure to connect (the L{ClientService} reports
+    neither).
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, agent: Agent, onFailure: Callable[[], object]) -> None:
+        self.endpoint = endpoint
+        self.agent = agent
+        self.onFailure = onFailure
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.agent.states.event("attempt")
+        d = self.endpoint.connect(factory)
+
+        def failed(f: Failure) -> Failure:
+            self.agent.states.event("failed", reason=f.getErrorMessage())
+            self.onFailure()
+            return f
+
+        return d.addErrback(failed)
+
+
 class AgentService(MultiService):
     """
     A L{ClientService} that keeps the link up (backoff with jitter), under
     the agent's service tree.
+
+    @ivar backoff: the reconnect delays and attempt limit.
+    @ivar drainTimeout: seconds L{stopService} lets streams in flight finish.
     """
 
     log = Logger()
@@ -143,36 +214,136 @@ class AgentService(MultiService):
         *,
         keepalive: float = 10.0,
         window: int = DEFAULT_WINDOW,
+        backoff: Backoff | None = None,
+        drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
+        clockWatch: bool = True,
     ) -> None:
         super().__init__()
         self.agent = agent
-        wsURL, endpoint = relayEndpointString(agent.relayURL)
+        self.keepalive = keepalive
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.drainTimeout = drainTimeout
+        wsURL, _ = relayEndpointString(agent.relayURL)
         factory = LinkClientFactory(
             wsURL,
             lambda link, carrier: AgentSession(agent, link, carrier),
             agent.reactor,
             window=window,
             keepalive=keepalive,
-            keepaliveTimeout=keepalive * 2.5,
+            keepaliveTimeout=keepalive * KEEPALIVE_TIMEOUT_FACTOR,
         )
+        factory.onConnectFailed = self._connectFailed
+        # A link that closes before its session starts (refused handshake)
+        # is a failed attempt too.
+        factory.onLinkLost = self._handshakeLost
         self.factory = factory
+        #: The link's TLS (C{None} for C{ws://}); by default the relay's
+        #: certificate is checked against the system's roots.
+        self.tls = agent.linkTLS or linkClientTLS(agent.relayURL)
         self.client = ClientService(
-            clientFromString(agent.reactor, endpoint),
+            _WatchedEndpoint(linkEndpoint(agent.reactor, agent.relayURL, self.tls), agent, self._checkAttempts),
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0),
+            retryPolicy=lambda failed: self.backoff.delay(max(1, agent.states.failures)),
             clock=agent.reactor,
         )
         self.client.setServiceParent(self)
         agent.fatalHooks.append(lambda reason: self.client.stopService())
+        agent.states.observers.append(self._stateChanged)
+        self.clockWatch: ClockJumpWatch | None = None
+        if clockWatch and keepalive > 0:
+            self.clockWatch = ClockJumpWatch(agent.reactor, self._clockJumped)
 
-    def startService(self) -> None:
-        self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
-        super().startService()
+    def _handshakeLost(self, carrier: Any, code: int | None, reason: str | None) -> None:
+        self.agent.states.event("failed", reason=reason or f"closed ({code})")
+        self._checkAttempts()
 
-    def stopService(self) -> Deferred[Any]:
-        self.agent.stopping = True
+    def _stateChanged(self, old: LinkState, new: LinkState, event: str, info: dict[str, Any]) -> None:
+        if new is LinkState.RECONNECTING and event == "lost":
+            self._checkAttempts()
+
+    def _checkAttempts(self) -> None:
+        """
+        Give up once the configured number of attempts in a row have failed.
+        """
+        failures = self.agent.states.failures
+        if self.backoff.exhausted(failures) and not self.agent.stopping:
+            self.agent.fatal(f"gave up after {failures} failed attempts to reach the relay")
+
+    def _clockJumped(self, seconds: float) -> None:
         session = self.agent.session
         if session is not None:
-            session.goodbye()
-            session.carrier.closeLink("agent shutting down")
-        return super().stopService()  # type: ignore[no-any-return]
+            session.link.probe(min(self.keepalive, 5.0))
+
+    def startService(self) -> None:
+        tls = self.tls
+        if tls is not None and tls.insecure:
+            self.log.warn(
+                "*** --insecure: the relay's TLS certificate is NOT verified. Anyone between this agent and "
+                "{relay} can pose as the relay and read or change every tunnel's traffic. Use it for "
+                "development only; give --ca FILE for a relay with a private CA. ***",
+                relay=self.agent.relayURL,
+            )
+        self.log.info("connecting to relay {relay}", relay=self.agent.relayURL)
+        super().startService()
+        if self.clockWatch is not None:
+            self.clockWatch.start()
+        for tunnel in self.agent.tunnels:
+            if tunnel.health is not None:
+                tunnel.health.start()
+
+    def _connectFailed(self, reason: Any) -> None:
+        """
+        A link that failed before it was up: say why when TLS is the
+        reason.  A relay whose certificate cannot be verified is fatal
+        until the agent has once connected (a wrong --ca or host name will
+        not fix itself); after that it is logged and retried, since a
+        relay may be renewing its certificate.
+        """
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+
+        tls = self.tls
+        if tls is None or not reason.check(SSL.Error, VerificationError) or self.agent.stopping:
+            return
+        why = tls.describe(reason)
+        message = f"cannot verify the relay {self.agent.relayURL}: {why}"
+        if "verify" in why or isinstance(reason.value, VerificationError) or tls.lastError:
+            message += " (give --ca FILE if it uses a private CA; --insecure skips the check, for development only)"
+        if self.agent.ready.called:
+            self.log.error("{message}; retrying", message=message)
+        else:
+            self.agent.fatal(message)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Say goodbye (the relay stops routing new visitors here and lets
+        idle connections go), let the streams in flight finish for up to
+        C{drainTimeout} seconds, then close the link and stop.
+        """
+        self.agent.stopping = True
+        if self.clockWatch is not None:
+            self.clockWatch.stop()
+        for tunnel in self.agent.tunnels:
+            if tunnel.health is not None:
+                tunnel.health.stop()
+        self.agent.states.event("close", reason="shutting down")
+        session = self.agent.session
+        if session is None:
+            return super().stopService()  # type: ignore[no-any-return]
+        session.goodbye()
+
+        def openStreams() -> int:
+            if self.agent.session is not session or session.link.closed:
+                return 0
+            return session.link.finiteStreams()
+
+        d = drain(self.agent.reactor, openStreams, self.drainTimeout)
+
+        def drained(left: int) -> Deferred[Any]:
+            if left:
+                self.log.warn("drain timeout: closing {left} streams still open", left=left)
+            if not session.link.closed:
+                session.carrier.closeLink("agent shutting down")
+            return super(AgentService, self).stopService()  # type: ignore[no-any-return]
+
+        return d.addCallback(drained)

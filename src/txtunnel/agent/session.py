@@ -92,12 +92,16 @@ class AgentSession:
         if isinstance(window, int) and 1024 <= window <= (1 << 30):
             self.link.peerWindow = window
         self.log.info("connected to relay {relay}", relay=self.agent.relayURL)
+        self.agent.sessionWelcomed(self)
         for i, tunnel in enumerate(self.agent.tunnels, start=1):
             self.byId[i] = tunnel
             self._bind(i, tunnel)
 
     def _bind(self, bid: int, tunnel: AgentTunnel) -> None:
         request = dict(tunnel.forwarder.bindRequest(tunnel))
+        if tunnel.options.get("client-ca"):
+            # Visitors must present a certificate from this CA (PEM text).
+            request["client-ca"] = tunnel.options["client-ca"]
         # After a reconnect, ask for the address the relay gave before.
         request.update(tunnel.reclaim)
         request.update({"op": "bind", "id": bid, "type": tunnel.type})

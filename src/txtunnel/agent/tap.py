@@ -12,8 +12,9 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from txtunnel.basicauth import hashCredentials
-from txtunnel.config import ConfigOptions, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, boolean, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
+from txtunnel.exitstatus import exitWithStatus
 from txtunnel.headerrules import headerAdds, headerNames
 from txtunnel.iprules import networkList
 from txtunnel.names import checkName
@@ -24,7 +25,6 @@ __all__ = ["Options", "makeService"]
 
 DEFAULT_RELAY = "ws://localhost:8080"
 
-#: Keys a [tunnel:NAME] section may have.
 #: Visitor policy settings of an HTTP tunnel, enforced by the relay (see
 #: docs/security.rst), and the response header rules the agent applies.
 POLICY_KEYS = (
@@ -39,6 +39,7 @@ POLICY_KEYS = (
     "rate",
     "quota",
 )
+#: Keys a [tunnel:NAME] section may have.
 TUNNEL_KEYS = (
     "type",
     "target",
@@ -47,17 +48,54 @@ TUNNEL_KEYS = (
     "response-timeout",
     "udp-idle-timeout",
     "sse-heartbeat",
+    "client-ca",
+    "pool",
+    "breaker-failures",
+    "breaker-cooldown",
+    "health-check",
+    "health-interval",
     *POLICY_KEYS,
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
-KINDS = ("http", "tcp", "udp", "tls")
+KINDS = ("http", "tcp", "udp", "tls", "grpc")
 
 
 def relayURL(text: str) -> str:
     text = str(text).strip()
     relayEndpointString(text)
     return text
+
+
+def optionalFile(text: str) -> str | None:
+    import os
+
+    text = str(text).strip()
+    if not text:
+        return None
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    return path
+
+
+def clientCA(text: str) -> str | None:
+    """
+    The CA certificates in a PEM file, as PEM text for the bind request:
+    only the certificates, so a key that shares the file never leaves.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from txtunnel.certificates import CertificateError, readCertificateAuthorities
+
+    path = optionalFile(text)
+    if path is None:
+        return None
+    try:
+        cas = readCertificateAuthorities(path)
+    except CertificateError as e:
+        raise ValueError(str(e)) from None
+    return "".join(ca.public_bytes(Encoding.PEM).decode("ascii") for ca in cas)
 
 
 def optionalText(text: str) -> str | None:
@@ -134,6 +172,53 @@ POLICY_COERCERS: dict[str, Any] = {
 }
 
 
+def poolKey(text: str) -> str | None:
+    """
+    A pool key is a shared secret: long enough not to be guessed.
+    """
+    from txtunnel.relay.pool import MAX_POOL_KEY, MIN_POOL_KEY
+
+    text = str(text).strip()
+    if not text:
+        return None
+    if not MIN_POOL_KEY <= len(text) <= MAX_POOL_KEY:
+        raise ValueError(f"a pool key must be {MIN_POOL_KEY} to {MAX_POOL_KEY} characters (it is a shared secret)")
+    return text
+
+
+def healthCheck(text: str) -> tuple[str, str] | None:
+    from txtunnel.agent.breaker import parseHealthCheck
+
+    return parseHealthCheck(text)
+
+
+def moreThanZero(text: str) -> float:
+    value = positiveFloat(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return value
+
+
+def attemptCount(text: str) -> int:
+    """
+    Attempts in a row before giving up: a whole number, 0 for never.
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number (0 for no limit)") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative (0 for no limit)")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positiveFloat(text)
+    if value > 1:
+        raise ValueError(f"{text!r} must be a fraction between 0 and 1")
+    return value
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -158,6 +243,7 @@ class Options(ConfigOptions):
         ("tcp", None, optionalTarget),
         ("udp", None, optionalTarget),
         ("tls", None, optionalTarget),
+        ("grpc", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
@@ -165,6 +251,21 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("ca", None, optionalFile),
+        ("insecure", False, boolean),
+        ("cert", None, optionalFile),
+        ("client-ca", None, clientCA),
+        ("key", None, optionalFile),
+        ("reconnect-initial", 0.5, moreThanZero),
+        ("reconnect-max", 30.0, moreThanZero),
+        ("reconnect-attempts", 0, attemptCount),
+        ("reconnect-jitter", 0.2, fraction),
+        ("drain-timeout", 30.0, positiveFloat),
+        ("pool", None, poolKey),
+        ("breaker-failures", 5, attemptCount),
+        ("breaker-cooldown", 10.0, moreThanZero),
+        ("health-check", None, healthCheck),
+        ("health-interval", 10.0, moreThanZero),
         ("basic-auth", [], basicAuthList),
         ("ip-allow", [], networkList),
         ("ip-deny", [], networkList),
@@ -201,8 +302,21 @@ class Options(ConfigOptions):
             "Expose the TLS service at TARGET by passthrough: routed by SNI at NAME.<domain> on the relay's "
             "--tls port, never decrypted.",
         ],
+        [
+            "grpc",
+            None,
+            None,
+            "Expose the gRPC (or other cleartext HTTP/2) service at TARGET: every request reaches it over HTTP/2.",
+        ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
+        [
+            "pool",
+            None,
+            None,
+            "Serve the --subdomain together with the other agents given the same KEY (a shared secret of "
+            "16+ characters): the relay spreads visitors over them. HTTP tunnels only.",
+        ],
         [
             "response-timeout",
             None,
@@ -230,7 +344,82 @@ class Options(ConfigOptions):
             "after a reconnect, and the same --subdomain/--remote-port after a restart. "
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is dropped (a dead link is noticed "
+            "within 2x). [default: 10]",
+        ],
+        ["reconnect-initial", None, None, "Seconds before the first reconnect attempt. [default: 0.5]"],
+        [
+            "reconnect-max",
+            None,
+            None,
+            "Longest wait between reconnect attempts; the wait doubles up to this. [default: 30]",
+        ],
+        [
+            "reconnect-attempts",
+            None,
+            None,
+            "Failed attempts in a row after which the agent gives up; 0 retries for ever. [default: 0]",
+        ],
+        [
+            "reconnect-jitter",
+            None,
+            None,
+            "Spread of each wait as a fraction (0.2 = +-20%), so agents do not all return at once. [default: 0.2]",
+        ],
+        [
+            "breaker-failures",
+            None,
+            None,
+            "Failures in a row to reach the local service after which visitors get 503 at once for "
+            "--breaker-cooldown seconds (circuit breaker); 0 turns it off. [default: 5]",
+        ],
+        [
+            "breaker-cooldown",
+            None,
+            None,
+            "Seconds an open circuit answers 503 before one request is let through to test the service. [default: 10]",
+        ],
+        [
+            "health-check",
+            None,
+            None,
+            "Check the local service every --health-interval seconds: 'tcp' (connect) or 'http:/PATH' "
+            "(GET, any status below 500 is healthy); results open and close the circuit breaker. [default: off]",
+        ],
+        ["health-interval", None, None, "Seconds between health checks. [default: 10]"],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On shutdown (SIGTERM, Ctrl-C), seconds open streams may take to finish before the link is "
+            "closed. [default: 30]",
+        ],
+        [
+            "ca",
+            None,
+            None,
+            "PEM file of the CA(s) a wss:// relay's certificate must chain to, for a relay with a private CA "
+            "or a development one. [default: the system's trusted CAs]",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "PEM client certificate (and its key, unless --key is given) to present to a wss:// relay that "
+            "requires one (its --agent-ca).",
+        ],
+        ["key", None, None, "PEM private key of --cert."],
+        [
+            "client-ca",
+            None,
+            None,
+            "PEM file of the CA(s) whose client certificates visitors must present to reach this HTTP "
+            "tunnel (over https:// on the relay; others get 403). [default: none needed]",
+        ],
         [
             "rate-per-ip",
             None,
@@ -240,6 +429,13 @@ class Options(ConfigOptions):
         ["rate", None, None, "Requests an HTTP tunnel accepts in all, e.g. 100/s or 600/m:50. [default: off]"],
         ["quota", None, None, "Bytes an HTTP tunnel may move per calendar month, e.g. 10MiB. [default: off]"],
     ]
+
+    def opt_insecure(self) -> None:
+        """
+        Do not verify a wss:// relay's certificate or host name. For
+        development only: anyone on the path can pose as the relay.
+        """
+        self["insecure"] = "true"
 
     def opt_basic_auth(self, value: str) -> None:
         """
@@ -294,11 +490,23 @@ class Options(ConfigOptions):
                 raise ConfigError(f"{path} [{name}]: unknown section; expected [agent] or [tunnel:NAME]")
 
     def postOptions(self) -> None:
+        from txtunnel.certificates import CertificateError
+        from txtunnel.tlscontext import linkClientTLS
+
         try:
             parser = self.loadSettings()
             self._collectTunnels(parser)
-        except ConfigError as e:
+            #: TLS settings of the link, read now so a bad file is a usage error.
+            self["link-tls"] = linkClientTLS(
+                self["relay"], ca=self["ca"], insecure=self["insecure"], cert=self["cert"], key=self["key"]
+            )
+        except (ConfigError, CertificateError) as e:
             raise usage.UsageError(str(e)) from None
+        if self["reconnect-initial"] > self["reconnect-max"]:
+            raise usage.UsageError(
+                f"--reconnect-initial ({self['reconnect-initial']:g}) must not exceed "
+                f"--reconnect-max ({self['reconnect-max']:g})"
+            )
 
     def _collectTunnels(self, parser: configparser.ConfigParser | None) -> None:
         from txtunnel.plugins import forwarders
@@ -311,8 +519,13 @@ class Options(ConfigOptions):
                 "put several tunnels in [tunnel:NAME] sections"
             )
         common = {"response-timeout": self["response-timeout"]}
+        # Resilience settings only when given: the tunnels fall back to the
+        # same defaults.
+        for key in ("breaker-failures", "breaker-cooldown", "health-check", "health-interval"):
+            if key not in self.defaulted:
+                common[key] = self[key]
         if not given:
-            for key in ("subdomain", "remote-port"):
+            for key in ("subdomain", "remote-port", "client-ca"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -332,8 +545,14 @@ class Options(ConfigOptions):
                 options["subdomain"] = self["subdomain"]
             if self["remote-port"]:
                 options["remote-port"] = self["remote-port"]
+            if self["pool"]:
+                options["pool"] = self["pool"]
             if kind == "udp":
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
+            if self["client-ca"]:
+                if kind != "http":
+                    raise ConfigError("--client-ca applies to --http tunnels (the relay checks it on its HTTPS edge)")
+                options["client-ca"] = self["client-ca"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
             self.tunnels.append(
@@ -364,12 +583,20 @@ class Options(ConfigOptions):
                     options["sse-heartbeat"] = self["sse-heartbeat"]
                 elif kind != "http" and "sse-heartbeat" in values:
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
+                if kind != "http" and "client-ca" in values:
+                    raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
+                    ("client-ca", clientCA),
+                    ("pool", poolKey),
+                    ("breaker-failures", attemptCount),
+                    ("breaker-cooldown", moreThanZero),
+                    ("health-check", healthCheck),
+                    ("health-interval", moreThanZero),
                 ):
                     if key in values:
                         try:
@@ -394,6 +621,14 @@ class Options(ConfigOptions):
                 except ValueError as e:
                     raise ConfigError(f"{where} target: {e}") from None
                 self.tunnels.append({"name": name, "type": kind, "target": address, "options": options})
+        for spec in self.tunnels:
+            if spec["options"].get("pool"):
+                if spec["type"] != "http":
+                    raise ConfigError(f"tunnel {spec['name']!r}: only http tunnels can be pooled (--pool)")
+                if not spec["options"].get("subdomain"):
+                    raise ConfigError(
+                        f"tunnel {spec['name']!r}: a pooled tunnel needs a --subdomain, the name its agents share"
+                    )
         if not self.tunnels:
             raise ConfigError(
                 "nothing to tunnel: give --http, --tcp, --udp or --tls TARGET, or [tunnel:NAME] sections in --config"
@@ -411,7 +646,28 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent.linkTLS = options.get("link-tls")
+    return agent
+
+
+def serviceSettings(options: Options) -> dict[str, Any]:
+    """
+    The keyword arguments of L{txtunnel.agent.service.AgentService} that
+    come from the options (link keepalive, reconnect backoff, drain).
+    """
+    from txtunnel.agent.states import Backoff
+
+    return {
+        "keepalive": options["keepalive"],
+        "backoff": Backoff(
+            initial=options["reconnect-initial"],
+            maximum=options["reconnect-max"],
+            jitter=options["reconnect-jitter"],
+            attempts=options["reconnect-attempts"],
+        ),
+        "drainTimeout": options["drain-timeout"],
+    }
 
 
 def loadAgentKey(path: str | None) -> str | None:
@@ -460,6 +716,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     Build the agent's service tree from parsed L{Options}.  When the agent
     gives up (bad token, every tunnel refused) the reactor is stopped.
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -468,5 +725,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     agent = buildAgent(options, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
+    if underTwistd:
+        agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    return AgentService(agent, keepalive=options["keepalive"])
+    return AgentService(agent, **serviceSettings(options))

@@ -18,19 +18,24 @@ streams alive with a heartbeat comment.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, nameRequest
-from txtunnel.http1 import errorResponse
+from txtunnel.errors import BindError
+from txtunnel.http1 import Answer, errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.names import checkName
+from txtunnel.relay.pool import Pool, PooledBinding, poolOwner
 from txtunnel.rewrite import ResponseHeadRewriter
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
@@ -39,6 +44,49 @@ __all__ = ["HTTPForwarder"]
 
 #: Seconds the local service may take to start answering a request.
 DEFAULT_RESPONSE_TIMEOUT = 120.0
+
+
+def refuseOpenCircuit(tunnel: IAgentTunnel, stream: Stream, breaker: Any) -> None:
+    """
+    Answer 503 at once while the tunnel's circuit breaker is open: the
+    local service has been failing, and trying it again would only make
+    this visitor wait for the same failure.
+    """
+    host, port = tunnel.target
+    wait = max(1, math.ceil(breaker.retryAfter()))
+    reason = f"the local service at {host}:{port} is failing; not trying it for {wait}s (circuit open)"
+    stream.attach(Protocol())
+    stream.write(Answer(503, reason, [("Retry-After", str(wait))]).toBytes())
+    stream.loseConnection()
+
+
+@inlineCallbacks
+def joinPool(relay: IRelay, tunnel: IRelayTunnel) -> Any:
+    """
+    Bind C{tunnel} into the pool serving the name it asks for, making the
+    pool if there is none yet; the pool key's hash owns the name's claim.
+    """
+    owner = poolOwner(tunnel.request.get("pool"))
+    asked = tunnel.request.get("name")
+    if not isinstance(asked, str):
+        raise BindError("a pooled tunnel needs a subdomain: every agent of the pool asks for the same one")
+    try:
+        name = checkName(asked)
+    except ValueError as e:
+        raise BindError(str(e)) from None
+    current = relay.hosts.get(name)
+    if current is None:
+        claimed = yield relay.store.claim("http", name, owner)
+        current = relay.hosts.get(name)
+        if current is None:
+            if not claimed:
+                raise BindError(f"the subdomain {name!r} is in use on this relay; choose another")
+            current = Pool(name, owner)
+            relay.hosts.add(name, current)
+    if not isinstance(current, Pool) or not current.admits(owner):
+        raise BindError(f"the subdomain {name!r} is in use on this relay by another agent or pool")
+    current.add(tunnel)
+    return PooledBinding(relay, tunnel, current)
 
 
 @implementer(IBinding)
@@ -82,6 +130,10 @@ class _Watch:
             self.call = self.tunnel.reactor.callLater(self.timeout, self.expired)
 
     def responseBytes(self) -> None:
+        if not self.answered:
+            breaker = getattr(self.tunnel, "breaker", None)
+            if breaker is not None:
+                breaker.success()
         self.answered = True
         self.cancel()
 
@@ -94,6 +146,9 @@ class _Watch:
         self.call = None
         host, port = self.tunnel.target
         reason = f"the local service at {host}:{port} did not answer within {self.timeout:g}s"
+        breaker = getattr(self.tunnel, "breaker", None)
+        if breaker is not None and not self.answered:
+            breaker.failure(reason)
         if not self.answered:
             self.stream.write(errorResponse(504, reason))
             self.stream.loseConnection()
@@ -174,14 +229,30 @@ class HTTPForwarder:
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
-        return nameRequest(tunnel)
+        request = nameRequest(tunnel)
+        if tunnel.options.get("pool"):
+            request["pool"] = tunnel.options["pool"]
+        return request
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:
+        if tunnel.request.get("pool") is not None:
+            binding = yield joinPool(relay, tunnel)
+            return binding
         name = yield claimName(relay, relay.hosts, "http", tunnel, "subdomain")
         return HTTPBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
+        if stream.header.get("h2"):
+            # A gRPC call from the relay's HTTP/2 edge: HTTP/2 to the local service.
+            from txtunnel.forwarders.grpc import connectH2
+
+            connectH2(tunnel, stream)
+            return
+        breaker = getattr(tunnel, "breaker", None)
+        if breaker is not None and not breaker.allow():
+            refuseOpenCircuit(tunnel, stream, breaker)
+            return
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
         interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
@@ -211,6 +282,8 @@ class HTTPForwarder:
                 status, reason = 502, f"cannot reach the local service at {host}:{port}"
                 self.log.failure("unexpected error connecting to {host}:{port}", f, host=host, port=port)
             self.log.warn("{reason}", reason=reason)
+            if breaker is not None:
+                breaker.failure(reason)
             stream.write(errorResponse(status, reason))
             stream.loseConnection()
 

@@ -106,7 +106,28 @@ DROP_LOG_INTERVAL = 10.0
 #: reads 8,192 bytes by default, which would truncate larger datagrams.
 RECV_SIZE = 65536
 
+#: Socket buffer asked for on every UDP socket here (the kernel caps it at
+#: C{net.core.rmem_max}/C{wmem_max}).  UDP senders burst, and a datagram
+#: that finds the default ~200 KiB buffer full while the reactor is busy
+#: is lost: with it, a 5,000 datagrams/s flow sent in bursts of 256 lost a
+#: quarter of them at the relay.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
 _LENGTH = struct.Struct(">H")
+
+
+def _bigBuffers(port: Any) -> Any:
+    """
+    Ask for L{SOCKET_BUFFER} bytes of receive and send buffer on C{port}'s
+    socket; return C{port}.
+    """
+    sock = port.getHandle()
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass  # keep the default: a smaller buffer only loses more under bursts
+    return port
 
 
 class FramingError(ValueError):
@@ -331,6 +352,7 @@ class DatagramStream(Protocol):
     def connectionMade(self) -> None:
         stream: Stream = self.transport  # type: ignore[assignment]
         self.stream = stream
+        stream.endless = True  # a flow ends only when idle: shutdown does not wait for it
         stream.registerProducer(self, True)
         self.idle.start()
 
@@ -643,7 +665,7 @@ class _LocalSocket(DatagramProtocol):
         self.port.write(datagram)
 
     def _open(self) -> None:
-        port = self.reactor.listenUDP(0, self, interface=_bindAddress(self.ip), maxPacketSize=RECV_SIZE)
+        port = _bigBuffers(self.reactor.listenUDP(0, self, interface=_bindAddress(self.ip), maxPacketSize=RECV_SIZE))
         try:
             port.connect(self.ip, self.targetPort)
         except BaseException:
@@ -768,8 +790,8 @@ class UDPForwarder:
 
         def listen(port: int) -> Any:
             public = _PublicPort(relay.reactor, tunnel, float(timeout), self.maxFlows)
-            return relay.reactor.listenUDP(
-                port, public, interface=relay.publicInterface, maxPacketSize=RECV_SIZE
+            return _bigBuffers(
+                relay.reactor.listenUDP(port, public, interface=relay.publicInterface, maxPacketSize=RECV_SIZE)
             ), public
 
         port, (listening, public) = yield claimPort(relay, relay.udpPorts, "udp", tunnel, listen)

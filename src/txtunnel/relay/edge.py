@@ -43,7 +43,11 @@ from txtunnel.wslink import LINK_PATH
 if TYPE_CHECKING:
     from txtunnel.relay.service import Relay
 
-__all__ = ["EdgeFactory", "EdgeProtocol"]
+__all__ = ["EdgeFactory", "EdgeProtocol", "RETRY_AFTER"]
+
+#: Seconds a visitor is asked to wait (C{Retry-After}) while a tunnel's
+#: agent is reconnecting or the relay is shutting down.
+RETRY_AFTER = 5
 
 #: Seconds a visitor may take to send a whole request head, once it has
 #: begun one (C{--header-timeout}): a slowloris client trickling a head is
@@ -62,6 +66,17 @@ class _Fail:
 
     def __init__(self, status: int, reason: str, answer: Answer | None = None) -> None:
         self.answer = answer if answer is not None else Answer(status, reason)
+
+
+def _unavailable(reason: str) -> _Fail:
+    """
+    A 503 that tells the visitor when to try again.
+    """
+    return _Fail(
+        503,
+        f"{reason}; try again shortly",
+        Answer(503, f"{reason}; try again shortly", [("Retry-After", str(RETRY_AFTER))]),
+    )
 
 
 @implementer(IPushProducer)
@@ -170,6 +185,18 @@ class EdgeProtocol(Protocol):
         self._headCall: IDelayedCall | None = None
         self._idleCall: IDelayedCall | None = None
         self._lastActivity = 0.0
+        #: The first bytes, held while they could still be the HTTP/2
+        #: preface; C{None} once the connection is known to be HTTP/1.1.
+        self._sniff: bytes | None = b""
+        #: Close once no response is owed (the relay or the agent drains).
+        self._closeWhenIdle = False
+
+    @property
+    def link(self) -> Any:
+        """
+        The agent link this connection has a stream open on, if any.
+        """
+        return self._stream.link if self._stream is not None else None
 
     def _now(self) -> float:
         return float(self.relay.reactor.seconds())
@@ -181,6 +208,19 @@ class EdgeProtocol(Protocol):
         self._lastActivity = self._now()
         if self.idleTimeout > 0:
             self._idleCall = self.relay.reactor.callLater(self.idleTimeout, self._idleCheck)
+        self.relay.edges.add(self)
+
+    def closeWhenIdle(self) -> None:
+        """
+        Close this visitor connection once it owes no response: at once if
+        it is idle, else after the response in flight is complete.
+        """
+        if self._delegate is not None or self._lost:
+            return
+        self._closeWhenIdle = True
+        if not self._busy and not self._queue and self._gating is None and self._framer.idle:
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- timeouts
 
@@ -229,6 +269,10 @@ class EdgeProtocol(Protocol):
         if self._delegate is not None:
             self._delegate.dataReceived(data)
             return
+        if self._sniff is not None:
+            data = self._sniffHTTP2(data)
+            if not data:
+                return
         if self._failed:
             return
         self._lastActivity = self._now()
@@ -330,7 +374,11 @@ class EdgeProtocol(Protocol):
                 return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
             return ("wait", None) if self._busy else ("link", None)
         tunnel = self.relay.hosts.get(name or "")
+        if self.relay.draining:
+            return ("fail", _unavailable("this relay is shutting down"))
         if tunnel is None:
+            if self.relay.heldFor("http", name or "") is not None:
+                return ("fail", _unavailable(f"the agent serving {name!r} is reconnecting"))
             return ("fail", _Fail(404, f"no tunnel named {name!r} on this relay"))
         if self._stream is not None and self._tunnel is not tunnel and self._busy:
             return ("wait", None)
@@ -355,6 +403,7 @@ class EdgeProtocol(Protocol):
             host=host,
             name=self.relay.hosts.split(host)[1] or "",
             tunnel=tunnel,
+            transport=self.transport,
         )
         self._gating = head
         verdicts: list[Answer | None] = []
@@ -452,7 +501,7 @@ class EdgeProtocol(Protocol):
             self._waiting = False
             self._resume("wait")
             self._pump()
-        elif self._visitorDone and not self._queue:
+        elif (self._visitorDone or self._closeWhenIdle) and not self._queue:
             self._closeStream()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -477,6 +526,32 @@ class EdgeProtocol(Protocol):
             self._waiting = False
             self._resume("wait")
         self._pump()
+
+    def _sniffHTTP2(self, data: bytes) -> bytes:
+        """
+        Hand the connection to the HTTP/2 edge when TLS negotiated C{h2}
+        or it starts with the HTTP/2 preface (prior-knowledge h2c); return
+        the bytes the HTTP/1.1 edge should read (none while undecided).
+        """
+        from txtunnel.relay.h2edge import PREFACE, H2EdgeProtocol
+
+        assert self._sniff is not None
+        seen = self._sniff + data
+        h2 = getattr(self.transport, "negotiatedProtocol", None) == b"h2"
+        if not h2 and PREFACE.startswith(seen[: len(PREFACE)]):
+            if len(seen) < len(PREFACE):
+                self._sniff = seen
+                return b""
+            h2 = True
+        self._sniff = None
+        if not h2:
+            return seen
+        protocol = H2EdgeProtocol(self.relay, self.scheme, self.clientIP)
+        self._delegate = protocol
+        self._stopTimers()
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(seen)
+        return b""
 
     def _handoff(self, head: RequestHead) -> None:
         """
@@ -550,6 +625,7 @@ class EdgeProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._lost = True
         self._stopTimers()
+        self.relay.edges.discard(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -14,13 +15,17 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from txtunnel.certificates import DevelopmentCA, loadServerCertificate
+from txtunnel.drain import drain
+from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.iprules import IPRules
-from txtunnel.link import DEFAULT_WINDOW
+from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.ratelimit import BucketTable, Rate
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
@@ -29,6 +34,7 @@ from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.relay.tokens import TokenEntry, hashToken, loadTokensFile
 from txtunnel.store import SQLiteStore
+from txtunnel.tlscontext import DEFAULT_ALPN, ServerTLS, splitHTTPSEndpoint
 from txtunnel.wslink import LinkServerFactory
 
 __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
@@ -77,8 +83,9 @@ class Relay:
         #: policy gate for HTTP and when any other visitor's stream opens.
         self.visitorRules = IPRules.fromLists(settings.get("ip-allow", []), settings.get("ip-deny", []))
         #: The checks every visitor request to an HTTP tunnel passes, in order.
-        self.gates: list[IVisitorGate] = []
-        self.gates.extend(policyGates(self))
+        #: The relay's policy (IP rules, rates, quotas, basic auth, header
+        #: rules) first, then client certificates.
+        self.gates: list[IVisitorGate] = [*policyGates(self), ClientCertificateGate()]
         #: Streams one agent's link may carry at once.
         self.maxStreams = int(settings.get("max-streams", 1000))
         #: Tunnels the agents of one IP address may hold at once.
@@ -89,14 +96,31 @@ class Relay:
         self.authFailures = BucketTable(Rate(10, 60), lambda: float(reactor.seconds()), 10_000)
         #: New tunnels per agent IP address (C{--bind-rate}).
         self.bindLimiter = BucketTable(bindRate, lambda: float(reactor.seconds()), 10_000) if bindRate else None
+        #: CAs an agent's client certificate must chain to (--agent-ca);
+        #: empty when agents need none.
+        self.agentCAs: list[Any] = list(settings.get("agent-cas") or [])
+        #: Protocols the HTTPS listener offers by ALPN, in order of preference:
+        #: HTTP/2 first (the edge hands C{h2} connections to
+        #: L{txtunnel.relay.h2edge}), then HTTP/1.1.
+        self.alpnProtocols: list[bytes] = [b"h2", *DEFAULT_ALPN]
+        #: The HTTPS listener's TLS (set when it starts).
+        self.serverTLS: ServerTLS | None = None
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
+        #: C{(namespace, key) -> wall time}: claims held for an agent that
+        #: is away, so visitors are told it is coming back (503) rather
+        #: than that there is no such tunnel (404).
+        self.held: dict[tuple[str, str], float] = {}
+        #: Set while the relay drains on shutdown: no new streams start.
+        self.draining = False
+        #: Open visitor connections on the HTTP(S) edge.
+        self.edges: set[Any] = set()
         self.linkFactory = LinkServerFactory(
             lambda link, carrier, peer: RelaySession(self, link, carrier, peer),
             reactor,
             window=settings.get("window", DEFAULT_WINDOW),
             keepalive=settings["keepalive"],
-            keepaliveTimeout=settings["keepalive"] * 2.5,
+            keepaliveTimeout=settings["keepalive"] * KEEPALIVE_TIMEOUT_FACTOR,
         )
 
     @property
@@ -114,6 +138,46 @@ class Relay:
         Wall-clock time for holds that must survive a restart of the relay.
         """
         return float(self.reactor.seconds())
+
+    def pruneHeld(self) -> None:
+        """
+        Forget holds that have ended, so the table stays as small as the
+        set of agents that are away.
+        """
+        now = self.wallClock()
+        for claim in [claim for claim, until in self.held.items() if until <= now]:
+            del self.held[claim]
+
+    def heldFor(self, namespace: str, key: str) -> float | None:
+        """
+        Seconds left on the hold of an away agent's claim, or C{None} when
+        nothing is held under that name.
+        """
+        until = self.held.get((namespace, key))
+        if until is None:
+            return None
+        left = until - self.wallClock()
+        if left <= 0:
+            del self.held[(namespace, key)]
+            return None
+        return left
+
+    def releaseIdle(self, which: Callable[[Any], bool] = lambda edge: True) -> None:
+        """
+        Ask the visitor connections picked by C{which} to close as soon as
+        they owe no response (at once if they owe none): a drain waits for
+        requests in flight, not for idle keep-alive connections.
+        """
+        for edge in list(self.edges):
+            if which(edge):
+                edge.closeWhenIdle()
+
+    def openStreams(self) -> int:
+        """
+        Streams open on all agents' links that will end by themselves
+        (not UDP flows): what a drain waits for.
+        """
+        return sum(session.link.finiteStreams() for session in self.sessions)
 
     def checkToken(self, token: str | None) -> bool:
         """
@@ -140,28 +204,28 @@ class Relay:
                 found = entry
         return found
 
+    def wantsClientCertificate(self, serverName: str | None) -> bool:
+        """
+        Whether a TLS client that sent C{serverName} (SNI) is asked for a
+        client certificate: agents (any name but a tunnel's) when the relay
+        has C{--agent-ca}, and visitors of a tunnel bound with C{client-ca}.
+        Nobody else is asked, so browsers are not prompted for nothing.
+        """
+        kind, name = self.hosts.split(serverName.encode("ascii", "replace")) if serverName else ("apex", None)
+        if kind != "tunnel":
+            return bool(self.agentCAs)
+        tunnel = self.hosts.get(name or "")
+        try:
+            return tunnel is not None and requiredCAs(tunnel) is not None
+        except BindError:
+            return True
+
     def httpURL(self, name: str) -> str:
         if self.httpPort is not None:
             port = "" if self.httpPort == 80 else f":{self.httpPort}"
             return f"http://{name}.{self.domain}{port}/"
         port = "" if self.httpsPort in (443, None) else f":{self.httpsPort}"
         return f"https://{name}.{self.domain}{port}/"
-
-
-def _withALPN(endpoint: Any) -> Any:
-    """
-    Offer ALPN C{http/1.1} on an C{ssl:} endpoint.
-
-    With Twisted 26 and OpenSSL 3, a server whose C{CertificateOptions} has
-    no acceptable protocols answers every client that offers ALPN (curl,
-    every browser) with an "internal error" alert; naming the protocol we
-    speak fixes the handshake.  Measured with curl 7.88 against
-    C{ssl:PORT:privateKey=...}.
-    """
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if isinstance(options, CertificateOptions) and getattr(options, "_acceptableProtocols", None) is None:
-        options._acceptableProtocols = [b"http/1.1"]
-    return endpoint
 
 
 def _edgeScheme(port: Any) -> str:
@@ -190,7 +254,7 @@ def listenWithFallback(reactor: Any, endpoint: str, factory: Any, fallback: bool
         candidates += [(endpoint.replace(f":{port}", f":{port + i}", 1), port + i) for i in range(1, FALLBACK_TRIES)]
     for i, (candidate, number) in enumerate(candidates):
         try:
-            listening: IListeningPort = yield _withALPN(serverFromString(reactor, candidate)).listen(factory)
+            listening: IListeningPort = yield serverFromString(reactor, candidate).listen(factory)
         except CannotListenError as e:
             if i + 1 >= len(candidates):
                 raise
@@ -235,14 +299,21 @@ class RelayService(MultiService):
         if not relay._tokens:
             self.log.warn("no --token given: any agent can open tunnels on this relay (fine for development only)")
         if settings["http"]:
-            port = yield listenWithFallback(
-                relay.reactor, settings["http"], EdgeFactory(relay, "http"), self.httpDefaulted, "HTTP"
-            )
+            endpoint, certFile, keyFile, chainFile = splitHTTPSEndpoint(settings["http"])
+            httpFactory: Any = EdgeFactory(relay, "http")
+            if certFile is not None:
+                # An ssl: endpoint given to --http: TLS as on --https (ALPN
+                # included, which curl and browsers need), served as before.
+                certificate = loadServerCertificate(certFile, keyFile, chainFile)
+                httpFactory = TLSMemoryBIOFactory(ServerTLS([certificate], relay.alpnProtocols), False, httpFactory)
+            port = yield listenWithFallback(relay.reactor, endpoint, httpFactory, self.httpDefaulted, "HTTP")
             self.listening.append(port)
             relay.httpPort = getattr(port.getHost(), "port", None)
         if settings["https"]:
+            relay.serverTLS = self._serverTLS()
+            tlsFactory = TLSMemoryBIOFactory(relay.serverTLS, False, EdgeFactory(relay, "https"))
             port = yield listenWithFallback(
-                relay.reactor, settings["https"], EdgeFactory(relay, "https"), False, "HTTPS"
+                relay.reactor, settings.get("https-endpoint") or settings["https"], tlsFactory, False, "HTTPS"
             )
             self.listening.append(port)
             relay.httpsPort = getattr(port.getHost(), "port", None)
@@ -262,6 +333,8 @@ class RelayService(MultiService):
         # Tunnels of the previous run get the grace period to come back.
         yield store.holdAll(relay.wallClock() + relay.grace)
         relay.store = store
+        for (namespace, key), until in store.heldClaims().items():
+            relay.held[(namespace, key)] = until
         for port in self.listening:
             if port is tlsListening:
                 continue
@@ -293,6 +366,33 @@ class RelayService(MultiService):
         )
         self.ready.callback(None)
 
+    def _serverTLS(self) -> ServerTLS:
+        """
+        The HTTPS listener's TLS: the configured certificates, or a
+        self-signed one in the state directory when none is given.
+        """
+        relay = self.relay
+        certificates = list(relay.settings.get("https-certificates") or [])
+        developmentCA = None
+        if not certificates:
+            directory = os.path.join(relay.settings["state-dir"], "tls")
+            developmentCA, made = DevelopmentCA.inDirectory(directory, relay.domain)
+            self.log.warn(
+                "no HTTPS certificate given: serving certificates for {domain} and names under it from "
+                "{how} development CA {path} (development only: browsers warn; trust it with curl --cacert "
+                "{path} and the agent's --ca {path}, or use --insecure)",
+                how="a new" if made else "the existing",
+                domain=relay.domain,
+                path=developmentCA.path,
+            )
+            certificates = [developmentCA.defaultCertificate()]
+        else:
+            for cert in certificates:
+                self.log.info(
+                    "HTTPS certificate for {names} from {source}", names=", ".join(cert.names), source=cert.source
+                )
+        return ServerTLS(certificates, relay.alpnProtocols, relay.wantsClientCertificate, developmentCA)
+
     def _failed(self, failure: Any) -> None:
         self.log.critical("relay failed to start: {error}", error=failure.getErrorMessage())
         if not self.ready.called:
@@ -306,20 +406,52 @@ class RelayService(MultiService):
             reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
+        """
+        Stop accepting (listeners closed, new requests answered 503), let
+        the streams in flight finish for up to C{drain-timeout} seconds,
+        then close every link; agents' names are held for them as after any
+        drop, so they come back to the same addresses.
+        """
         super().stopService()
-        for gate in self.relay.gates:
-            stop = getattr(gate, "stop", None)
-            if stop is not None:
-                stop()
-        for session in list(self.relay.sessions):
-            session.carrier.closeLink("relay shutting down")
-            session.linkLost("relay shutting down")
+        relay = self.relay
+        relay.draining = True
         ports, self.listening = self.listening, []
         d: Deferred[Any] = DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
-        store = self.relay.store
+        timeout = float(relay.settings.get("drain-timeout", 0.0))
+        d.addCallback(lambda _: drain(relay.reactor, relay.openStreams, timeout, relay.releaseIdle))
+        d.addCallback(self._closeLinks)
+        d.addBoth(self._stopGates)
+        store = relay.store
         if isinstance(store, SQLiteStore):
             d.addBoth(lambda r: store.close())
         return d
+
+    def _stopGates(self, result: Any) -> Any:
+        """
+        Let gates that keep state write it (quota counts) before the store
+        closes.
+        """
+        for gate in self.relay.gates:
+            stop = getattr(gate, "stop", None)
+            if stop is not None:
+                try:
+                    stop()
+                except Exception:
+                    self.log.failure("stopping gate {gate!r} failed", gate=gate)
+        return result
+
+    def _closeLinks(self, left: int) -> None:
+        if left:
+            self.log.warn("drain timeout: closing {left} streams still open", left=left)
+        for session in list(self.relay.sessions):
+            session.carrier.closeLink("relay shutting down")
+            # Streams still open are reset now (their visitors get a 502 or
+            # a closed connection), not after the close handshake.
+            session.link.connectionLost("relay shutting down")
+            session.linkLost("relay shutting down")
+        for edge in list(self.relay.edges):
+            if edge.transport is not None and edge._delegate is None:
+                edge.transport.loseConnection()
 
 
 async def _stop(port: IListeningPort) -> None:

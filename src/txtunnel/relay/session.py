@@ -9,6 +9,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -18,6 +19,7 @@ from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
 from txtunnel.link import Link, Stream
+from txtunnel.mtls import agentAllowed
 from txtunnel.relay.tokens import RESERVABLE, TokenEntry
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ class RelayTunnel:
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
         link = self.session.link
         relay = self.session.relay
+        if relay.draining:
+            raise ConnectionLost("the relay is shutting down")
         if relay.visitorRules and not relay.visitorRules.permits(str(header.get("peer", ""))):
             raise VisitorRefused("your address may not use this relay")
         limit = relay.maxStreams
@@ -104,8 +108,11 @@ class RelaySession:
             elif op == "unbind":
                 self._unbind(message)
             elif op == "bye":
-                # A clean goodbye: nothing is kept for this agent.
+                # A clean goodbye: nothing is kept for this agent, and
+                # visitors' idle connections to it let go of their streams
+                # so that it can finish draining.
                 self._unbindAll()
+                self.relay.releaseIdle(lambda edge: edge.link is self.link)
             else:
                 self.log.warn("agent {peer} sent unknown control op {op!r}; ignored", peer=self.peer, op=op)
 
@@ -114,6 +121,14 @@ class RelaySession:
         if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
             self._refuse(
                 "version", f"this relay speaks link protocol version {PROTOCOL_VERSION}; agent offered {versions!r}"
+            )
+            return
+        agentCAs = getattr(self.relay, "agentCAs", None)
+        if agentCAs and not agentAllowed(getattr(self.carrier, "transport", None), agentCAs):
+            self._refuse(
+                "auth",
+                "this relay requires agents to connect over wss:// with a client certificate from its agent CA "
+                "(--cert and --key)",
             )
             return
         token = message.get("token")
@@ -184,6 +199,9 @@ class RelaySession:
                 binding.close()
                 return
             tunnel.binding = binding
+            claim = getattr(binding, "claim", None)
+            if claim is not None:
+                self.relay.held.pop(tuple(claim), None)
             message: dict[str, Any] = {"op": "bound", "id": bid, "address": binding.address}
             reclaim = getattr(binding, "reclaim", None)
             if isinstance(reclaim, dict) and reclaim:
@@ -253,6 +271,7 @@ class RelaySession:
         self.state = "closed"
         self.relay.sessions.discard(self)
         until = self.relay.wallClock() + self.relay.grace
+        self.relay.pruneHeld()
         for tunnel in self.tunnels.values():
             binding = tunnel.binding
             if binding is None:
@@ -261,6 +280,8 @@ class RelaySession:
             claim = getattr(binding, "claim", None)
             if claim is not None and self.relay.grace > 0 and self.relay.store is not None:
                 # Kept for this agent: it gets the same address if it is back in time.
-                self.relay.store.hold(claim[0], claim[1], self.owner, until)
+                owner = getattr(binding, "claimOwner", self.owner)
+                self.relay.store.hold(claim[0], claim[1], owner, until)
+                self.relay.held[(claim[0], claim[1])] = until
         self.tunnels.clear()
         self.log.info("agent {peer} disconnected: {reason}", peer=self.peer, reason=reason)

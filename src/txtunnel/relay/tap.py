@@ -12,6 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from txtunnel.config import ConfigOptions, positiveFloat, tokenList
+from txtunnel.exitstatus import exitWithStatus
 from txtunnel.headerrules import headerAdds, headerNames
 from txtunnel.iprules import networkList
 from txtunnel.ratelimit import parseRate
@@ -54,6 +55,27 @@ def passthroughEndpoint(text: str) -> str:
     return endpointString(text)
 
 
+def fileList(text: str) -> list[str]:
+    """
+    Comma-separated paths of files that exist (the certificate options).
+    """
+    paths = [os.path.abspath(os.path.expanduser(p.strip())) for p in str(text).split(",") if p.strip()]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not a file")
+    return paths
+
+
+def optionalFile(text: str) -> str | None:
+    text = str(text).strip()
+    if not text:
+        return None
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist")
+    return path
+
+
 def domainName(text: str) -> str:
     text = str(text).strip().lower().rstrip(".")
     labels = text.split(".")
@@ -71,11 +93,6 @@ def directory(text: str) -> str:
 def defaultStateDir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "txtunnel")
-
-
-def optionalFile(text: str) -> str | None:
-    text = str(text).strip()
-    return os.path.abspath(os.path.expanduser(text)) if text else None
 
 
 def count(text: str) -> int:
@@ -116,11 +133,17 @@ class Options(ConfigOptions):
     )
     section = "relay"
     envPrefix = "TXTUNNEL_RELAY_"
-    multi = frozenset({"token", "ip-allow", "ip-deny", "add-header", "remove-header"})
+    multi = frozenset(
+        {"token", "https-cert", "https-key", "agent-ca", "ip-allow", "ip-deny", "add-header", "remove-header"}
+    )
     settings = (
         ("domain", "localhost", domainName),
         ("http", DEFAULT_HTTP, endpointString),
         ("https", "", endpointString),
+        ("https-cert", [], fileList),
+        ("https-key", [], fileList),
+        ("https-cert-dir", None, optionalFile),
+        ("agent-ca", [], fileList),
         ("tls", "", passthroughEndpoint),
         ("tcp-ports", (20000, 20099), parseRange),
         ("udp-ports", (20000, 20099), parseRange),
@@ -144,12 +167,27 @@ class Options(ConfigOptions):
         ("bind-rate", parseRate("5/m:3"), parseRate),
         ("header-timeout", 20.0, positiveFloat),
         ("idle-timeout", 60.0, positiveFloat),
+        ("drain-timeout", 30.0, positiveFloat),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
         ["domain", "d", None, "Domain tunnels are served under, as NAME.DOMAIN. [default: localhost]"],
         ["http", None, None, f"Endpoint for public HTTP and agents' links. [default: {DEFAULT_HTTP}]"],
-        ["https", None, None, "Endpoint for public HTTPS, e.g. ssl:443:privateKey=key.pem:certKey=cert.pem."],
+        [
+            "https",
+            None,
+            None,
+            "Endpoint for public HTTPS (and agents' wss:// links), e.g. tcp:443 with --https-cert, or "
+            "ssl:443:privateKey=key.pem:certKey=cert.pem. With no certificate the relay makes a development "
+            "CA in the state directory and serves certificates from it. [default: off]",
+        ],
+        [
+            "https-cert-dir",
+            None,
+            None,
+            "Directory of HTTPS certificates, chosen by SNI: NAME.pem files (key and chain) or certbot-style "
+            "NAME/fullchain.pem + NAME/privkey.pem.",
+        ],
         [
             "tls",
             None,
@@ -168,7 +206,6 @@ class Options(ConfigOptions):
             "Seconds a disconnected agent's names and ports are kept for it to reconnect to; 0 frees "
             "them at once. [default: 1800]",
         ],
-        ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is closed. [default: 10]"],
         [
             "tokens-file",
             None,
@@ -216,17 +253,31 @@ class Options(ConfigOptions):
             None,
             "Seconds a visitor connection may sit with no request and no response owed; 0 for none. [default: 60]",
         ],
+        [
+            "keepalive",
+            None,
+            None,
+            "Seconds between link pings; a link silent 1.5x this long is closed (a dead link is noticed "
+            "within 2x). [default: 10]",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "On shutdown (SIGTERM), seconds requests and streams in flight may take to finish; new ones "
+            "are refused (503) meanwhile. [default: 30]",
+        ],
     ]
 
     def opt_ip_allow(self, value: str) -> None:
         """
-        Only these visitor addresses (IP or CIDR, IPv4 or IPv6; repeat or comma-separate) may reach any HTTP tunnel. [default: all]
+        Only these visitor addresses (IP or CIDR, IPv4 or IPv6; repeat or comma-separate) may reach any tunnel. [default: all]
         """
         self["ip-allow"].append(value)
 
     def opt_ip_deny(self, value: str) -> None:
         """
-        Visitor addresses (IP or CIDR) refused with 403 on every HTTP tunnel; deny wins over allow.
+        Visitor addresses (IP or CIDR) refused on every tunnel (403 for HTTP); deny wins over allow.
         """
         self["ip-deny"].append(value)
 
@@ -249,16 +300,81 @@ class Options(ConfigOptions):
         """
         self["token"].append(value)
 
+    def opt_https_cert(self, value: str) -> None:
+        """
+        PEM certificate chain (leaf first) for --https; repeat for several,
+        chosen by SNI (the first is the default). The key is in the same
+        file unless --https-key is given once per --https-cert.
+        """
+        self["https-cert"].append(value)
+
+    def opt_agent_ca(self, value: str) -> None:
+        """
+        PEM file of a CA whose client certificates agents must present
+        (over wss:// on --https) to connect; repeat for several. Agents
+        give theirs with --cert/--key. [default: none needed]
+        """
+        self["agent-ca"].append(value)
+
+    def opt_https_key(self, value: str) -> None:
+        """
+        PEM private key of the --https-cert in the same position.
+        """
+        self["https-key"].append(value)
+
     def postOptions(self) -> None:
         super().postOptions()
         if not self["http"] and not self["https"]:
             raise usage.UsageError("--http and --https are both empty: the relay would have nowhere to listen")
+        try:
+            self._loadCertificates()
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _loadCertificates(self) -> None:
+        """
+        Read every HTTPS certificate now, so a bad file is a usage error
+        naming it; C{https-endpoint} is the plain endpoint TLS wraps.
+        """
+        from txtunnel.certificates import loadServerCertificate, serverCertificatesFromDirectory
+        from txtunnel.tlscontext import splitHTTPSEndpoint
+
+        certs, keys = self["https-cert"], self["https-key"]
+        if keys and len(keys) != len(certs):
+            raise ValueError(
+                f"{len(keys)} --https-key for {len(certs)} --https-cert: give one key per certificate, "
+                "or none when each certificate file holds its key"
+            )
+        if not self["https"] and (certs or self["https-cert-dir"]):
+            raise ValueError("--https-cert and --https-cert-dir need --https ENDPOINT to serve them on")
+        found = []
+        if self["https"]:
+            endpoint, certFile, keyFile, chainFile = splitHTTPSEndpoint(self["https"])
+            self["https-endpoint"] = endpoint
+            if certFile is not None:
+                found.append(loadServerCertificate(certFile, keyFile, chainFile))
+        else:
+            self["https-endpoint"] = ""
+        for i, cert in enumerate(certs):
+            found.append(loadServerCertificate(cert, keys[i] if keys else None))
+        if self["https-cert-dir"]:
+            found.extend(serverCertificatesFromDirectory(self["https-cert-dir"]))
+        #: Certificates for the HTTPS listener; empty means a self-signed one.
+        self["https-certificates"] = found
+        from txtunnel.certificates import readCertificateAuthorities
+
+        cas = [ca for path in self["agent-ca"] for ca in readCertificateAuthorities(path, "agent CA file")]
+        if cas and not self["https"]:
+            raise ValueError("--agent-ca needs --https: agents present client certificates over wss:// only")
+        #: CAs agents' client certificates must chain to.
+        self["agent-cas"] = cas
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the relay's service tree from parsed L{Options}.
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -268,8 +384,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     settings = dict(options)
     relay = Relay(reactor, settings, forwarders())
-    return RelayService(
+    service = RelayService(
         relay,
         httpDefaulted="http" in options.defaulted,
         stateDirDefaulted="state-dir" in options.defaulted,
     )
+    if underTwistd:
+        service.ready.addErrback(lambda f: exitWithStatus(1))
+    return service

@@ -1,0 +1,227 @@
+"""
+Graceful shutdown: the relay and the agent stop taking new work, let what
+is in flight finish (up to --drain-timeout) and only then close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from tests.conftest import Relay, RunningAgent, curl, originSite, startAgent, startRelay
+from txtunnel.drain import drain
+
+CHUNK = b"x" * 8192
+
+
+class Slow(Resource):
+    """
+    C{/slow?n=CHUNKS&every=SECONDS}: a body written a chunk at a time.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        n = int(request.args.get(b"n", [b"10"])[0])
+        every = float(request.args.get(b"every", [b"0.1"])[0])
+        request.setHeader(b"content-length", str(n * len(CHUNK)).encode())
+        sent = [0]
+
+        def tick() -> None:
+            if request._disconnected:
+                return
+            request.write(CHUNK)
+            sent[0] += 1
+            if sent[0] >= n:
+                request.finish()
+            else:
+                reactor.callLater(every, tick)
+
+        reactor.callLater(every, tick)
+        return NOT_DONE_YET
+
+
+@pytest.fixture
+def slowOrigin() -> Iterator[int]:
+    site = originSite()
+    site.resource.putChild(b"slow", Slow())
+    port = pytest_twisted.blockon(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site))
+    yield port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+async def _stop(relay: Relay) -> None:
+    await defer.maybeDeferred(relay.service.stopService)
+
+
+def _host(agent: RunningAgent) -> str:
+    return agent.address().split("//", 1)[1].rstrip("/")
+
+
+async def _slowGet(relay: Relay, agent: RunningAgent, n: int, every: float) -> tuple[int, bytes, bytes]:
+    return await curl("-H", f"Host: {_host(agent)}", f"http://127.0.0.1:{relay.port}/slow?n={n}&every={every}")
+
+
+class KeepAlive(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_drain_lets_a_response_finish(tmp_path: Any, agents: list[RunningAgent], slowOrigin: int) -> None:
+    """
+    A response in flight when the relay is told to stop arrives whole; the
+    relay stops once it has, well before the drain timeout; new visitors
+    cannot connect meanwhile.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "20")
+    agent = await startAgent(agents, relay, "--http", str(slowOrigin))
+    fetch = defer.ensureDeferred(_slowGet(relay, agent, 15, 0.1))
+    await task.deferLater(reactor, 0.4, lambda: None)
+    started = time.monotonic()
+    stopped = defer.ensureDeferred(_stop(relay))
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert not stopped.called
+    code, _, _ = await curl("-H", f"Host: {_host(agent)}", f"http://127.0.0.1:{relay.port}/")
+    assert code == 7  # connection refused: the listener is closed
+    code, out, err = await fetch
+    assert code == 0, err
+    assert out == CHUNK * 15
+    await stopped
+    assert time.monotonic() - started < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_drain_refuses_new_requests_on_open_connections(
+    tmp_path: Any, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    A request that arrives on an already-open connection during the drain
+    gets 503 with Retry-After, and idle keep-alive connections are closed at
+    once so that they do not hold the drain up.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "20")
+    agent = await startAgent(agents, relay, "--http", str(slowOrigin))
+    idle = KeepAlive()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port)
+    await endpoint.connect(_factory(idle))
+    idle.transport.write(f"GET / HTTP/1.1\r\nHost: {_host(agent)}\r\n\r\n".encode())  # type: ignore[union-attr]
+    for _ in range(100):
+        if b"hello from origin" in idle.received:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert b"hello from origin" in idle.received
+    started = time.monotonic()
+    await defer.maybeDeferred(relay.service.stopService)
+    await idle.closed
+    assert time.monotonic() - started < 2
+
+
+def _factory(protocol: Protocol) -> Any:
+    from twisted.internet.protocol import Factory
+
+    class F(Factory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            return protocol
+
+    return F()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_drain_timeout_cuts_what_is_left(tmp_path: Any, agents: list[RunningAgent], origin: int) -> None:
+    """
+    A request that would never finish is cut when the drain timeout ends
+    (the visitor gets a 502), and the relay stops then, not later.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "0.5")
+    agent = await startAgent(agents, relay, "--http", str(origin))
+    fetch = defer.ensureDeferred(curl("-i", "-H", f"Host: {_host(agent)}", f"http://127.0.0.1:{relay.port}/never"))
+    await task.deferLater(reactor, 0.3, lambda: None)
+    started = time.monotonic()
+    await defer.maybeDeferred(relay.service.stopService)
+    assert 0.4 < time.monotonic() - started < 2
+    code, out, _ = await fetch
+    assert out.startswith(b"HTTP/1.1 502"), out
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_drain_finishes_in_flight_and_refuses_new(
+    relay: Relay, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    An agent told to stop says goodbye at once (new visitors get 404) but
+    the response in flight still arrives whole.
+    """
+    agent = await startAgent(agents, relay, "--http", str(slowOrigin), "--drain-timeout", "20")
+    fetch = defer.ensureDeferred(_slowGet(relay, agent, 15, 0.1))
+    await task.deferLater(reactor, 0.4, lambda: None)
+    host = _host(agent)
+    stopped = defer.ensureDeferred(agent.stop())
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert not stopped.called
+    code, out, _ = await curl("-i", "-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
+    assert out.startswith(b"HTTP/1.1 404"), out
+    code, out, err = await fetch
+    assert code == 0, err
+    assert hashlib.sha256(out).digest() == hashlib.sha256(CHUNK * 15).digest()
+    await stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_drain_with_idle_visitor_connection_is_quick(
+    relay: Relay, agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    A visitor's idle keep-alive connection to the tunnel does not hold the
+    agent's drain up: the relay lets its stream go when the agent says bye.
+    """
+    agent = await startAgent(agents, relay, "--http", str(origin), "--drain-timeout", "20")
+    idle = KeepAlive()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port).connect(_factory(idle))
+    idle.transport.write(f"GET / HTTP/1.1\r\nHost: {_host(agent)}\r\n\r\n".encode())  # type: ignore[union-attr]
+    for _ in range(100):
+        if b"hello from origin" in idle.received:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    started = time.monotonic()
+    await agent.stop()
+    assert time.monotonic() - started < 2
+    await idle.closed
+
+
+def test_drain_with_a_clock() -> None:
+    """
+    L{drain} fires with 0 as soon as the count is 0, or with what is left
+    when the timeout ends.
+    """
+    clock = task.Clock()
+    left = [3]
+    results: list[int] = []
+    drain(clock, lambda: left[0], 10.0).addCallback(results.append)
+    clock.advance(1)
+    left[0] = 0
+    clock.advance(0.05)
+    assert results == [0]
+    left[0] = 2
+    drain(clock, lambda: left[0], 1.0).addCallback(results.append)
+    for _ in range(30):
+        clock.advance(0.05)
+    assert results == [0, 2]
+    assert clock.getDelayedCalls() == []
