@@ -758,3 +758,25 @@ async def test_token_guessing_is_slowed(
         globalLogPublisher.removeObserver(observe)
     assert any("too many failed token attempts from this address; retry in" in line for line in seen), seen[-5:]
     assert not right.agent.ready.called and right.agent.failure is None  # still trying, not given up
+
+
+@pytest_twisted.ensureDeferred
+async def test_policy_over_http2(tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int) -> None:
+    """
+    HTTP/2 visitors (prior-knowledge h2c) meet the same policy: basic auth,
+    IP rules, and bytes counted toward the quota, so switching protocol
+    does not step around it.
+    """
+    relay = await policyRelay(tmp_path, "--quota-per-tunnel", "40KiB")
+    relays.append(relay)
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "h2q", "--basic-auth", "dan:pw-2")
+    await startAgent(agents, relay, "--http", str(origin), "--subdomain", "h2deny", "--ip-deny", "127.0.0.1")
+    h2 = ("--http2-prior-knowledge",)
+    out = await get(relay, "h2deny", "/hello", *h2)
+    assert out.startswith(b"HTTP/2 403"), out
+    out = await get(relay, "h2q", "/hello", *h2)
+    assert out.startswith(b"HTTP/2 401") and b"www-authenticate: Basic" in out, out
+    out = await get(relay, "h2q", "/big?n=50000", "-u", "dan:pw-2", *h2)
+    assert out.startswith(b"HTTP/2 200"), out[:200]
+    out = await get(relay, "h2q", "/hello", "-u", "dan:pw-2", *h2)
+    assert out.startswith(b"HTTP/2 429") and b"monthly bandwidth quota" in out, out
