@@ -160,6 +160,10 @@ def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Pr
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert took < 5
 
+        # HTTP/2 that breaks the rules (DATA on stream 0): GOAWAY, then closed.
+        answer = exchange(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+        assert b"\x00\x00\x08\x07" in answer, answer  # a GOAWAY frame (8 bytes, type 7)
+
         # Garbage on the link endpoint: a broken upgrade, bytes that are not
         # WebSocket after a real one, and malformed link frames from a fake agent.
         answer = exchange(
