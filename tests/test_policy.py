@@ -780,3 +780,26 @@ async def test_policy_over_http2(tmp_path: Path, relays: list[Relay], agents: li
     assert out.startswith(b"HTTP/2 200"), out[:200]
     out = await get(relay, "h2q", "/hello", "-u", "dan:pw-2", *h2)
     assert out.startswith(b"HTTP/2 429") and b"monthly bandwidth quota" in out, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_http2_connection_closed(tmp_path: Path, relays: list[Relay]) -> None:
+    """
+    An HTTP/2 connection opened and left with no stream is closed after
+    --idle-timeout, like an idle HTTP/1.1 one.
+    """
+    relay = await policyRelay(tmp_path, "--idle-timeout", "1")
+    relays.append(relay)
+
+    def idleH2() -> tuple[bytes, float]:
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data, time.monotonic() - start
+
+    data, took = await inThread(idleH2)
+    assert data[3:4] == b"\x04", data  # the relay's SETTINGS, then closed
+    assert 0.9 < took < 5, took

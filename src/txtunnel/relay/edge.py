@@ -185,6 +185,8 @@ class EdgeProtocol(Protocol):
         self._headCall: IDelayedCall | None = None
         self._idleCall: IDelayedCall | None = None
         self._lastActivity = 0.0
+        #: The connection was handed to the HTTP/2 edge.
+        self._h2 = False
         #: The first bytes, held while they could still be the HTTP/2
         #: preface; C{None} once the connection is known to be HTTP/1.1.
         self._sniff: bytes | None = b""
@@ -231,6 +233,9 @@ class EdgeProtocol(Protocol):
         link connections are left alone (a quiet WebSocket is fine).
         """
         self._idleCall = None
+        if self._h2 and not self._lost:
+            self._idleH2()
+            return
         if self._lost or self._delegate is not None or self._raw:
             return
         quiet = self._now() - self._lastActivity
@@ -245,6 +250,20 @@ class EdgeProtocol(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
         else:
             self._timedOut("the request did not arrive in time")
+
+    def _idleH2(self) -> None:
+        """
+        An HTTP/2 connection with no stream open that has sent nothing for
+        C{idleTimeout} is closed too (a connection opened and left idle
+        would otherwise be held for ever).
+        """
+        quiet = self._now() - self._lastActivity
+        if quiet >= self.idleTimeout and not getattr(self._delegate, "pipes", None):
+            self.log.debug("closing idle HTTP/2 connection from {client}", client=self.clientIP)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        wait = self.idleTimeout - quiet if quiet < self.idleTimeout else self.idleTimeout
+        self._idleCall = self.relay.reactor.callLater(max(wait, 1.0), self._idleCheck)
 
     def _headCheck(self) -> None:
         self._headCall = None
@@ -267,6 +286,8 @@ class EdgeProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._delegate is not None:
+            if self._h2:
+                self._lastActivity = self._now()
             self._delegate.dataReceived(data)
             return
         if self._sniff is not None:
@@ -548,7 +569,7 @@ class EdgeProtocol(Protocol):
             return seen
         protocol = H2EdgeProtocol(self.relay, self.scheme, self.clientIP)
         self._delegate = protocol
-        self._stopTimers()
+        self._h2 = True
         protocol.makeConnection(self.transport)
         protocol.dataReceived(seen)
         return b""
