@@ -16,7 +16,7 @@ import calendar
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -93,10 +93,6 @@ def parseSize(text: str | int) -> int:
     if unit not in _SIZE_UNITS or not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{text!r} is not a size like 10MiB, 500MB or 2GiB")
     return int(value * _SIZE_UNITS[unit])
-
-
-def optionalRate(text: str) -> Rate | None:
-    return parseRate(text)
 
 
 @attrs.frozen
@@ -448,14 +444,16 @@ class HeaderGate(_Validating):
     relay's, then the tunnel's.
     """
 
-    def __init__(self, add: list[str] = [], remove: list[str] = []) -> None:  # noqa: B006
+    def __init__(self, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
         self.add = [(n.encode(), v.encode()) for n, v in (a.split(": ", 1) for a in headerAdds(add))]
         self.remove = frozenset(n.lower().encode() for n in headerNames(remove))
 
     def check(self, request: VisitorRequest) -> None:
         policy = tunnelPolicy(request)
         request.dropHeaders.update(self.remove | policy.dropHeaders)
-        request.addHeaders.extend(self.add)
+        # A tunnel's header replaces the relay's of the same name.
+        own = {name.lower() for name, _ in policy.addHeaders}
+        request.addHeaders.extend(h for h in self.add if h[0].lower() not in own)
         request.addHeaders.extend(policy.addHeaders)
         return None
 
