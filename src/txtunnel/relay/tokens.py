@@ -62,13 +62,6 @@ class TokenEntry:
     digest: bytes
     reserved: frozenset[tuple[str, str]] = frozenset()
 
-    @property
-    def label(self) -> str:
-        """
-        A name for logs that does not give the token away.
-        """
-        return "token:" + self.digest.hex()[:8]
-
 
 def loadTokensFile(path: str) -> list[TokenEntry]:
     """
