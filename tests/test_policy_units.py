@@ -377,3 +377,16 @@ def test_any_bind_policy_is_accepted_or_refused_with_a_reason(policy: Any, kind:
         assert str(e)
     else:
         assert isinstance(parsed, TunnelPolicy)
+
+
+def test_documented_token_hash_command() -> None:
+    """
+    docs/security.rst: printf 'txtunnel-token:%s' TOKEN | sha256sum gives
+    the sha256:HEX a tokens file accepts.
+    """
+    import subprocess
+
+    out = subprocess.run(
+        "printf 'txtunnel-token:%s' 'my-agent-token' | sha256sum", shell=True, capture_output=True, check=True
+    ).stdout
+    assert out.split()[0].decode() == hashToken("my-agent-token").hex()
