@@ -121,6 +121,14 @@ def start_relay(
         f"{tcp_ports[0]}-{tcp_ports[1]}",
         "--state-dir",
         state,
+        # Benchmarks open many tunnels and connections from one address:
+        # the relay's abuse limits (docs/security.rst) would cap them.
+        "--max-tunnels-per-ip",
+        "0",
+        "--bind-rate",
+        "off",
+        "--max-streams",
+        "0",
         *extra,
     )
     proc = procs.start(name, argv, env=env, nofile=True)

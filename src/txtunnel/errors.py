@@ -4,7 +4,7 @@ Errors that carry a message meant for a person.
 
 from __future__ import annotations
 
-__all__ = ["BindError", "ConfigError"]
+__all__ = ["BindError", "ConfigError", "StreamRefused", "TooManyStreams", "VisitorRefused"]
 
 
 class BindError(Exception):
@@ -19,3 +19,29 @@ class ConfigError(Exception):
     A configuration file, environment variable or option has a bad value.
     The message names where it came from and what was expected.
     """
+
+
+class StreamRefused(Exception):
+    """
+    The relay will not open a stream for this visitor; C{status} is the
+    HTTP status that says why, for the HTTP edge.
+    """
+
+    status = 503
+
+
+class TooManyStreams(StreamRefused):
+    """
+    An agent's link already carries as many streams as the relay allows
+    (C{--max-streams}); a visitor is told to come back shortly.
+    """
+
+
+class VisitorRefused(StreamRefused):
+    """
+    The visitor's address is outside the relay's C{--ip-allow} or inside its
+    C{--ip-deny}: for TCP, UDP and TLS tunnels, which have no visitor gates,
+    the check is made when the visitor's stream would be opened.
+    """
+
+    status = 403

@@ -19,7 +19,7 @@ fails with an exception refuses the request: gates fail closed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -56,6 +56,10 @@ class VisitorRequest:
     #: The visitor's connection (a TLS transport on the HTTPS listener, for
     #: gates that look at the client certificate).
     transport: Any = None
+    #: Called with the number of bytes that pass between the visitor and
+    #: the tunnel for this request and later ones on the same stream
+    #: (heads included, both directions), e.g. to count a bandwidth quota.
+    meters: list[Callable[[int], object]] = attrs.field(factory=list)
 
     @property
     def bindRequest(self) -> dict[str, Any]:

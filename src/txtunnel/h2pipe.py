@@ -24,6 +24,7 @@ Memory stays bounded without pausing the shared connection:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -123,6 +124,9 @@ class H2Pipe(Protocol):
         self.status = 0
         self.bytesIn = 0
         self.bytesOut = 0
+        #: The visitor gates' byte counters (quotas): called with the size
+        #: of each body chunk either way.
+        self.meters: list[Callable[[int], object]] = []
 
     # -- the link side
 
@@ -135,6 +139,8 @@ class H2Pipe(Protocol):
             getattr(self, kind)(*value)
 
     def dataReceived(self, data: bytes) -> None:
+        for meter in self.meters:
+            meter(len(data))
         try:
             events = self._decoder.feed(data)
         except MessageError as e:
@@ -213,6 +219,8 @@ class H2Pipe(Protocol):
         if self.stream is None:
             self._early.append(("h2Data", (data, flowLength)))
             return
+        for meter in self.meters:
+            meter(len(data))
         self.stream.write(encodeData(data))
         self.bytesIn += len(data)
         self._unacked += flowLength

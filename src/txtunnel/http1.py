@@ -251,6 +251,13 @@ class RequestFramer:
         self._chunks: ChunkScanner | None = None
 
     @property
+    def partialHead(self) -> bool:
+        """
+        Part of a request head has arrived, not all of it.
+        """
+        return self._state == _HEAD and bool(self._buf)
+
+    @property
     def idle(self) -> bool:
         """
         Between requests, with nothing buffered.

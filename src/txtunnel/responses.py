@@ -124,12 +124,26 @@ class ResponseFramer:
 
     def feed(self, data: bytes) -> list[int]:
         done: list[int] = []
+        self._feed(data, done, False)
+        return done
+
+    def feedBody(self, data: bytes) -> int:
+        """
+        Feed the body bytes at the start of C{data} and stop where the next
+        response head would begin; return how many bytes were taken.  For
+        a caller that rewrites heads (L{txtunnel.rewrite}).
+        """
+        return self._feed(data, [], True)
+
+    def _feed(self, data: bytes, done: list[int], stopAtHead: bool) -> int:
         if data:
             self.started = True
         pos = 0
         end = len(data)
         while pos < end:
             state = self._state
+            if stopAtHead and state == _HEAD:
+                return pos
             if state == _UNTIL_CLOSE and self.onBody is not None:
                 self.onBody(data, pos, end)
             if state in (_RAW, _OPAQUE, _UNTIL_CLOSE):
@@ -158,7 +172,7 @@ class ResponseFramer:
                     self._complete(done)
             else:
                 pos = self._feedHead(data, pos, done)
-        return done
+        return end if self._state in (_RAW, _OPAQUE, _UNTIL_CLOSE) else pos
 
     def eof(self) -> list[int]:
         """

@@ -25,6 +25,13 @@ CREATE TABLE IF NOT EXISTS claims (
     expires REAL,
     PRIMARY KEY (namespace, key)
 );
+CREATE TABLE IF NOT EXISTS usage (
+    period TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (period, kind, key)
+);
 """
 
 
@@ -100,6 +107,38 @@ class SQLiteStore:
 
     def releaseAll(self, namespace: str) -> Deferred[None]:
         self._db.execute("DELETE FROM claims WHERE namespace=?", (namespace,))
+        return succeed(None)
+
+    def usage(self, period: str, kind: str, key: str) -> Deferred[int]:
+        """
+        Bytes counted for C{key} (a visitor IP, a tunnel name; C{kind} says
+        which) in C{period} (a calendar month, C{"2026-11"}).
+        """
+        row = self._db.execute(
+            "SELECT bytes FROM usage WHERE period=? AND kind=? AND key=?", (period, kind, key)
+        ).fetchone()
+        return succeed(int(row[0]) if row else 0)
+
+    def addUsage(self, counts: dict[tuple[str, str, str], int]) -> Deferred[None]:
+        """
+        Add byte counts, keyed by C{(period, kind, key)}, in one transaction.
+        """
+        db = self._db
+        with db:
+            db.execute("BEGIN")
+            for (period, kind, key), n in counts.items():
+                db.execute(
+                    "INSERT INTO usage VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (period, kind, key) DO UPDATE SET bytes = bytes + excluded.bytes",
+                    (period, kind, key, n),
+                )
+        return succeed(None)
+
+    def pruneUsage(self, before: str) -> Deferred[None]:
+        """
+        Forget the counts of periods before C{before}.
+        """
+        self._db.execute("DELETE FROM usage WHERE period < ?", (before,))
         return succeed(None)
 
     def close(self) -> None:

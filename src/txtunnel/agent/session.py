@@ -16,12 +16,26 @@ from txtunnel.link import Link, Stream
 if TYPE_CHECKING:
     from txtunnel.agent.service import Agent, AgentTunnel
 
-__all__ = ["AgentSession"]
+__all__ = ["AgentSession", "relayPolicy"]
 
 FEATURES = ["window", "fin", "ping"]
 
 #: Relay error codes that retrying with the same settings cannot fix.
 FATAL_CODES = frozenset({"auth", "version"})
+
+
+#: Policy settings the agent applies itself rather than send to the relay.
+AGENT_SIDE = frozenset({"add-response-header", "remove-response-header"})
+
+
+def relayPolicy(policy: Any) -> dict[str, Any]:
+    """
+    The part of a tunnel's visitor policy the relay enforces, as sent in
+    the bind request.
+    """
+    if not isinstance(policy, dict):
+        return {}
+    return {k: v for k, v in policy.items() if k not in AGENT_SIDE and v}
 
 
 class AgentSession:
@@ -92,6 +106,10 @@ class AgentSession:
         # After a reconnect, ask for the address the relay gave before.
         request.update(tunnel.reclaim)
         request.update({"op": "bind", "id": bid, "type": tunnel.type})
+        policy = relayPolicy(tunnel.options.get("policy"))
+        if policy:
+            # Enforced by the relay; basic auth is only a salted hash here.
+            request["policy"] = policy
         self.byId[bid] = tunnel
         self.link.sendControl(request)
 

@@ -11,10 +11,14 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from txtunnel.basicauth import hashCredentials
 from txtunnel.config import ConfigOptions, adminToken, boolean, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
 from txtunnel.exitstatus import exitWithStatus
+from txtunnel.headerrules import headerAdds, headerNames
+from txtunnel.iprules import networkList
 from txtunnel.names import checkName
+from txtunnel.ratelimit import parseRate
 from txtunnel.wslink import relayEndpointString
 
 __all__ = ["Options", "makeService"]
@@ -23,6 +27,20 @@ DEFAULT_RELAY = "ws://localhost:8080"
 DEFAULT_ADMIN = "tcp:4041:interface=127.0.0.1"
 DEFAULT_INSPECT = "tcp:4040:interface=127.0.0.1"
 
+#: Visitor policy settings of an HTTP tunnel, enforced by the relay (see
+#: docs/security.rst), and the response header rules the agent applies.
+POLICY_KEYS = (
+    "basic-auth",
+    "ip-allow",
+    "ip-deny",
+    "add-header",
+    "remove-header",
+    "add-response-header",
+    "remove-response-header",
+    "rate-per-ip",
+    "rate",
+    "quota",
+)
 #: Keys a [tunnel:NAME] section may have.
 TUNNEL_KEYS = (
     "type",
@@ -38,6 +56,7 @@ TUNNEL_KEYS = (
     "breaker-cooldown",
     "health-check",
     "health-interval",
+    *POLICY_KEYS,
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
@@ -123,6 +142,42 @@ def idleTimeout(text: str) -> float:
     if not 0 < value <= MAX_IDLE_TIMEOUT:
         raise ValueError(f"{text!r} must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} seconds")
     return value
+
+
+def basicAuthList(text: str) -> list[str]:
+    """
+    C{user:pass} entries (one per value, or comma/newline-separated in a
+    config file), checked and hashed at once: the plain password is never
+    kept or sent.
+    """
+    items = [i.strip() for i in str(text).replace("\n", ",").split(",") if i.strip()]
+    return [hashCredentials(item) for item in items]
+
+
+def rateText(text: str) -> str:
+    rate = parseRate(text)
+    return str(rate) if rate else ""
+
+
+def sizeText(text: str) -> int:
+    from txtunnel.relay.policy import parseSize
+
+    return parseSize(text)
+
+
+#: How each policy setting is checked, and whether it is a list.
+POLICY_COERCERS: dict[str, Any] = {
+    "basic-auth": basicAuthList,
+    "ip-allow": networkList,
+    "ip-deny": networkList,
+    "add-header": headerAdds,
+    "remove-header": headerNames,
+    "add-response-header": headerAdds,
+    "remove-response-header": headerNames,
+    "rate-per-ip": rateText,
+    "rate": rateText,
+    "quota": sizeText,
+}
 
 
 def poolKey(text: str) -> str | None:
@@ -223,6 +278,27 @@ class Options(ConfigOptions):
         ("breaker-cooldown", 10.0, moreThanZero),
         ("health-check", None, healthCheck),
         ("health-interval", 10.0, moreThanZero),
+        ("basic-auth", [], basicAuthList),
+        ("ip-allow", [], networkList),
+        ("ip-deny", [], networkList),
+        ("add-header", [], headerAdds),
+        ("remove-header", [], headerNames),
+        ("add-response-header", [], headerAdds),
+        ("remove-response-header", [], headerNames),
+        ("rate-per-ip", "", rateText),
+        ("rate", "", rateText),
+        ("quota", 0, sizeText),
+    )
+    multi = frozenset(
+        {
+            "basic-auth",
+            "ip-allow",
+            "ip-deny",
+            "add-header",
+            "remove-header",
+            "add-response-header",
+            "remove-response-header",
+        }
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -371,6 +447,14 @@ class Options(ConfigOptions):
             "Endpoint for the traffic inspector (web page and JSON API of the HTTP requests through this agent); "
             f"empty turns it off. The default port moves to the next free one if taken. [default: {DEFAULT_INSPECT}]",
         ],
+        [
+            "rate-per-ip",
+            None,
+            None,
+            "Requests each visitor address may make to an HTTP tunnel, e.g. 10/s. [default: off]",
+        ],
+        ["rate", None, None, "Requests an HTTP tunnel accepts in all, e.g. 100/s or 600/m:50. [default: off]"],
+        ["quota", None, None, "Bytes an HTTP tunnel may move per calendar month, e.g. 10MiB. [default: off]"],
     ]
 
     def opt_insecure(self) -> None:
@@ -391,6 +475,48 @@ class Options(ConfigOptions):
         Turn the traffic inspector off (the same as --inspect "").
         """
         self["inspect"] = ""
+
+    def opt_basic_auth(self, value: str) -> None:
+        """
+        USER:PASSWORD visitors of an HTTP tunnel must give (401 until they do); repeat for several users. Only a salted hash is sent to the relay.
+        """
+        self["basic-auth"].append(value)
+
+    def opt_ip_allow(self, value: str) -> None:
+        """
+        Only these visitor addresses (IP or CIDR, IPv4 or IPv6) may reach an HTTP tunnel; repeat or comma-separate.
+        """
+        self["ip-allow"].append(value)
+
+    def opt_ip_deny(self, value: str) -> None:
+        """
+        Visitor addresses (IP or CIDR) refused with 403; deny wins over allow. Repeat or comma-separate.
+        """
+        self["ip-deny"].append(value)
+
+    def opt_add_header(self, value: str) -> None:
+        """
+        'Name: value' added to each request the local service receives (replacing any the visitor sent).
+        """
+        self["add-header"].append(value)
+
+    def opt_remove_header(self, value: str) -> None:
+        """
+        Header removed from each request before the local service sees it.
+        """
+        self["remove-header"].append(value)
+
+    def opt_add_response_header(self, value: str) -> None:
+        """
+        'Name: value' added to each response the visitor receives (replacing any the service sent).
+        """
+        self["add-response-header"].append(value)
+
+    def opt_remove_response_header(self, value: str) -> None:
+        """
+        Header removed from each response before the visitor sees it.
+        """
+        self["remove-response-header"].append(value)
 
     def __init__(self, environ: Any = None) -> None:
         super().__init__(environ)
@@ -444,9 +570,16 @@ class Options(ConfigOptions):
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
                         f"in a config file put '{key} = ...' in its [tunnel:NAME] section"
                     )
+        commonPolicy = {key: self[key] for key in POLICY_KEYS if self[key]}
         if given:
             kind = given[0]
             options = dict(common)
+            if commonPolicy:
+                if kind != "http":
+                    raise ConfigError(
+                        f"--{next(iter(commonPolicy))} applies to HTTP tunnels; --{kind} tunnels have no visitor policy"
+                    )
+                options["policy"] = commonPolicy
             if self["subdomain"]:
                 options["subdomain"] = self["subdomain"]
             if self["remote-port"]:
@@ -509,6 +642,19 @@ class Options(ConfigOptions):
                             options[key] = coerce(values[key])
                         except ValueError as e:
                             raise ConfigError(f"{where} {key}: {e}") from None
+                policy = dict(commonPolicy) if kind == "http" else {}
+                for key in POLICY_KEYS:
+                    if key not in values:
+                        continue
+                    if kind != "http":
+                        raise ConfigError(f"{where} {key}: only tunnels of type = http have visitor policy")
+                    try:
+                        policy[key] = POLICY_COERCERS[key](values[key])
+                    except ValueError as e:
+                        raise ConfigError(f"{where} {key}: {e}") from None
+                policy = {k: v for k, v in policy.items() if v}
+                if policy:
+                    options["policy"] = policy
                 try:
                     address = parseTarget(values["target"])
                 except ValueError as e:

@@ -36,6 +36,7 @@ from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRel
 from txtunnel.link import Stream
 from txtunnel.names import checkName
 from txtunnel.relay.pool import Pool, PooledBinding, poolOwner
+from txtunnel.rewrite import ResponseHeadRewriter
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
 
@@ -162,11 +163,14 @@ class _Watch:
 
 
 class _RequestSide(StreamSide):
-    def __init__(self, watch: _Watch) -> None:
+    def __init__(self, watch: _Watch, rewriter: ResponseHeadRewriter | None = None) -> None:
         super().__init__()
         self.watch = watch
+        self.rewriter = rewriter
 
     def dataReceived(self, data: bytes) -> None:
+        if self.rewriter is not None:
+            self.rewriter.requestData(data)
         self.watch.heartbeat.requestData(data)
         if self.watch.follower is not None:
             self.watch.follower.requestData(data)
@@ -182,9 +186,10 @@ class _RequestSide(StreamSide):
 
 
 class _ResponseSide(SocketSide):
-    def __init__(self, stream: Stream, watch: _Watch) -> None:
+    def __init__(self, stream: Stream, watch: _Watch, rewriter: ResponseHeadRewriter | None = None) -> None:
         super().__init__(stream)
         self.watch = watch
+        self.rewriter = rewriter
         watch.socket = self
 
     def dataReceived(self, data: bytes) -> None:
@@ -192,6 +197,10 @@ class _ResponseSide(SocketSide):
         self.watch.heartbeat.responseData(data)
         if self.watch.follower is not None:
             self.watch.follower.responseData(data)
+        if self.rewriter is not None:
+            data = self.rewriter.responseData(data)
+            if not data:
+                return
         super().dataReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -204,6 +213,20 @@ class _ResponseSide(SocketSide):
         if self.watch.follower is not None:
             self.watch.follower.connectionLost()
         super().connectionLost(reason)
+
+
+def responseRewriter(policy: Any) -> ResponseHeadRewriter | None:
+    """
+    The response header rules of a tunnel's policy (C{add-response-header},
+    C{remove-response-header}), or C{None} when it has none.
+    """
+    if not isinstance(policy, dict):
+        return None
+    add = [tuple(a.split(": ", 1)) for a in policy.get("add-response-header", [])]
+    drop = policy.get("remove-response-header", [])
+    if not add and not drop:
+        return None
+    return ResponseHeadRewriter([(n.encode(), v.encode()) for n, v in add], [d.lower().encode() for d in drop])
 
 
 @implementer(IForwarder)
@@ -248,12 +271,13 @@ class HTTPForwarder:
         traffic = getattr(tunnel, "traffic", None)
         follower = traffic.follow(tunnel.name) if traffic is not None else None
         watch = _Watch(tunnel, stream, timeout, heartbeat, follower)
+        rewriter = responseRewriter(tunnel.options.get("policy"))
         d = connectStream(
             tunnel.reactor,
             tunnel.target,
             stream,
-            lambda s: _ResponseSide(s, watch),
-            _RequestSide(watch),
+            lambda s: _ResponseSide(s, watch, rewriter),
+            _RequestSide(watch, rewriter),
         )
 
         def failed(f: Failure) -> None:

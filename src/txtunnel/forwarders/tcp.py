@@ -9,8 +9,10 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimPort, connectOrReset
@@ -35,9 +37,16 @@ class _VisitorSide(SocketSide):
         try:
             self.stream = self.tunnel.openStream({"peer": getattr(peer, "host", "?")}, None)
         except Exception:
+            # No link, too many streams, or an address the relay refuses.
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         super().connectionMade()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if getattr(self, "stream", None) is None:
+            self.lost = True  # refused before a stream was opened
+            return
+        super().connectionLost(reason)
 
 
 #: Pending connections a public port queues; Twisted's default of 50 made

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, connectOrReset, nameRequest
-from txtunnel.errors import BindError
+from txtunnel.errors import BindError, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 from txtunnel.sni import (
@@ -44,6 +44,9 @@ from txtunnel.sni import (
 from txtunnel.splice import SocketSide, setNoDelay, splice
 
 __all__ = ["TLSBinding", "TLSForwarder", "TLSRouter", "TLSRouterFactory", "tlsURL"]
+
+#: The TLS alert for a visitor the relay's IP rules refuse.
+ACCESS_DENIED = 49
 
 #: Seconds a visitor has to send a complete ClientHello.
 DEFAULT_HELLO_TIMEOUT = 10.0
@@ -135,6 +138,9 @@ class TLSRouter(SocketSide):
             return
         try:
             stream = tunnel.openStream({"peer": self.peerHost, "sni": name}, None)
+        except StreamRefused as e:
+            self._refuse(f"{name!r}: {e}", ACCESS_DENIED if isinstance(e, VisitorRefused) else INTERNAL_ERROR)
+            return
         except Exception as e:  # the agent's link went away just now
             self._refuse(f"the agent of {name!r} is not connected ({e})", INTERNAL_ERROR)
             return

@@ -18,13 +18,14 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.access import Exchange, logAccess
+from txtunnel.errors import StreamRefused
 from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.http1 import (
     Answer,
@@ -48,6 +49,14 @@ __all__ = ["EdgeFactory", "EdgeProtocol", "RETRY_AFTER"]
 #: Seconds a visitor is asked to wait (C{Retry-After}) while a tunnel's
 #: agent is reconnecting or the relay is shutting down.
 RETRY_AFTER = 5
+
+#: Seconds a visitor may take to send a whole request head, once it has
+#: begun one (C{--header-timeout}): a slowloris client trickling a head is
+#: answered 408 and closed.
+DEFAULT_HEADER_TIMEOUT = 20.0
+#: Seconds a keep-alive connection may sit with nothing to do
+#: (C{--idle-timeout}): no request arriving and no response owed.
+DEFAULT_IDLE_TIMEOUT = 60.0
 
 
 class _Fail:
@@ -123,6 +132,10 @@ class _ToVisitor(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.detached:
             return
+        edge = self.edge
+        edge._lastActivity = edge._now()
+        for meter in edge._meters:
+            meter(len(data))
         transport = self.edge.transport
         if transport is not None:
             transport.write(data)
@@ -186,9 +199,19 @@ class EdgeProtocol(Protocol):
         #: the last head they let through (with its tunnel).
         self._gating: RequestHead | None = None
         self._passed: tuple[RequestHead, Any, VisitorRequest] | None = None
+        #: Gates' byte counters for the current stream.
+        self._meters: list[Any] = []
         self.clientIP = "?"
         #: The request whose body is being read, for its byte count.
         self._reading: Exchange | None = None
+        settings = getattr(relay, "settings", {})
+        self.headerTimeout = float(settings.get("header-timeout", DEFAULT_HEADER_TIMEOUT))
+        self.idleTimeout = float(settings.get("idle-timeout", DEFAULT_IDLE_TIMEOUT))
+        self._headCall: IDelayedCall | None = None
+        self._idleCall: IDelayedCall | None = None
+        self._lastActivity = 0.0
+        #: The connection was handed to the HTTP/2 edge.
+        self._h2 = False
         #: The first bytes, held while they could still be the HTTP/2
         #: preface; C{None} once the connection is known to be HTTP/1.1.
         self._sniff: bytes | None = b""
@@ -202,11 +225,17 @@ class EdgeProtocol(Protocol):
         """
         return self._stream.link if self._stream is not None else None
 
+    def _now(self) -> float:
+        return float(self.relay.reactor.seconds())
+
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.clientIP = getattr(peer, "host", "?")
         setNoDelay(self.transport)
         self.relay.metrics.connectionOpened(self.scheme)
+        self._lastActivity = self._now()
+        if self.idleTimeout > 0:
+            self._idleCall = self.relay.reactor.callLater(self.idleTimeout, self._idleCheck)
         self.relay.edges.add(self)
 
     def closeWhenIdle(self) -> None:
@@ -228,10 +257,70 @@ class EdgeProtocol(Protocol):
             self._closeStream()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
+    # -- timeouts
+
+    def _idleCheck(self) -> None:
+        """
+        Close a connection that has had nothing to do for C{idleTimeout}:
+        no bytes from the visitor and no response owed.  Upgraded and
+        link connections are left alone (a quiet WebSocket is fine).
+        """
+        self._idleCall = None
+        if self._h2 and not self._lost:
+            self._idleH2()
+            return
+        if self._lost or self._delegate is not None or self._raw:
+            return
+        quiet = self._now() - self._lastActivity
+        if quiet < self.idleTimeout or self._busy or self._gating is not None:
+            self._idleCall = self.relay.reactor.callLater(
+                max(self.idleTimeout - quiet, 1.0) if quiet < self.idleTimeout else self.idleTimeout, self._idleCheck
+            )
+            return
+        if self._framer.idle:
+            self.log.debug("closing idle connection from {client}", client=self.clientIP)
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self._timedOut("the request did not arrive in time")
+
+    def _idleH2(self) -> None:
+        """
+        An HTTP/2 connection with no stream open that has sent nothing for
+        C{idleTimeout} is closed too (a connection opened and left idle
+        would otherwise be held for ever).
+        """
+        quiet = self._now() - self._lastActivity
+        if quiet >= self.idleTimeout and not getattr(self._delegate, "pipes", None):
+            self.log.debug("closing idle HTTP/2 connection from {client}", client=self.clientIP)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        wait = self.idleTimeout - quiet if quiet < self.idleTimeout else self.idleTimeout
+        self._idleCall = self.relay.reactor.callLater(max(wait, 1.0), self._idleCheck)
+
+    def _headCheck(self) -> None:
+        self._headCall = None
+        if not self._lost and self._delegate is None and self._framer.partialHead and not self._failed:
+            self._timedOut(f"the request head did not arrive within {self.headerTimeout:g}s")
+
+    def _timedOut(self, reason: str) -> None:
+        self.log.info("408 for {client}: {reason}", client=self.clientIP, reason=reason)
+        self._failed = True
+        self._queue.append(_Fail(408, reason))
+        self._pump()
+
+    def _stopTimers(self) -> None:
+        for call in (self._headCall, self._idleCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._headCall = self._idleCall = None
+
     # -- reading
 
     def dataReceived(self, data: bytes) -> None:
         if self._delegate is not None:
+            if self._h2:
+                self._lastActivity = self._now()
             self._delegate.dataReceived(data)
             return
         if self._sniff is not None:
@@ -240,14 +329,30 @@ class EdgeProtocol(Protocol):
                 return
         if self._failed:
             return
+        self._lastActivity = self._now()
         try:
-            self._queue.extend(self._framer.feed(data))
+            events = self._framer.feed(data)
         except HTTPError as e:
             if e.status in (414, 431):
                 self.relay.metrics.limitRejected("request-head")
             self._queue.append(_Fail(e.status, e.reason))
             self._failed = True
+        else:
+            self._queue.extend(events)
+            self._watchHead(any(isinstance(e, RequestHead) for e in events))
         self._pump()
+
+    def _watchHead(self, headDone: bool) -> None:
+        """
+        Time each request head from its first byte to its end.
+        """
+        call = self._headCall
+        if call is not None and (headDone or not self._framer.partialHead):
+            if call.active():
+                call.cancel()
+            call = self._headCall = None
+        if call is None and self._framer.partialHead and self.headerTimeout > 0:
+            self._headCall = self.relay.reactor.callLater(self.headerTimeout, self._headCheck)
 
     @property
     def _busy(self) -> bool:
@@ -277,6 +382,8 @@ class EdgeProtocol(Protocol):
                 if isinstance(event, RawBytes):
                     self._raw = True
                 if self._stream is not None:
+                    for meter in self._meters:
+                        meter(len(event.data))
                     self._stream.write(event.data)
                     if self._reading is not None:
                         self._reading.bytesIn += len(event.data)
@@ -403,9 +510,13 @@ class EdgeProtocol(Protocol):
         passed = self._passed
         if passed is not None and passed[0] is head:
             request = passed[2]
+            self._meters = request.meters
             forwarded = head.withForwarded(self.clientIP, self.scheme, host, request.addHeaders, request.dropHeaders)
         else:
+            self._meters = []
             forwarded = head.withForwarded(self.clientIP, self.scheme, host)
+        for meter in self._meters:
+            meter(len(forwarded))
         exchange = self._exchange(head, self.relay.hosts.split(host)[1] or "-")
         exchange.bytesIn = len(head.raw)
         self._responder.pending.append(exchange)
@@ -449,6 +560,10 @@ class EdgeProtocol(Protocol):
         responder = _ToVisitor(self)
         try:
             stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
+        except StreamRefused as e:
+            headers = [("Retry-After", "1")] if e.status == 503 else []
+            self._send(Answer(e.status, str(e), headers=headers))
+            return False
         except Exception as e:  # the link went away between routing and opening
             name = self.relay.hosts.split(head.header(b"host") or b"")[1] or "-"
             self._send(Answer(502, f"the tunnel's agent is not connected ({e})"), head, tunnel=name)
@@ -467,6 +582,7 @@ class EdgeProtocol(Protocol):
         stream, responder = self._stream, self._responder
         self._stream = self._responder = self._tunnel = None
         self._reading = None
+        self._meters = []
         if responder is not None:
             responder.detached = True
             self._flushPending(responder)
@@ -536,6 +652,7 @@ class EdgeProtocol(Protocol):
             return seen
         protocol = H2EdgeProtocol(self.relay, self.scheme, self.clientIP)
         self._delegate = protocol
+        self._h2 = True
         protocol.makeConnection(self.transport)
         protocol.dataReceived(seen)
         return b""
@@ -547,6 +664,7 @@ class EdgeProtocol(Protocol):
         transport: Any = self.transport
         protocol: Any = self.relay.linkFactory.buildProtocol(transport.getPeer())
         self._delegate = protocol
+        self._stopTimers()
         protocol.makeConnection(transport)
         protocol.dataReceived(head.raw)
         while self._queue:
@@ -617,6 +735,7 @@ class EdgeProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._lost = True
         self.relay.metrics.connectionClosed(self.scheme)
+        self._stopTimers()
         self.relay.edges.discard(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.access import Exchange, logAccess
+from txtunnel.errors import StreamRefused
 from txtunnel.gates import VisitorRequest, runGates
 from txtunnel.h2messages import Fields
 from txtunnel.h2pipe import HOP_BY_HOP, H2Pipe
@@ -164,6 +165,8 @@ class _H1Pipe(H2Pipe):
             self._early.append(("h2Data", (data, flowLength)))
             return
         if data:
+            for meter in self.meters:
+                meter(len(data))
             self.stream.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
             self.bytesIn += len(data)
         self._unacked += flowLength
@@ -191,6 +194,8 @@ class _H1Pipe(H2Pipe):
     def dataReceived(self, data: bytes) -> None:
         if self._endPending or self.finished:
             return
+        for meter in self.meters:
+            meter(len(data))
         try:
             done = self.framer.feed(data)
         except Exception as e:  # the framer turns opaque rather than raising, but be safe
@@ -513,8 +518,12 @@ class H2EdgeProtocol(Protocol):
             header["h2"] = 1
         early = pipe._early
         pipe._early = [("h2Headers", (forwarded,))] + early
+        pipe.meters = request.meters
         try:
             tunnel.openStream(header, pipe)
+        except StreamRefused as e:  # an address the relay refuses, or --max-streams
+            del self.pipes[sid]
+            self.answer(sid, Answer(e.status, str(e), [("Retry-After", "1")] if e.status == 503 else []))
         except Exception as e:  # the link went away between routing and opening
             del self.pipes[sid]
             self.answer(sid, Answer(502, f"the tunnel's agent is not connected ({e})"))

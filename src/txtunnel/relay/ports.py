@@ -41,6 +41,8 @@ class PortPool:
         self.high = high
         self._used: set[int] = set()
         self._next = low
+        #: Ports reserved for a token: only handed out when asked for.
+        self.reserved: set[int] = set()
 
     def __contains__(self, port: int) -> bool:
         return self.low <= port <= self.high
@@ -56,7 +58,7 @@ class PortPool:
         size = self.high - self.low + 1
         for i in range(size):
             port = self.low + (self._next - self.low + i) % size
-            if port not in self._used:
+            if port not in self._used and port not in self.reserved:
                 yield port
 
     def take(self, port: int) -> None:

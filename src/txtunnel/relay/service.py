@@ -5,7 +5,6 @@ The relay as a service tree: its state, its public listeners, its sessions.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from collections.abc import Callable
@@ -25,13 +24,17 @@ from txtunnel.certificates import DevelopmentCA, loadServerCertificate
 from txtunnel.drain import drain
 from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
+from txtunnel.iprules import IPRules
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.metrics import RelayMetrics, _now
 from txtunnel.mtls import ClientCertificateGate, requiredCAs
+from txtunnel.ratelimit import BucketTable, Rate
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
+from txtunnel.relay.policy import policyGates
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
+from txtunnel.relay.tokens import TokenEntry, hashToken, loadTokensFile
 from txtunnel.store import SQLiteStore
 from txtunnel.tlscontext import DEFAULT_ALPN, ServerTLS, splitHTTPSEndpoint
 from txtunnel.wslink import LinkServerFactory
@@ -40,13 +43,6 @@ __all__ = ["Relay", "RelayService", "hashToken", "listenWithFallback"]
 
 #: How many ports past a taken default port the relay tries.
 FALLBACK_TRIES = 20
-
-
-def hashToken(token: str) -> bytes:
-    """
-    The form in which the relay keeps a token: never the token itself.
-    """
-    return hashlib.sha256(b"txtunnel-token:" + token.encode("utf-8")).digest()
 
 
 @implementer(IRelay, IAdminSubject)
@@ -78,8 +74,35 @@ class Relay:
         self.metrics = RelayMetrics(self)
         #: Whether to log an access event per request and connection.
         self.accessLog = bool(settings.get("access-log", True))
+        #: Every token accepted, with what it reserves (C{--tokens-file}).
+        self.tokenEntries = [TokenEntry(d) for d in self._tokens]
+        if settings.get("tokens-file"):
+            self.tokenEntries += loadTokensFile(settings["tokens-file"])
+            self._tokens = [e.digest for e in self.tokenEntries]
+        #: Reserved C{(kind, key)} -> the digest of the token that may bind it.
+        self.reserved: dict[tuple[str, str], bytes] = {}
+        for entry in self.tokenEntries:
+            for reservation in entry.reserved:
+                self.reserved[reservation] = entry.digest
+        for kind, pool in (("tcp", self.ports), ("udp", self.udpPorts)):
+            pool.reserved.update(int(key) for k, key in self.reserved if k == kind)
+        #: Relay-wide IP rules (C{--ip-allow}, C{--ip-deny}): checked by the
+        #: policy gate for HTTP and when any other visitor's stream opens.
+        self.visitorRules = IPRules.fromLists(settings.get("ip-allow", []), settings.get("ip-deny", []))
         #: The checks every visitor request to an HTTP tunnel passes, in order.
-        self.gates: list[IVisitorGate] = [ClientCertificateGate()]
+        #: The relay's policy (IP rules, rates, quotas, basic auth, header
+        #: rules) first, then client certificates.
+        self.gates: list[IVisitorGate] = [*policyGates(self), ClientCertificateGate()]
+        #: Streams one agent's link may carry at once.
+        self.maxStreams = int(settings.get("max-streams", 1000))
+        #: Tunnels the agents of one IP address may hold at once.
+        self.maxTunnelsPerIP = int(settings.get("max-tunnels-per-ip", 10))
+        bindRate = settings.get("bind-rate")
+        #: Failed token attempts per agent address: ten a minute, then the
+        #: address is refused for a while, so tokens cannot be guessed fast.
+        self.authFailures = BucketTable(Rate(10, 60), lambda: float(reactor.seconds()), 10_000)
+        #: New tunnels per agent IP address (C{--bind-rate}).
+        self.bindLimiter = BucketTable(bindRate, lambda: float(reactor.seconds()), 10_000) if bindRate else None
         #: CAs an agent's client certificate must chain to (--agent-ca);
         #: empty when agents need none.
         self.agentCAs: list[Any] = list(settings.get("agent-cas") or [])
@@ -169,15 +192,24 @@ class Relay:
         configured every agent may; the comparison is constant-time and
         touches only hashes.
         """
-        if not self._tokens:
-            return True
+        return self.matchToken(token) is not None
+
+    def matchToken(self, token: str | None) -> TokenEntry | None:
+        """
+        The entry of C{token}, C{TokenEntry(b"")} for any agent on a relay
+        without tokens, or C{None} to refuse.  Every entry is compared, in
+        constant time, whatever matches.
+        """
+        if not self.tokenEntries:
+            return TokenEntry(b"")
         if not token:
-            return False
+            return None
         candidate = hashToken(token)
-        ok = False
-        for known in self._tokens:
-            ok |= hmac.compare_digest(candidate, known)
-        return ok
+        found = None
+        for entry in self.tokenEntries:
+            if hmac.compare_digest(candidate, entry.digest):
+                found = entry
+        return found
 
     def isReady(self) -> tuple[bool, str]:
         """
@@ -456,10 +488,25 @@ class RelayService(MultiService):
         admin, self.adminListening = self.adminListening, None
         if admin is not None:
             d.addBoth(lambda r: Deferred.fromCoroutine(_stop(admin)).addCallback(lambda _: r))
+        d.addBoth(self._stopGates)
         store = relay.store
         if isinstance(store, SQLiteStore):
             d.addBoth(lambda r: store.close())
         return d
+
+    def _stopGates(self, result: Any) -> Any:
+        """
+        Let gates that keep state write it (quota counts) before the store
+        closes.
+        """
+        for gate in self.relay.gates:
+            stop = getattr(gate, "stop", None)
+            if stop is not None:
+                try:
+                    stop()
+                except Exception:
+                    self.log.failure("stopping gate {gate!r} failed", gate=gate)
+        return result
 
     def _closeLinks(self, left: int) -> None:
         if left:

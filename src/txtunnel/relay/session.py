@@ -8,19 +8,20 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.access import logConnection
-from txtunnel.errors import BindError
+from txtunnel.errors import BindError, TooManyStreams, VisitorRefused
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
 from txtunnel.link import Link, Stream
 from txtunnel.mtls import agentAllowed
+from txtunnel.relay.tokens import RESERVABLE, TokenEntry
 
 if TYPE_CHECKING:
     from txtunnel.relay.service import Relay
@@ -50,10 +51,17 @@ class RelayTunnel:
         self.binding: IBinding | None = None
 
     def openStream(self, header: dict[str, Any], protocol: Any) -> Stream:
-        if self.session.relay.draining:
-            raise ConnectionLost("the relay is shutting down")
-        stream = self.session.link.openStream(dict(header, tunnel=self.id), protocol)
+        link = self.session.link
         relay = self.session.relay
+        if relay.draining:
+            raise ConnectionLost("the relay is shutting down")
+        if relay.visitorRules and not relay.visitorRules.permits(str(header.get("peer", ""))):
+            raise VisitorRefused("your address may not use this relay")
+        limit = relay.maxStreams
+        if limit and len(link.streams) >= limit:
+            relay.metrics.limitRejected("max-streams")
+            raise TooManyStreams(f"the tunnel's agent is carrying its limit of {limit} connections; try again shortly")
+        stream = link.openStream(dict(header, tunnel=self.id), protocol)
         relay.metrics.streamOpened(self.type)
         address = self.binding.address if self.binding is not None else "-"
         self.session.opened[stream.id] = (relay.reactor.seconds(), self.type, address)
@@ -85,6 +93,8 @@ class RelaySession:
         #: When each open stream was opened, for which kind of tunnel and
         #: address (for metrics and the connection access log).
         self.opened: dict[int, tuple[float, str, str]] = {}
+        #: The token this agent presented (its reservations), once known.
+        self.token: TokenEntry | None = None
         link.controlReceived = self.controlReceived
         link.streamOpened = lambda stream: stream.reset("refused", "the relay opens streams, agents do not")
         link.streamClosed = self._streamClosed
@@ -147,7 +157,16 @@ class RelaySession:
             )
             return
         token = message.get("token")
-        if not self.relay.checkToken(token if isinstance(token, str) else None):
+        failures = self.relay.authFailures
+        wait = failures.wait(self.peerHost)
+        if wait > 0:
+            # Not "auth": an agent with a good token behind the same address
+            # should keep retrying, not give up.
+            self._refuse("busy", f"too many failed token attempts from this address; retry in {max(1, round(wait))}s")
+            return
+        self.token = self.relay.matchToken(token if isinstance(token, str) else None)
+        if self.token is None:
+            failures.take(self.peerHost)
             self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
         key = message.get("key")
@@ -198,7 +217,8 @@ class RelaySession:
             return
         tunnel = RelayTunnel(self, bid, kind, message)
         self.tunnels[bid] = tunnel
-        d = maybeDeferred(validateBind, self.relay.gates, message)
+        d = ensureDeferred(self._limits(kind, message))
+        d.addCallback(lambda _: validateBind(self.relay.gates, message))
         d.addCallback(lambda _: forwarder.bind(self.relay, tunnel))
 
         def bound(binding: IBinding) -> None:
@@ -227,6 +247,39 @@ class RelaySession:
             self.link.sendControl({"op": "refused", "id": bid, "reason": reason})
 
         d.addCallbacks(bound, failed)
+
+    async def _limits(self, kind: str, message: dict[str, Any]) -> None:
+        """
+        Refuse this bind before it reaches the forwarder if the name or port
+        is reserved for another token, this agent's address holds too many
+        tunnels, or it asks for new tunnels too fast.  Taking back an
+        address this agent holds (after a reconnect) is not a new tunnel.
+
+        @raise BindError: with the reason.
+        """
+        relay = self.relay
+        key = None
+        if kind in RESERVABLE:
+            asked = message.get("port") if RESERVABLE[kind] else message.get("name")
+            if isinstance(asked, (str, int)) and not isinstance(asked, bool):
+                key = str(asked)
+                holder = relay.reserved.get((kind, key))
+                if holder is not None and (self.token is None or self.token.digest != holder):
+                    what = "port" if RESERVABLE[kind] else "name"
+                    raise BindError(f"the {kind} {what} {key} is reserved for another token on this relay")
+        limit = relay.maxTunnelsPerIP
+        if limit:
+            # This bind is already among the session's tunnels.
+            held = sum(len(s.tunnels) for s in relay.sessions if s.peerHost == self.peerHost) - 1
+            if held >= limit:
+                raise BindError(f"at most {limit} tunnels per agent address; this address holds {held}")
+        limiter = relay.bindLimiter
+        if limiter is not None:
+            if key is not None and relay.store is not None and (await relay.store.owner(kind, key)) == self.owner:
+                return
+            wait = limiter.take(self.peerHost)
+            if wait > 0:
+                raise BindError(f"too many new tunnels from this address; try again in {max(1, round(wait))}s")
 
     def _unbind(self, message: dict[str, Any]) -> None:
         tunnel = self.tunnels.pop(message.get("id"), None)  # type: ignore[arg-type]

@@ -13,6 +13,10 @@ from twisted.python import usage
 
 from txtunnel.config import ConfigOptions, adminToken, boolean, positiveFloat, tokenList
 from txtunnel.exitstatus import exitWithStatus
+from txtunnel.headerrules import headerAdds, headerNames
+from txtunnel.iprules import networkList
+from txtunnel.ratelimit import parseRate
+from txtunnel.relay.policy import parseSize
 from txtunnel.relay.ports import parseRange
 
 __all__ = ["Options", "makeService"]
@@ -92,6 +96,19 @@ def defaultStateDir() -> str:
     return os.path.join(base, "txtunnel")
 
 
+def count(text: str) -> int:
+    """
+    A whole number, 0 or more (0 turns the limit off).
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{text!r} must not be negative")
+    return value
+
+
 def interface(text: str) -> str:
     import ipaddress
 
@@ -117,7 +134,9 @@ class Options(ConfigOptions):
     )
     section = "relay"
     envPrefix = "TXTUNNEL_RELAY_"
-    multi = frozenset({"token", "https-cert", "https-key", "agent-ca"})
+    multi = frozenset(
+        {"token", "https-cert", "https-key", "agent-ca", "ip-allow", "ip-deny", "add-header", "remove-header"}
+    )
     settings = (
         ("domain", "localhost", domainName),
         ("http", DEFAULT_HTTP, endpointString),
@@ -137,6 +156,21 @@ class Options(ConfigOptions):
         ("admin", DEFAULT_ADMIN, endpointString),
         ("admin-token", None, adminToken),
         ("access-log", True, boolean),
+        ("tokens-file", None, optionalFile),
+        ("ip-allow", [], networkList),
+        ("ip-deny", [], networkList),
+        ("add-header", [], headerAdds),
+        ("remove-header", [], headerNames),
+        ("rate-per-ip", None, parseRate),
+        ("rate-per-tunnel", None, parseRate),
+        ("rate-total", None, parseRate),
+        ("quota-per-ip", 0, parseSize),
+        ("quota-per-tunnel", 0, parseSize),
+        ("max-streams", 1000, count),
+        ("max-tunnels-per-ip", 10, count),
+        ("bind-rate", parseRate("5/m:3"), parseRate),
+        ("header-timeout", 20.0, positiveFloat),
+        ("idle-timeout", 60.0, positiveFloat),
         ("drain-timeout", 30.0, positiveFloat),
     )
     optParameters = [
@@ -177,6 +211,53 @@ class Options(ConfigOptions):
             "them at once. [default: 1800]",
         ],
         [
+            "tokens-file",
+            None,
+            None,
+            "File of agent tokens, one a line (plain or sha256:HEX), each followed by the names and ports it "
+            "reserves (http:NAME tls:NAME tcp:PORT udp:PORT).",
+        ],
+        ["rate-per-ip", None, None, "Requests each visitor address may make, e.g. 10/s or 600/m:100. [default: off]"],
+        ["rate-per-tunnel", None, None, "Requests each HTTP tunnel may receive, e.g. 100/s. [default: off]"],
+        ["rate-total", None, None, "Requests the whole relay accepts, e.g. 1000/s. [default: off]"],
+        [
+            "quota-per-ip",
+            None,
+            None,
+            "Bytes each visitor address may move per calendar month, e.g. 10MiB. [default: off]",
+        ],
+        [
+            "quota-per-tunnel",
+            None,
+            None,
+            "Bytes each HTTP tunnel may move per calendar month, e.g. 1GiB. [default: off]",
+        ],
+        [
+            "max-streams",
+            None,
+            None,
+            "Visitor connections one agent's link may carry at once; 0 for no limit. [default: 1000]",
+        ],
+        ["max-tunnels-per-ip", None, None, "Tunnels the agents of one address may hold; 0 for no limit. [default: 10]"],
+        [
+            "bind-rate",
+            None,
+            None,
+            "New tunnels one agent address may open, RATE/UNIT:BURST; off for none. [default: 5/m:3]",
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a visitor may take to send a request head once begun (408 after); 0 for none. [default: 20]",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds a visitor connection may sit with no request and no response owed; 0 for none. [default: 60]",
+        ],
+        [
             "keepalive",
             None,
             None,
@@ -205,6 +286,30 @@ class Options(ConfigOptions):
         Log no access line per request or connection (metrics still count them).
         """
         self["access-log"] = "no"
+
+    def opt_ip_allow(self, value: str) -> None:
+        """
+        Only these visitor addresses (IP or CIDR, IPv4 or IPv6; repeat or comma-separate) may reach any tunnel. [default: all]
+        """
+        self["ip-allow"].append(value)
+
+    def opt_ip_deny(self, value: str) -> None:
+        """
+        Visitor addresses (IP or CIDR) refused on every tunnel (403 for HTTP); deny wins over allow.
+        """
+        self["ip-deny"].append(value)
+
+    def opt_add_header(self, value: str) -> None:
+        """
+        'Name: value' added to every request a local service receives (a visitor's header of that name is replaced). Repeat for more.
+        """
+        self["add-header"].append(value)
+
+    def opt_remove_header(self, value: str) -> None:
+        """
+        Header removed from every request before it reaches a local service. Repeat for more.
+        """
+        self["remove-header"].append(value)
 
     def opt_token(self, value: str) -> None:
         """

@@ -1,0 +1,241 @@
+"""
+Hostile input against a relay run by twistd, as strangers on the internet
+would send it, while a real visitor downloads through another tunnel: each
+kind of bad input gets its clear answer (or its connection closed), and
+afterwards the download is complete and intact and a good request passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_contract import Proc, curl, env, freePort, procs, startAgent, startRelay, tool  # noqa: F401
+from txtunnel.frames import HEADER
+
+pytestmark = [pytest.mark.contract, pytest.mark.slow]
+
+
+def exchange(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """
+    Send C{payload}, then read until the relay closes.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def trickle(port: int, payload: bytes, pause: float, timeout: float = 10.0) -> tuple[bytes, float]:
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.settimeout(pause)
+        data = b""
+        try:
+            for byte in payload:
+                s.sendall(bytes([byte]))
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                data += chunk
+                if not chunk:
+                    break
+            s.settimeout(timeout)
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    return data, time.monotonic() - start
+
+
+def wsFrame(opcode: int, payload: bytes) -> bytes:
+    """
+    One masked client WebSocket frame.
+    """
+    mask = os.urandom(4)
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def fakeAgent(port: int, after: bytes) -> bytes:
+    """
+    Open a real WebSocket link on /_txtunnel, then send C{after}; return
+    everything the relay sent back until it closed.
+    """
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            (
+                f"GET /_txtunnel HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 101"), data
+        s.sendall(after)
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    root = tmp_path / "www"
+    root.mkdir()
+    blob = os.urandom(3 * 1024 * 1024)
+    (root / "blob").write_bytes(blob)
+    (root / "index.html").write_text("still here\n")
+    web = freePort()
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
+    procs.append(server)
+    server.waitFor("Serving HTTP")
+
+    relay, port = startRelay(procs, env, tmp_path / "state", "--header-timeout", "1", "--max-streams", "100")
+    good = startAgent(procs, env, port, "--http", str(web), "--subdomain", "good")
+    good.waitFor("tunnel ready: http://good.localhost")
+    bad = startAgent(procs, env, port, "--http", str(web), "--subdomain", "bad")
+    bad.waitFor("tunnel ready: http://bad.localhost")
+
+    # A visitor downloading through the good tunnel the whole time.
+    download = subprocess.Popen(
+        ["curl", "-sS", "--limit-rate", "1M", "-H", f"Host: good.localhost:{port}", f"http://127.0.0.1:{port}/blob"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.3)
+        badHost = f"Host: bad.localhost:{port}\r\n".encode()
+        cases = {
+            "oversized head": (b"GET / HTTP/1.1\r\n" + badHost + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+            "too many headers": (
+                b"GET / HTTP/1.1\r\n" + badHost + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n",
+                431,
+            ),
+            "bad request line": (b"GARBAGE\r\n" + badHost + b"\r\n", 400),
+            "long request line": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + badHost + b"\r\n", 414),
+            "smuggling CL+TE": (
+                b"POST / HTTP/1.1\r\n" + badHost + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"0\r\n\r\nGET /admin HTTP/1.1\r\n" + badHost + b"\r\n",
+                400,
+            ),
+            "binary garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
+            "no host": (b"GET / HTTP/1.1\r\n\r\n", 400),
+        }
+        for name, (payload, status) in cases.items():
+            answer = exchange(port, payload)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (name, answer[:200])
+            assert b"/admin" not in answer
+
+        answer, took = trickle(port, b"GET / HTTP/1.1\r\n" + badHost + b"X-Slow: " + b"z" * 60 + b"\r\n\r\n", 0.05)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert took < 5
+
+        # HTTP/2 that breaks the rules (DATA on stream 0): GOAWAY, then closed.
+        answer = exchange(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+        assert b"\x00\x00\x08\x07" in answer, answer  # a GOAWAY frame (8 bytes, type 7)
+
+        # Garbage on the link endpoint: a broken upgrade, bytes that are not
+        # WebSocket after a real one, and malformed link frames from a fake agent.
+        answer = exchange(
+            port, f"GET /_txtunnel HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n\r\n".encode()
+        )
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+        answer = fakeAgent(port, b"\xff" * 64)  # reserved bits and opcode: not WebSocket
+        assert answer.startswith(b"HTTP/1.1 101")  # and then closed, not hung
+        answer = fakeAgent(port, wsFrame(0x2, HEADER.pack(0xEE, 0, 0, 4) + b"junk"))
+        assert b"\x88" in answer.split(b"\r\n\r\n", 1)[1], answer  # a close frame with a reason
+        answer = fakeAgent(port, wsFrame(0x2, HEADER.pack(1, 0, 0, 0xFFFFFFFF)))  # a frame too big
+        assert b"\x88" in answer.split(b"\r\n\r\n", 1)[1], answer
+
+        # The bad tunnel still serves good requests too.
+        result = curl("-H", f"Host: bad.localhost:{port}", f"http://127.0.0.1:{port}/index.html")
+        assert result.stdout == b"still here\n", result.stderr
+        out, err = download.communicate(timeout=60)
+    finally:
+        if download.poll() is None:
+            download.kill()
+    assert download.returncode == 0, err
+    assert hashlib.sha256(out).hexdigest() == hashlib.sha256(blob).hexdigest(), len(out)
+    result = curl("-H", f"Host: good.localhost:{port}", f"http://127.0.0.1:{port}/index.html")
+    assert result.stdout == b"still here\n", result.stderr
+    for agent in (good, bad):
+        assert not re.search("link to relay lost", agent.output), agent.output
+    assert "Traceback" not in relay.output + good.output + bad.output, relay.output
+
+
+def test_twistd_policy_and_no_secret_in_logs(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    Through twistd: a tokens file, basic auth and a per-IP rate work as
+    documented, and neither the token nor the password appears in any log.
+    """
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("private page\n")
+    web = freePort()
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
+    procs.append(server)
+    server.waitFor("Serving HTTP")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("agent-token-s3cret http:team\n")
+    relay, port = startRelay(procs, env, tmp_path / "state", "--tokens-file", str(tokens), "--rate-per-ip", "4/m")
+    agent = startAgent(
+        procs,
+        env,
+        port,
+        "--token",
+        "agent-token-s3cret",
+        "--http",
+        str(web),
+        "--subdomain",
+        "team",
+        "--basic-auth",
+        "alice:pa55-w0rd",
+    )
+    agent.waitFor("tunnel ready: http://team.localhost")
+    url = f"http://127.0.0.1:{port}/index.html"
+    hostHeader = f"Host: team.localhost:{port}"
+    assert curl("-i", "-H", hostHeader, url).stdout.startswith(b"HTTP/1.1 401")
+    assert curl("-i", "-u", "alice:wrong", "-H", hostHeader, url).stdout.startswith(b"HTTP/1.1 401")
+    assert curl("-u", "alice:pa55-w0rd", "-H", hostHeader, url).stdout == b"private page\n"
+    assert curl("-u", "alice:pa55-w0rd", "-H", hostHeader, url).stdout == b"private page\n"
+    limited = curl("-i", "-u", "alice:pa55-w0rd", "-H", hostHeader, url).stdout
+    assert limited.startswith(b"HTTP/1.1 429") and b"Retry-After:" in limited, limited
+    thief = startAgent(procs, env, port, "--http", str(web), "--subdomain", "team")
+    thief.waitFor("requires a token")
+    for p in (agent, relay):
+        p.stop()
+    logs = relay.output + agent.output + thief.output
+    assert "s3cret" not in logs and "pa55-w0rd" not in logs
+    assert "Traceback" not in logs
