@@ -252,6 +252,8 @@ async def test_rate_limits(tmp_path: Path, relays: list[Relay], agents: list[Run
     assert b"Retry-After: " in out and b"too many requests from your address" in out
     retry = int(out.split(b"Retry-After: ")[1].split(b"\r\n")[0])
     assert 1 <= retry <= 20
+    metrics = relay.relay.metrics.render()
+    assert b'txtunnel_relay_limit_rejections_total{limit="rate"} 3.0' in metrics, metrics
 
 
 # -- quotas

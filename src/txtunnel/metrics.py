@@ -41,7 +41,16 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 #: Limits that may reject something; their counters start at 0 so a
 #: dashboard sees them before the first rejection.
-LIMITS = ("tunnels-per-link", "request-head")
+LIMITS = (
+    "tunnels-per-link",
+    "request-head",
+    "tunnels-per-ip",
+    "bind-rate",
+    "max-streams",
+    "ip-rules",
+    "rate",
+    "quota",
+)
 
 
 def _now(reactor: Any) -> float:

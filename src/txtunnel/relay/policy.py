@@ -188,6 +188,9 @@ class IPGate(_Validating):
     The relay's IP rules, then the tunnel's: deny wins, 403.
     """
 
+    #: The C{limit} label its refusals are counted under (metrics).
+    limit = "ip-rules"
+
     def __init__(self, rules: IPRules) -> None:
         self.rules = rules
 
@@ -212,6 +215,8 @@ class RateGate(_Validating):
     Every bucket with room is spent only when all have room, so a refused
     request costs nothing.
     """
+
+    limit = "rate"
 
     def __init__(
         self,
@@ -299,6 +304,8 @@ class QuotaGate(_Validating):
     memory is only the keys seen since the last write and a bounded cache
     of totals.
     """
+
+    limit = "quota"
 
     def __init__(
         self,
@@ -466,10 +473,13 @@ class PolicyGate(_Validating):
     costs one dictionary lookup.
     """
 
-    def __init__(self, gates: list[Any], active: bool) -> None:
+    def __init__(self, gates: list[Any], active: bool, refused: Callable[[str], object] | None = None) -> None:
         self.gates = gates
         #: Whether any relay-wide setting is on.
         self.active = active
+        #: Called with a gate's C{limit} name when that gate refuses a
+        #: request (the relay counts it in its metrics).
+        self.refused = refused
 
     def check(self, request: VisitorRequest) -> Answer | Deferred[Answer | None] | None:
         if not self.active and not request.bindRequest.get("policy"):
@@ -483,11 +493,20 @@ class PolicyGate(_Validating):
             if isinstance(result, Deferred):
                 return result.addCallback(self._then, i + 1, request)
             if result is not None:
+                self._count(gates[i])
                 return result
         return None
 
     def _then(self, answer: Answer | None, start: int, request: VisitorRequest) -> Any:
-        return answer if answer is not None else self._from(start, request)
+        if answer is not None:
+            self._count(self.gates[start - 1])
+            return answer
+        return self._from(start, request)
+
+    def _count(self, gate: Any) -> None:
+        limit = getattr(gate, "limit", None)
+        if limit is not None and self.refused is not None:
+            self.refused(limit)
 
     def stop(self) -> None:
         for gate in self.gates:
@@ -526,4 +545,5 @@ def policyGates(relay: Any) -> list[IVisitorGate]:
         BasicAuthGate(),
         HeaderGate(settings.get("add-header", []), settings.get("remove-header", [])),
     ]
-    return [PolicyGate(gates, active)]
+    metrics = getattr(relay, "metrics", None)
+    return [PolicyGate(gates, active, metrics.limitRejected if metrics is not None else None)]

@@ -272,6 +272,7 @@ class RelaySession:
             # This bind is already among the session's tunnels.
             held = sum(len(s.tunnels) for s in relay.sessions if s.peerHost == self.peerHost) - 1
             if held >= limit:
+                relay.metrics.limitRejected("tunnels-per-ip")
                 raise BindError(f"at most {limit} tunnels per agent address; this address holds {held}")
         limiter = relay.bindLimiter
         if limiter is not None:
@@ -279,6 +280,7 @@ class RelaySession:
                 return
             wait = limiter.take(self.peerHost)
             if wait > 0:
+                relay.metrics.limitRejected("bind-rate")
                 raise BindError(f"too many new tunnels from this address; try again in {max(1, round(wait))}s")
 
     def _unbind(self, message: dict[str, Any]) -> None:
