@@ -103,6 +103,13 @@ class AgentSession:
         if tunnel is None:
             return
         address = str(message.get("address"))
+        if tunnel.options.get("allow") and not message.get("allow"):
+            # Fail closed: this relay would serve the tunnel to anyone.
+            self.link.sendControl({"op": "unbind", "id": message.get("id")})
+            reason = "the relay does not enforce --allow (it is older than visitor login); tunnel not opened"
+            self.log.error("relay refused tunnel {tunnel!r}: {reason}", tunnel=tunnel.name, reason=reason)
+            self.agent.tunnelRefused(tunnel, reason)
+            return
         if tunnel.lastAddress is not None and tunnel.lastAddress != address:
             self.log.warn(
                 "tunnel {tunnel!r} has a new address: {address} (was {old})",

@@ -21,7 +21,16 @@ __all__ = ["Options", "makeService"]
 DEFAULT_RELAY = "ws://localhost:8080"
 
 #: Keys a [tunnel:NAME] section may have.
-TUNNEL_KEYS = ("type", "target", "subdomain", "remote-port", "response-timeout", "udp-idle-timeout", "sse-heartbeat")
+TUNNEL_KEYS = (
+    "type",
+    "target",
+    "subdomain",
+    "remote-port",
+    "response-timeout",
+    "udp-idle-timeout",
+    "sse-heartbeat",
+    "allow",
+)
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls")
@@ -71,6 +80,19 @@ def idleTimeout(text: str) -> float:
     return value
 
 
+def allowList(text: str) -> list[str] | None:
+    """
+    C{--allow}: emails and C{@domain}s, comma-separated; the tunnel is then
+    shared with them only (visitors log in at the relay).
+    """
+    from txtunnel.allow import parseAllow
+
+    entries = parseAllow(text)
+    if not entries:
+        raise ValueError("an allow-list needs at least one email address or @domain")
+    return entries
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -102,6 +124,7 @@ class Options(ConfigOptions):
         ("udp-idle-timeout", 60.0, idleTimeout),
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
+        ("allow", None, allowList),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -147,6 +170,13 @@ class Options(ConfigOptions):
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         ["keepalive", None, None, "Seconds between link pings; a link silent 2.5x this long is dropped. [default: 10]"],
+        [
+            "allow",
+            None,
+            None,
+            "Share an HTTP tunnel only with these visitors, after they log in at the relay: emails and "
+            "@domains, comma-separated, e.g. alice@example.com,@company.com. [default: anyone]",
+        ],
     ]
 
     def __init__(self, environ: Any = None) -> None:
@@ -178,7 +208,7 @@ class Options(ConfigOptions):
             )
         common = {"response-timeout": self["response-timeout"]}
         if not given:
-            for key in ("subdomain", "remote-port"):
+            for key in ("subdomain", "remote-port", "allow"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -195,6 +225,10 @@ class Options(ConfigOptions):
                 options["udp-idle-timeout"] = self["udp-idle-timeout"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
+            if self["allow"]:
+                if kind != "http":
+                    raise ConfigError(f"--allow applies to HTTP tunnels (visitors log in with a browser), not --{kind}")
+                options["allow"] = self["allow"]
             self.tunnels.append(
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
@@ -223,12 +257,15 @@ class Options(ConfigOptions):
                     options["sse-heartbeat"] = self["sse-heartbeat"]
                 elif kind != "http" and "sse-heartbeat" in values:
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
+                if kind != "http" and "allow" in values:
+                    raise ConfigError(f"{where} allow: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
+                    ("allow", allowList),
                 ):
                     if key in values:
                         try:

@@ -151,7 +151,12 @@ class HTTPForwarder:
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
-        return nameRequest(tunnel)
+        request = nameRequest(tunnel)
+        allow = tunnel.options.get("allow")
+        if allow:
+            # Shared with these visitors only: the relay's login gate checks it.
+            request["allow"] = list(allow)
+        return request
 
     @inlineCallbacks
     def bind(self, relay: IRelay, tunnel: IRelayTunnel) -> Any:

@@ -67,6 +67,10 @@ class Relay:
         self._tokens = [hashToken(t) for t in settings["token"]]
         #: The checks every visitor request to an HTTP tunnel passes, in order.
         self.gates: list[IVisitorGate] = []
+        self.loginGate: Any = None
+        #: Gates for requests to the relay's own host other than the agents'
+        #: link (its login pages); with none, such requests get a 404.
+        self.apexGates: list[IVisitorGate] = []
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
         self.linkFactory = LinkServerFactory(
@@ -231,6 +235,7 @@ class RelayService(MultiService):
         # Tunnels of the previous run get the grace period to come back.
         yield store.holdAll(relay.wallClock() + relay.grace)
         relay.store = store
+        self._startLogin(stateDir)
         for port in self.listening:
             if port is tlsListening:
                 continue
@@ -261,6 +266,34 @@ class RelayService(MultiService):
             state=stateDir,
         )
         self.ready.callback(None)
+
+    def _startLogin(self, stateDir: str) -> None:
+        """
+        Put the login gate in front of shared tunnels.  It is there even
+        with no providers configured, so a bind asking for an allow-list is
+        refused rather than served open.
+        """
+        from txtunnel.oidc import providerFromSection
+        from txtunnel.relay.login import LoginGate
+        from txtunnel.signing import Signer, loadSecret
+
+        relay = self.relay
+        providers = {
+            name: providerFromSection(relay.reactor, name, values)
+            for name, values in relay.settings.get("providers", {}).items()
+        }
+        gate = LoginGate(
+            relay, providers, Signer(loadSecret(stateDir)), relay.settings.get("session-lifetime", 43200.0)
+        )
+        relay.loginGate = gate
+        relay.gates.append(gate)
+        if providers:
+            relay.apexGates.append(gate)
+            self.log.info(
+                "visitor login with {providers}; callback {url}/_txtunnel/callback",
+                providers=", ".join(sorted(providers)),
+                url=relay.httpURL("x").replace("://x.", "://").rstrip("/"),
+            )
 
     def _failed(self, failure: Any) -> None:
         self.log.critical("relay failed to start: {error}", error=failure.getErrorMessage())

@@ -165,6 +165,9 @@ class RelaySession:
                 return
             tunnel.binding = binding
             message: dict[str, Any] = {"op": "bound", "id": bid, "address": binding.address}
+            if isinstance(tunnel.request.get("allow"), list):
+                # The agent checks this: a relay that ignored the list would serve the tunnel open.
+                message["allow"] = len(tunnel.request["allow"])
             reclaim = getattr(binding, "reclaim", None)
             if isinstance(reclaim, dict) and reclaim:
                 message["reclaim"] = reclaim

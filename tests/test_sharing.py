@@ -1,0 +1,400 @@
+"""
+Shared tunnels: visitors log in at the relay with a real OpenID Connect
+provider (authlib's server, on loopback) and only allow-listed emails get
+through.  The browser is a requests session with a cookie jar following
+real redirects across the tunnel host, the relay's host and the provider.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import pytest_twisted
+import requests
+from twisted.internet import defer, reactor
+from twisted.web.server import Site
+
+from tests.conftest import Relay, RunningAgent, inThread, startAgent, startRelay
+from tests.test_gates import Headers
+from txtunnel.allow import allowed, parseAllow
+from txtunnel.errors import BindError
+from txtunnel.signing import Signer
+from txtunnel.testing.oidc import TestProvider
+
+ALICE = {"sub": "alice", "email": "alice@example.com", "email_verified": True}
+BOB = {"sub": "bob", "email": "bob@elsewhere.org", "email_verified": True}
+
+
+@pytest.fixture(autouse=True)
+def _localhostNames(monkeypatch: Any) -> None:
+    """
+    Resolve C{*.localhost} to 127.0.0.1, as browsers and curl do (glibc
+    here does not).
+    """
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and (host == "localhost" or host.endswith(".localhost")):
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture
+def headerEcho() -> Iterator[int]:
+    """
+    A local service that answers with the request headers it got.
+    """
+    port = reactor.listenTCP(0, Site(Headers()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    yield port.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest.fixture
+def provider() -> Iterator[TestProvider]:
+    p = TestProvider(user=dict(ALICE)).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def loginRelay(tmp_path: Any, provider: TestProvider) -> Iterator[Relay]:
+    ini = tmp_path / "relay.ini"
+    ini.write_text(
+        "[relay]\nsession-lifetime = 600\n\n[provider:test]\n"
+        f"issuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\nlabel = Test IdP\n"
+    )
+    r = pytest_twisted.blockon(defer.ensureDeferred(startRelay(str(tmp_path / "state"), "--config", str(ini))))
+    provider.client.redirectURIs.append(f"http://localhost:{r.port}/_txtunnel/callback")
+    yield r
+    pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
+
+
+def tunnelURL(relay: Relay, agent: RunningAgent) -> str:
+    return agent.address()
+
+
+def browse(session: requests.Session, url: str, **kwargs: Any) -> requests.Response:
+    return session.get(url, timeout=30, **kwargs)
+
+
+def seen(response: requests.Response) -> dict[str, str]:
+    """
+    The request headers the origin (tests.test_gates.Headers) reported.
+    """
+    found: dict[str, str] = {}
+    for line in response.text.splitlines():
+        key, _, value = line.partition("=")
+        found.setdefault(key, value)
+    return found
+
+
+async def sharedAgent(agents: list[RunningAgent], relay: Relay, port: int, allow: str) -> str:
+    agent = await startAgent(agents, relay, "--http", str(port), "--subdomain", "shared", "--allow", allow)
+    return agent.address()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loginFlow(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    An allow-listed visitor goes through the provider and back to the page
+    first asked for; the service sees the verified email, never the
+    visitor's forged one or the relay's session cookie.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com,@company.com")
+
+    def visit() -> tuple[requests.Response, requests.Response]:
+        s = requests.Session()
+        s.cookies.set("other", "kept", domain="shared.localhost")
+        first = browse(s, url + "page?x=1", headers={"X-Txtunnel-Email": "mallory@example.com"})
+        again = browse(s, url + "second", headers={"X-Txtunnel-Email": "mallory@example.com"})
+        return first, again
+
+    first, again = await inThread(visit)
+    assert first.status_code == 200, first.text
+    hops = [urlsplit(r.url) for r in first.history]
+    assert [h.path for h in hops] == [
+        "/page",
+        "/_txtunnel/login",
+        "/authorize",
+        "/_txtunnel/callback",
+        "/_txtunnel/session",
+    ]
+    assert hops[1].hostname == "localhost" and hops[0].hostname == "shared.localhost"
+    got = seen(first)
+    assert got["path"] == "/page?x=1"
+    assert got["x-txtunnel-email"] == "alice@example.com"
+    assert "txtunnel_session" not in got.get("cookie", "") and got["cookie"] == "other=kept"
+    cookie = first.history[-1].headers["Set-Cookie"]
+    assert cookie.startswith("txtunnel_session=")
+    for flag in ("HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=600"):
+        assert flag in cookie
+    assert "Secure" not in cookie  # plain HTTP here
+    assert "Domain" not in cookie  # this tunnel's host only
+    # The second request rides on the session: no new login.
+    assert again.status_code == 200 and not again.history
+    assert seen(again)["x-txtunnel-email"] == "alice@example.com"
+
+
+@pytest_twisted.ensureDeferred
+async def test_domainEntryAndNotListed(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+    provider: TestProvider,
+) -> None:
+    """
+    An email not on the list gets an "access denied" page naming the
+    account and a logout link; after logging out, another account gets in.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "@example.com")
+    provider.user = dict(BOB)
+
+    def visit() -> tuple[requests.Response, requests.Response, requests.Response, requests.Response]:
+        s = requests.Session()
+        denied = browse(s, url)
+        logout = browse(s, url + "_txtunnel/logout")
+        provider.user = dict(ALICE)
+        after = browse(s, url, allow_redirects=False)
+        allowedNow = browse(s, url)
+        return denied, logout, after, allowedNow
+
+    denied, logout, after, allowedNow = await inThread(visit)
+    assert denied.status_code == 403
+    assert "bob@elsewhere.org" in denied.text and "Access denied" in denied.text
+    assert f'href="{url}_txtunnel/logout"' in denied.text
+    assert logout.status_code == 200 and "Max-Age=0" in logout.headers["Set-Cookie"]
+    assert after.status_code == 302 and "/_txtunnel/login?" in after.headers["Location"]
+    assert allowedNow.status_code == 200
+    assert seen(allowedNow)["x-txtunnel-email"] == "alice@example.com"
+
+
+def startLogin(s: requests.Session, url: str) -> str:
+    """
+    Follow a visit up to the provider's answer; the callback URL it sends
+    the browser to.
+    """
+    response = browse(s, url, allow_redirects=False)
+    while response.status_code == 302 and "/_txtunnel/callback" not in response.headers["Location"]:
+        response = browse(s, response.headers["Location"], allow_redirects=False)
+    assert response.status_code == 302, response.text
+    return str(response.headers["Location"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrongState(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    A callback whose state is not the one this browser's login started
+    with is refused, and the code in it is never redeemed.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+
+    def visit() -> tuple[requests.Response, requests.Response]:
+        s = requests.Session()
+        callback = startLogin(s, url)
+        forged = callback.replace("state=", "state=x")
+        bad = browse(s, forged)
+        # Another browser (no login cookie) presenting a genuine callback.
+        stranger = browse(requests.Session(), callback)
+        return bad, stranger
+
+    bad, stranger = await inThread(visit)
+    assert bad.status_code == 400 and "state does not match" in bad.text
+    assert stranger.status_code == 400 and "not started here" in stranger.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_replayedCodes(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+    provider: TestProvider,
+) -> None:
+    """
+    The provider's code is good once (the provider refuses a replay and the
+    relay says the login failed), and so is the relay's hand-off code.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+
+    def visit() -> tuple[requests.Response, requests.Response, requests.Response]:
+        s = requests.Session()
+        callback = startLogin(s, url)
+        loginCookie = s.cookies.get("txtunnel_login")
+        first = browse(s, callback, allow_redirects=False)
+        assert first.status_code == 302
+        handoff = first.headers["Location"]
+        used = browse(s, handoff, allow_redirects=False)
+        assert used.status_code == 302 and "txtunnel_session=" in used.headers["Set-Cookie"]
+        # Replays, with the login cookie put back as an attacker would.
+        s2 = requests.Session()
+        s2.cookies.set("txtunnel_login", loginCookie, domain="localhost.local", path="/_txtunnel/")
+        replay = browse(s2, callback)
+        handoffAgain = browse(requests.Session(), handoff)
+        return replay, handoffAgain, used
+
+    replay, handoffAgain, used = await inThread(visit)
+    assert replay.status_code == 403 and "refused the login code" in replay.text
+    assert handoffAgain.status_code == 400 and "expired or was used already" in handoffAgain.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiredSessionAndNonBrowsers(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+) -> None:
+    """
+    An expired session sends the visitor back to log in; a request that is
+    not a GET gets a 401; a forged cookie counts for nothing.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    s = requests.Session()
+    ok = await inThread(browse, s, url)
+    assert ok.status_code == 200
+    loginRelay.relay.loginGate.clockSkew = 601
+    expired = await inThread(lambda: browse(s, url, allow_redirects=False))
+    assert expired.status_code == 302 and "/_txtunnel/login?to=" in expired.headers["Location"]
+    loginRelay.relay.loginGate.clockSkew = 0
+    post = await inThread(lambda: requests.post(url, data=b"x", timeout=30, allow_redirects=False))
+    assert post.status_code == 401 and "log in first" in post.text
+    forged = Signer(b"k" * 32).sign("session", {"e": "alice@example.com", "h": "shared.localhost"}, 2**40)
+    stranger = await inThread(
+        lambda: requests.get(url, cookies={"txtunnel_session": forged}, timeout=30, allow_redirects=False)
+    )
+    assert stranger.status_code == 302
+
+
+@pytest_twisted.ensureDeferred
+async def test_openRedirectRefused(loginRelay: Relay) -> None:
+    """
+    The login page only ever sends visitors back to this relay's tunnels.
+    """
+    base = f"http://localhost:{loginRelay.port}/_txtunnel/login?to="
+    for target in ("http://evil.example/", "javascript:alert(1)", "http://localhost:1/", "http://x.localhost//evil"):
+        r = await inThread(requests.get, base + target)
+        assert r.status_code == 400, target
+    other = await inThread(lambda: requests.get(f"http://localhost:{loginRelay.port}/other", timeout=30))
+    assert other.status_code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_publicTunnelDropsForgedEmail(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+) -> None:
+    """
+    On a tunnel with no allow-list nobody logs in, and a visitor's own
+    X-Txtunnel-Email never reaches the service.
+    """
+    agent = await startAgent(agents, loginRelay, "--http", str(headerEcho), "--subdomain", "open")
+    r = await inThread(
+        lambda: requests.get(agent.address(), headers={"X-Txtunnel-Email": "ceo@example.com"}, timeout=30)
+    )
+    assert r.status_code == 200 and "x-txtunnel-email" not in seen(r)
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowNeedsAProvider(relay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    A relay with no login provider refuses a shared tunnel instead of
+    serving it to everyone.
+    """
+    agent = await startAgent(
+        agents, relay, "--http", str(headerEcho), "--allow", "alice@example.com", expectReady=False
+    )
+    with pytest.raises(RuntimeError, match="no login providers"):
+        await agent.agent.ready
+
+
+def test_gateValidatesAllowLists() -> None:
+    """
+    Bad allow-lists in a bind request are refused with the reason.
+    """
+    from txtunnel.relay.login import LoginGate
+
+    gate = LoginGate(Any, {"p": object()}, Signer(b"s" * 32), 60)  # type: ignore[arg-type]
+    for bad in ("alice@example.com", ["not an email"], [1], ["@"], ["a@b.c" + "x" * 300]):
+        with pytest.raises(BindError):
+            gate.validate({"allow": bad})
+    request = {"allow": ["Alice@Example.COM", "@Company.com", "alice@example.com"]}
+    gate.validate(request)
+    assert request["allow"] == ["alice@example.com", "@company.com"]
+
+
+def test_allowMatching() -> None:
+    entries = parseAllow("alice@example.com, @company.com")
+    assert allowed(entries, ["ALICE@example.com"])
+    assert allowed(entries, ["x@other.org", "bob@company.com"])
+    assert not allowed(entries, ["bob@evil-company.com", "bob@sub.company.com", "company.com@x.org"])
+    with pytest.raises(ValueError, match="not an email"):
+        parseAllow("alice")
+
+
+def test_signer() -> None:
+    signer = Signer(b"s" * 32)
+    token = signer.sign("session", {"e": "a@b.c"}, 100)
+    assert signer.unsign("session", token, 99) == {"e": "a@b.c", "x": 100}
+    assert signer.unsign("session", token, 100) is None  # expired
+    assert signer.unsign("login", token, 0) is None  # another purpose
+    assert Signer(b"t" * 32).unsign("session", token, 0) is None
+    body, mac = token.split(".")
+    assert signer.unsign("session", body + "." + mac[:-2] + "AA", 0) is None
+    for junk in ("", ".", "a.b.c", "x" * 5000, "@@.@@"):
+        assert signer.unsign("session", junk, 0) is None
+
+
+def test_identitiesMerge() -> None:
+    from txtunnel.store import SQLiteStore
+
+    store = SQLiteStore(":memory:")
+    a = store.identify(["alice@example.com"]).result
+    b = store.identify(["alice@work.example"]).result
+    assert a != b
+    merged = store.identify(["ALICE@work.example", "alice@example.com"]).result
+    assert merged == min(a, b)
+    assert store.emailsOf("alice@example.com").result == ["alice@example.com", "alice@work.example"]
+    assert store.emailsOf("nobody@x.org").result == ["nobody@x.org"]
+    store.putTicket("t", "k", {"v": 1}, 2**40)
+    assert store.takeTicket("t", "k").result == {"v": 1}
+    assert store.takeTicket("t", "k").result is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_idTokenChecks(provider: TestProvider) -> None:
+    """
+    ID tokens are checked against the provider's real JWKS: signature,
+    issuer, audience, expiry and nonce each refuse a bad one.
+    """
+    import time
+
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    from txtunnel.oidc import LoginFailed, OIDCProvider
+
+    client = OIDCProvider(reactor, "test", provider.issuer, "relay", "relay-secret")
+    now = int(time.time())
+    good = {"iss": provider.issuer, "aud": "relay", "exp": now + 60, "iat": now, "nonce": "n", "sub": "a"}
+    header = {"alg": "RS256", "kid": "test-1"}
+    claims = await client.verify(jwt.encode(header, good, provider.key), "n")
+    assert claims["sub"] == "a"
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "test-1"})
+    bad = [
+        jwt.encode(header, good, stranger),
+        jwt.encode(header, dict(good, iss="http://evil"), provider.key),
+        jwt.encode(header, dict(good, aud="someone-else"), provider.key),
+        jwt.encode(header, dict(good, exp=now - 3600), provider.key),
+        jwt.encode(header, dict(good, nonce="other"), provider.key),
+        jwt.encode(header, {k: v for k, v in good.items() if k != "nonce"}, provider.key),
+        "eyJhbGciOiJub25lIn0." + jwt.encode(header, good, provider.key).split(".")[1] + ".",
+        "not a token",
+    ]
+    for token in bad:
+        with pytest.raises(LoginFailed, match="ID token was not valid"):
+            await client.verify(token, "n")
