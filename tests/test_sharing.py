@@ -18,7 +18,7 @@ import requests
 from twisted.internet import defer, reactor
 from twisted.web.server import Site
 
-from tests.conftest import Relay, RunningAgent, inThread, startAgent, startRelay
+from tests.conftest import Relay, RunningAgent, inThread, startAgent, startRelay, wait
 from tests.test_gates import Headers
 from txtunnel.allow import allowed, parseAllow
 from txtunnel.errors import BindError
@@ -398,3 +398,47 @@ async def test_idTokenChecks(provider: TestProvider) -> None:
     for token in bad:
         with pytest.raises(LoginFailed, match="ID token was not valid"):
             await client.verify(token, "n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowListReload(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider, tmp_path: Any
+) -> None:
+    """
+    Changing a tunnel's allow-list in agent.ini and reloading (what SIGHUP
+    does) lets a new visitor in at the same URL; a list the relay refuses,
+    or dropping the list, changes nothing.
+    """
+    from txtunnel.agent.tap import reloadAllowLists
+    from txtunnel.errors import ConfigError
+
+    ini = tmp_path / "agent.ini"
+    ini.write_text(f"[tunnel:web]\ntype = http\ntarget = {headerEcho}\nsubdomain = team\nallow = alice@example.com\n")
+    agent = await startAgent(agents, loginRelay, "--config", str(ini))
+    url = agent.address()
+    provider.user = dict(BOB)
+    s = requests.Session()
+    denied = await inThread(browse, s, url)
+    assert denied.status_code == 403
+    ini.write_text(ini.read_text().replace("alice@example.com", "alice@example.com, bob@elsewhere.org"))
+    assert reloadAllowLists(agent.agent, str(ini)) == ["web"]
+    for _ in range(50):
+        if "bob@elsewhere.org" in loginRelay.relay.hosts.get("team").request["allow"]:
+            break
+        await defer.ensureDeferred(wait(0.05))
+    welcome = await inThread(browse, s, url)
+    assert welcome.status_code == 200 and seen(welcome)["x-txtunnel-email"] == "bob@elsewhere.org"
+    assert agent.address() == url
+    ini.write_text(ini.read_text().replace("allow = alice@example.com, bob@elsewhere.org", ""))
+    with pytest.raises(ConfigError, match="stays shared"):
+        reloadAllowLists(agent.agent, str(ini))
+    ini.write_text(ini.read_text() + "allow = nobody\n")
+    with pytest.raises(ConfigError, match="not an email"):
+        reloadAllowLists(agent.agent, str(ini))
+    # The relay checks an update like a bind: a bad list changes nothing.
+    session = agent.agent.session
+    bid = next(b for b, t in session.byId.items() if t.name == "web")
+    session.link.sendControl({"op": "update", "id": bid, "allow": ["not-an-email"]})
+    session.link.sendControl({"op": "update", "id": bid, "allow": "alice@example.com"})
+    await defer.ensureDeferred(wait(0.2))
+    assert loginRelay.relay.hosts.get("team").request["allow"] == ["alice@example.com", "bob@elsewhere.org"]

@@ -142,6 +142,7 @@ def _runAgent(options: agentTap.Options, reactor: Any) -> int:
     agent.fatalHooks.append(fatal)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     service = AgentService(agent, keepalive=options["keepalive"])
+    reactor.callWhenRunning(agentTap.reloadOnHangup, agent, options.configPath, reactor)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

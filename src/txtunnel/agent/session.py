@@ -63,6 +63,8 @@ class AgentSession:
             self._bound(message)
         elif op == "refused":
             self._refused(message)
+        elif op in ("updated", "update-refused"):
+            self._updated(message)
         elif op == "error":
             code = str(message.get("code", "?"))
             reason = str(message.get("reason", "no reason given"))
@@ -89,6 +91,26 @@ class AgentSession:
         request.update({"op": "bind", "id": bid, "type": tunnel.type})
         self.byId[bid] = tunnel
         self.link.sendControl(request)
+
+    def update(self, tunnel: AgentTunnel) -> bool:
+        """
+        Send C{tunnel}'s current allow-list to the relay for its live
+        binding; C{False} if it has none on this link.
+        """
+        for bid, known in self.byId.items():
+            if known is tunnel and tunnel.address is not None:
+                self.link.sendControl({"op": "update", "id": bid, "allow": list(tunnel.options.get("allow") or [])})
+                return True
+        return False
+
+    def _updated(self, message: dict[str, Any]) -> None:
+        tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
+        name = tunnel.name if tunnel is not None else "?"
+        if message.get("op") == "updated":
+            self.log.info("tunnel {tunnel!r}: allow-list updated on the relay", tunnel=name)
+        else:
+            reason = str(message.get("reason", "no reason given"))
+            self.log.error("relay refused the new allow-list of {tunnel!r}: {reason}", tunnel=name, reason=reason)
 
     def goodbye(self) -> None:
         """

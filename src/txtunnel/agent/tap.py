@@ -286,6 +286,68 @@ class Options(ConfigOptions):
             raise ConfigError(f"two tunnels share a name: {', '.join(sorted(names))}")
 
 
+def reloadAllowLists(agent: Any, path: str) -> list[str]:
+    """
+    Read the C{allow} keys of the C{[tunnel:NAME]} sections in C{path}
+    again and send every changed list to the relay (what C{SIGHUP} does):
+    a shared tunnel's visitors change without a new URL.  Other keys are
+    not reloaded.
+
+    @return: the names of the tunnels whose list changed.
+    @raise ConfigError: for an unreadable file or a bad list; nothing is
+        changed then.
+    """
+    from txtunnel.config import readINI
+
+    parser = readINI(path)
+    wanted: dict[str, list[str] | None] = {}
+    for section in parser.sections():
+        if section.startswith("tunnel:"):
+            raw = parser.get(section, "allow", fallback=None)
+            try:
+                wanted[section.split(":", 1)[1]] = allowList(raw) if raw is not None else None
+            except ValueError as e:
+                raise ConfigError(f"{path} [{section}] allow: {e}") from None
+    changed = []
+    for tunnel in agent.tunnels:
+        if tunnel.name not in wanted or not tunnel.options.get("allow"):
+            continue
+        new = wanted[tunnel.name]
+        if not new:
+            raise ConfigError(
+                f"{path} [tunnel:{tunnel.name}] allow: a shared tunnel stays shared; restart the agent to open it"
+            )
+        if new != tunnel.options.get("allow"):
+            tunnel.options["allow"] = new
+            changed.append(tunnel.name)
+            if agent.session is not None:
+                agent.session.update(tunnel)
+    return changed
+
+
+def reloadOnHangup(agent: Any, path: str | None, reactor: Any) -> None:
+    """
+    Reload allow-lists from C{path} when the process gets C{SIGHUP}.
+    """
+    import signal
+
+    from twisted.logger import Logger
+
+    if path is None or not hasattr(signal, "SIGHUP"):
+        return
+    log = Logger()
+
+    def reload() -> None:
+        try:
+            changed = reloadAllowLists(agent, path)
+        except ConfigError as e:
+            log.error("not reloaded: {error}", error=str(e))
+            return
+        log.info("reloaded {path}: allow-lists changed for {tunnels}", path=path, tunnels=", ".join(changed) or "none")
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+
+
 def buildAgent(options: Options, reactor: Any) -> Any:
     from txtunnel.agent.service import Agent, AgentTunnel
     from txtunnel.plugins import forwarders
@@ -350,6 +412,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from txtunnel.agent.service import AgentService
 
     agent = buildAgent(options, reactor)
+    reactor.callWhenRunning(reloadOnHangup, agent, options.configPath, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
     return AgentService(agent, keepalive=options["keepalive"])

@@ -93,6 +93,8 @@ class RelaySession:
                 self._bind(message)
             elif op == "unbind":
                 self._unbind(message)
+            elif op == "update":
+                self._update(message)
             elif op == "bye":
                 # A clean goodbye: nothing is kept for this agent.
                 self._unbindAll()
@@ -185,6 +187,36 @@ class RelaySession:
             self.link.sendControl({"op": "refused", "id": bid, "reason": reason})
 
         d.addCallbacks(bound, failed)
+
+    def _update(self, message: dict[str, Any]) -> None:
+        """
+        New per-tunnel settings for a bound tunnel (its allow-list), checked
+        by the gates like a bind's; the address stays the same.  Only the
+        list may change, and a shared tunnel stays shared.
+        """
+        bid = message.get("id")
+        tunnel = self.tunnels.get(bid)  # type: ignore[arg-type]
+        reply: dict[str, Any] = {"op": "updated", "id": bid}
+        if tunnel is None or tunnel.binding is None:
+            reply.update(op="update-refused", reason="no such bound tunnel")
+        elif not isinstance(tunnel.request.get("allow"), list) or not isinstance(message.get("allow"), list):
+            reply.update(op="update-refused", reason="only a shared tunnel's allow-list can change while it is up")
+        else:
+            candidate = {"allow": message["allow"]}
+            try:
+                validateBind(self.relay.gates, candidate)
+            except BindError as e:
+                reply.update(op="update-refused", reason=str(e))
+            else:
+                tunnel.request["allow"] = candidate["allow"]
+                reply["allow"] = len(candidate["allow"])
+                self.log.info(
+                    "tunnel {address} of agent {peer} now shared with {count} entries",
+                    address=tunnel.binding.address,
+                    peer=self.peer,
+                    count=len(candidate["allow"]),
+                )
+        self.link.sendControl(reply)
 
     def _unbind(self, message: dict[str, Any]) -> None:
         tunnel = self.tunnels.pop(message.get("id"), None)  # type: ignore[arg-type]
