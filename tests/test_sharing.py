@@ -442,3 +442,77 @@ async def test_allowListReload(
     session.link.sendControl({"op": "update", "id": bid, "allow": "alice@example.com"})
     await defer.ensureDeferred(wait(0.2))
     assert loginRelay.relay.hosts.get("team").request["allow"] == ["alice@example.com", "bob@elsewhere.org"]
+
+
+@pytest.mark.parametrize(
+    "section, error",
+    [
+        ("[provider:x]\nissuer = https://idp.example\nclient-id = r\n", "client-secret: missing"),
+        ("[provider:x]\nissuer = ftp://idp\nclient-id = r\nclient-secret = s\n", "issuer: expected"),
+        ("[provider:x]\nissuer = https://i\nclient-id = r\nclient-secret = s\ncolour = red\n", "colour: unknown key"),
+        ("[provider:x]\ntype = saml\nissuer = https://i\nclient-id = r\nclient-secret = s\n", "type: expected oidc"),
+        ("[provider:x]\nissuer = https://i\nclient-id = r\nclient-secret = s\nscopes = email\n", "must include openid"),
+        ("[provider:b@d]\nissuer = https://i\nclient-id = r\nclient-secret = s\n", "a provider name is"),
+        ("[elsewhere]\n", "expected [relay] or [provider:NAME]"),
+        ("[relay]\nsession-lifetime = 5\n", "between 60 seconds and 90 days"),
+    ],
+)
+def test_providerConfigErrors(tmp_path: Any, section: str, error: str) -> None:
+    from twisted.python import usage
+
+    from txtunnel.relay.tap import Options
+
+    ini = tmp_path / "relay.ini"
+    ini.write_text(section)
+    with pytest.raises(usage.UsageError) as e:
+        Options(environ={}).parseOptions(["--config", str(ini)])
+    assert error in str(e.value) and str(ini) in str(e.value)
+
+
+def test_providerSecretFromEnvironment(tmp_path: Any) -> None:
+    from txtunnel.relay.tap import Options
+
+    ini = tmp_path / "relay.ini"
+    ini.write_text("[provider:corp-sso]\nissuer = https://idp.example\nclient-id = relay\n")
+    options = Options(environ={"TXTUNNEL_RELAY_PROVIDER_CORP_SSO_CLIENT_SECRET": "from-env"})
+    options.parseOptions(["--config", str(ini)])
+    assert options.providers["corp-sso"]["client-secret"] == "from-env"
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--tcp", "22", "--allow", "a@b.example"], "--allow applies to HTTP tunnels"),
+        (["--http", "80", "--allow", "nobody"], "not an email address"),
+        (["--http", "80", "--allow", ","], "needs at least one"),
+        (["--udp", "53", "--verify-webhook", "github:0123456789"], "--verify-webhook applies to HTTP"),
+        (["--http", "80", "--verify-webhook", "gitlab:0123456789"], "KIND one of github"),
+    ],
+)
+def test_agentOptionErrors(args: list[str], error: str) -> None:
+    from twisted.python import usage
+
+    from txtunnel.agent.tap import Options
+
+    with pytest.raises(usage.UsageError, match=error):
+        Options(environ={}).parseOptions(args)
+
+
+def test_agentTunnelKeys(tmp_path: Any) -> None:
+    from twisted.python import usage
+
+    from txtunnel.agent.tap import Options
+
+    ini = tmp_path / "agent.ini"
+    ini.write_text(
+        "[tunnel:web]\ntype = http\ntarget = 80\nallow = A@Example.com, @corp.example\n"
+        "verify-webhook = stripe:whsec_0123456789\n"
+    )
+    options = Options(environ={})
+    options.parseOptions(["--config", str(ini)])
+    (tunnel,) = options.tunnels
+    assert tunnel["options"]["allow"] == ["a@example.com", "@corp.example"]
+    assert tunnel["options"]["verify-webhook"].kind == "stripe"
+    ini.write_text("[tunnel:db]\ntype = tcp\ntarget = 5432\nallow = a@example.com\n")
+    with pytest.raises(usage.UsageError, match=r"\[tunnel:db\] allow: only tunnels of type = http"):
+        Options(environ={}).parseOptions(["--config", str(ini)])

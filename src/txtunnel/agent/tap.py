@@ -30,6 +30,7 @@ TUNNEL_KEYS = (
     "udp-idle-timeout",
     "sse-heartbeat",
     "allow",
+    "verify-webhook",
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
@@ -93,6 +94,16 @@ def allowList(text: str) -> list[str] | None:
     return entries
 
 
+def webhookVerifier(text: str) -> Any:
+    """
+    C{--verify-webhook KIND:SECRET}: only requests signed that way reach
+    the local service.
+    """
+    from txtunnel.webhooks import parseVerifier
+
+    return parseVerifier(text) if str(text).strip() else None
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -125,6 +136,7 @@ class Options(ConfigOptions):
         ("keepalive", 10.0, positiveFloat),
         ("key-file", None, optionalText),
         ("allow", None, allowList),
+        ("verify-webhook", None, webhookVerifier),
     )
     optParameters = [
         ["config", "c", None, "INI file with an [agent] section and [tunnel:NAME] sections."],
@@ -177,6 +189,13 @@ class Options(ConfigOptions):
             "Share an HTTP tunnel only with these visitors, after they log in at the relay: emails and "
             "@domains, comma-separated, e.g. alice@example.com,@company.com. [default: anyone]",
         ],
+        [
+            "verify-webhook",
+            None,
+            None,
+            "Pass only webhook requests signed with SECRET by KIND's scheme (github, stripe, slack or hmac), "
+            "as KIND:SECRET; others get 401. Better given as TXTUNNEL_VERIFY_WEBHOOK than on the command line.",
+        ],
     ]
 
     def __init__(self, environ: Any = None) -> None:
@@ -208,7 +227,7 @@ class Options(ConfigOptions):
             )
         common = {"response-timeout": self["response-timeout"]}
         if not given:
-            for key in ("subdomain", "remote-port", "allow"):
+            for key in ("subdomain", "remote-port", "allow", "verify-webhook"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -229,6 +248,10 @@ class Options(ConfigOptions):
                 if kind != "http":
                     raise ConfigError(f"--allow applies to HTTP tunnels (visitors log in with a browser), not --{kind}")
                 options["allow"] = self["allow"]
+            if self["verify-webhook"]:
+                if kind != "http":
+                    raise ConfigError(f"--verify-webhook applies to HTTP tunnels, not --{kind}")
+                options["verify-webhook"] = self["verify-webhook"]
             self.tunnels.append(
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
@@ -257,8 +280,9 @@ class Options(ConfigOptions):
                     options["sse-heartbeat"] = self["sse-heartbeat"]
                 elif kind != "http" and "sse-heartbeat" in values:
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
-                if kind != "http" and "allow" in values:
-                    raise ConfigError(f"{where} allow: only tunnels of type = http have one")
+                for key in ("allow", "verify-webhook"):
+                    if kind != "http" and key in values:
+                        raise ConfigError(f"{where} {key}: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
@@ -266,6 +290,7 @@ class Options(ConfigOptions):
                     ("udp-idle-timeout", idleTimeout),
                     ("sse-heartbeat", positiveFloat),
                     ("allow", allowList),
+                    ("verify-webhook", webhookVerifier),
                 ):
                     if key in values:
                         try:
