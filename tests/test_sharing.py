@@ -516,3 +516,41 @@ def test_agentTunnelKeys(tmp_path: Any) -> None:
     ini.write_text("[tunnel:db]\ntype = tcp\ntarget = 5432\nallow = a@example.com\n")
     with pytest.raises(usage.UsageError, match=r"\[tunnel:db\] allow: only tunnels of type = http"):
         Options(environ={}).parseOptions(["--config", str(ini)])
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    The whole login in headless Chromium: the browser's own redirect and
+    cookie handling ends on the shared page, with the session cookie kept
+    for the tunnel's host only, HttpOnly and SameSite=Lax.
+    """
+    import os
+    import shutil
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("needs Chromium (apt-get install chromium)")
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+
+    def run() -> tuple[str, str, list[dict[str, Any]]]:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=os.path.realpath(executable),
+                args=["--no-sandbox", "--host-resolver-rules=MAP *.localhost 127.0.0.1, MAP localhost 127.0.0.1"],
+            )
+            try:
+                page = browser.new_page()
+                page.goto(url + "inside?from=chromium")
+                return page.url, page.inner_text("body"), page.context.cookies()
+            finally:
+                browser.close()
+
+    final, text, jar = await inThread(run)
+    assert final == url + "inside?from=chromium"
+    assert "x-txtunnel-email=alice@example.com" in text and "path=/inside?from=chromium" in text
+    (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
+    assert session["domain"] == "shared.localhost" and session["httpOnly"] and session["sameSite"] == "Lax"
+    assert not [c for c in jar if c["name"] == "txtunnel_login" and c["value"]]
