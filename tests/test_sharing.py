@@ -316,9 +316,11 @@ def test_gateValidatesAllowLists() -> None:
     """
     Bad allow-lists in a bind request are refused with the reason.
     """
+    from types import SimpleNamespace
+
     from txtunnel.relay.login import LoginGate
 
-    gate = LoginGate(Any, {"p": object()}, Signer(b"s" * 32), 60)  # type: ignore[arg-type]
+    gate = LoginGate(SimpleNamespace(domain="localhost"), {"p": object()}, Signer(b"s" * 32), 60)  # type: ignore[arg-type]
     for bad in ("alice@example.com", ["not an email"], [1], ["@"], ["a@b.c" + "x" * 300]):
         with pytest.raises(BindError):
             gate.validate({"allow": bad})
@@ -554,3 +556,70 @@ async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEch
     (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
     assert session["domain"] == "shared.localhost" and session["httpOnly"] and session["sameSite"] == "Lax"
     assert not [c for c in jar if c["name"] == "txtunnel_login" and c["value"]]
+
+
+def providerIDToken(provider: TestProvider) -> str:
+    """
+    An ID token the provider issues for the relay's client, by the code flow.
+    """
+    from txtunnel.oidc import pkcePair
+
+    verifier, challenge = pkcePair()
+    redirect = "http://localhost:1/cb"
+    provider.client.redirectURIs.append(redirect)
+    params = {
+        "response_type": "code",
+        "client_id": "relay",
+        "redirect_uri": redirect,
+        "scope": "openid email",
+        "nonce": "n",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    answer = requests.get(provider.issuer + "/authorize", params=params, allow_redirects=False, timeout=30)
+    code = answer.headers["Location"].split("code=")[1].split("&")[0]
+    token = requests.post(
+        provider.issuer + "/token",
+        data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect, "code_verifier": verifier},
+        auth=("relay", "relay-secret"),
+        timeout=30,
+    )
+    return str(token.json()["id_token"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_bearerTokens(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider
+) -> None:
+    """
+    API clients present a relay-signed JWT or a provider's token (checked
+    against its JWKS) instead of a cookie; the token is not passed on, and
+    bad, expired, foreign or not-allowed ones are refused.
+    """
+    import time
+
+    from txtunnel.jwts import RelayJWT
+
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    gate = loginRelay.relay.loginGate
+    now = time.time()
+
+    def get(token: str) -> requests.Response:
+        return requests.get(url, headers={"Authorization": "Bearer " + token}, timeout=30, allow_redirects=False)
+
+    ok = await inThread(get, gate.tokens.issue("alice@example.com", 60, now))
+    assert ok.status_code == 200, ok.text
+    assert seen(ok)["x-txtunnel-email"] == "alice@example.com" and "authorization" not in seen(ok)
+    fromProvider = await inThread(get, await inThread(providerIDToken, provider))
+    assert fromProvider.status_code == 200 and seen(fromProvider)["x-txtunnel-email"] == "alice@example.com"
+    notListed = await inThread(get, gate.tokens.issue("bob@elsewhere.org", 60, now))
+    assert notListed.status_code == 403 and "bob@elsewhere.org" in notListed.text
+    for bad in (
+        gate.tokens.issue("alice@example.com", 60, now - 3600),  # expired
+        RelayJWT(b"another relay's secret.........", "localhost").issue("alice@example.com", 60, now),
+        "garbage",
+        "a.b.c",
+        "x" * 10000,
+    ):
+        refused = await inThread(get, bad)
+        assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["WWW-Authenticate"]

@@ -115,6 +115,7 @@ class OIDCProvider:
         clientSecret: str,
         scopes: str = "openid email",
         label: str | None = None,
+        audience: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.name = name
@@ -124,6 +125,8 @@ class OIDCProvider:
         self.clientID = clientID
         self._clientSecret = clientSecret
         self.scopes = scopes
+        #: The C{aud} a bearer token from this provider must name.
+        self.audience = audience or clientID
         self._metadata: tuple[float, dict[str, Any]] | None = None
         self._keys: tuple[float, Any] | None = None
 
@@ -211,7 +214,31 @@ class OIDCProvider:
             raise LoginFailed(f"the login provider has not verified {email}")
         return [email.lower()]
 
-    async def verify(self, idToken: str, nonce: str) -> dict[str, Any]:
+    async def verifyBearer(self, token: str) -> str | None:
+        """
+        The verified email of a bearer token this provider issued for the
+        relay (audience C{audience}, else the relay's client id), or
+        C{None} if it is not this provider's.
+
+        @raise LoginFailed: if it is this provider's but not valid.
+        """
+        from joserfc.errors import JoseError
+        from joserfc.jws import extract_compact
+
+        try:
+            unverified = json.loads(extract_compact(token.encode("ascii")).payload)
+        except (JoseError, ValueError, UnicodeError):
+            return None
+        metadata = await self.metadata()
+        if not isinstance(unverified, dict) or unverified.get("iss") != metadata["issuer"]:
+            return None
+        claims = await self.verify(token, None)
+        email = claims.get("email")
+        if not isinstance(email, str) or claims.get("email_verified") is not True:
+            raise LoginFailed("the bearer token has no verified email")
+        return email.lower()
+
+    async def verify(self, idToken: str, nonce: str | None) -> dict[str, Any]:
         """
         The claims of C{idToken} once its signature (a key from the
         provider's JWKS; fetched again once for an unknown key id), issuer,
@@ -228,14 +255,14 @@ class OIDCProvider:
             except ValueError:
                 # A key the cached set lacks: the provider may have rotated.
                 token = jwt.decode(idToken, await self.keys(refresh=True), algorithms=ALGORITHMS)
-            registry = jwt.JWTClaimsRegistry(
-                now=int(self.reactor.seconds()),
-                leeway=60,
-                iss={"essential": True, "value": metadata["issuer"]},
-                aud={"essential": True, "value": self.clientID},
-                exp={"essential": True},
-                nonce={"essential": True, "value": nonce},
-            )
+            checks: dict[str, Any] = {
+                "iss": {"essential": True, "value": metadata["issuer"]},
+                "aud": {"essential": True, "value": self.audience if nonce is None else self.clientID},
+                "exp": {"essential": True},
+            }
+            if nonce is not None:
+                checks["nonce"] = {"essential": True, "value": nonce}
+            registry = jwt.JWTClaimsRegistry(now=int(self.reactor.seconds()), leeway=60, **checks)
             registry.validate(token.claims)
         except (JoseError, ValueError) as e:
             raise LoginFailed(f"the login provider's ID token was not valid ({e.__class__.__name__})") from None
@@ -254,4 +281,5 @@ def providerFromSection(reactor: Any, name: str, values: dict[str, Any]) -> Any:
         values["client-secret"],
         values.get("scopes") or "openid email",
         values.get("label"),
+        values.get("audience"),
     )

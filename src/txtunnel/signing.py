@@ -70,9 +70,16 @@ class Signer:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
 
+    @property
+    def secret(self) -> bytes:
+        """
+        The relay secret, for keys derived from it (L{txtunnel.jwts}).
+        """
+        return self._secret
+
     def _mac(self, purpose: str, body: str) -> str:
         message = purpose.encode("ascii") + b"\0" + body.encode("ascii")
-        return _b64(hmac.new(self._secret, message, hashlib.sha256).digest())
+        return _b64(hmac.new(self.secret, message, hashlib.sha256).digest())
 
     def sign(self, purpose: str, payload: dict[str, Any], expires: float) -> str:
         """

@@ -43,6 +43,7 @@ from txtunnel.errors import BindError
 from txtunnel.gates import VisitorRequest
 from txtunnel.http1 import Answer
 from txtunnel.interfaces import IVisitorGate
+from txtunnel.jwts import RelayJWT
 from txtunnel.oidc import LoginFailed, pkcePair
 from txtunnel.signing import Signer
 
@@ -129,6 +130,7 @@ class LoginGate:
         self.providers = providers
         self.signer = signer
         self.lifetime = lifetime
+        self.tokens = RelayJWT(signer.secret, relay.domain)
         #: Added to the wall clock: lets a test age sessions without waiting.
         self.clockSkew = 0.0
 
@@ -190,16 +192,31 @@ class LoginGate:
                 headers=[setCookie(SESSION_COOKIE, "", self._secure(request), 0)],
             )
         session = self.signer.unsign("session", cookies(request).get(SESSION_COOKIE), self.now())
-        if session is None or session.get("h") != host or not isinstance(session.get("e"), str):
+        if session is not None and session.get("h") == host and isinstance(session.get("e"), str):
+            email = session["e"]
+        elif (authorization := request.head.header(b"authorization") or b"").lower().startswith(b"bearer "):
+            # An API client: a relay-signed token or one from a provider.
+            bearer = await self.bearerEmail(authorization[7:].strip().decode("latin-1"))
+            if bearer is None:
+                return Answer(
+                    401,
+                    "the bearer token is not valid here",
+                    headers=[("WWW-Authenticate", 'Bearer realm="txtunnel", error="invalid_token"')],
+                )
+            email = bearer
+            request.dropHeaders.add(b"authorization")
+        else:
+            email = None
+        if email is None:
             target = here + (request.head.target.decode("latin-1") if path != PREFIX + b"login" else "/")
             login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target})
             if request.head.method in (b"GET", b"HEAD"):
                 return redirect(login)
-            return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Cookie realm="txtunnel"')])
-        email = session["e"]
+            return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
         store: Any = self.relay.store
         emails = await store.emailsOf(email)
-        if not allowed(entries, emails):
+        creator = request.bindRequest.get("creator")
+        if not allowed(entries, emails) and not (isinstance(creator, str) and creator in emails):
             self.log.info("visitor {email} denied on {host}", email=email, host=host)
             return page(
                 403,
@@ -219,6 +236,28 @@ class LoginGate:
         request.dropHeaders.add(b"cookie")
         if others:
             request.addHeaders.append((b"Cookie", b"; ".join(others)))
+        return None
+
+    async def bearerEmail(self, token: str) -> str | None:
+        """
+        The verified email a bearer token proves: a token this relay signed
+        (what C{txtunnel login} stores), or an ID token of a configured
+        provider, checked against that provider's JWKS.
+        """
+        claims = self.tokens.verify(token, self.now())
+        if claims is not None:
+            return str(claims["sub"])
+        for provider in self.providers.values():
+            verifyBearer = getattr(provider, "verifyBearer", None)
+            if verifyBearer is None:
+                continue
+            try:
+                email = await verifyBearer(token)
+            except LoginFailed:
+                continue
+            if email is not None:
+                await self.relay.store.identify([email])  # type: ignore[union-attr]
+                return str(email)
         return None
 
     async def _session(self, request: VisitorRequest, host: str) -> Answer:

@@ -71,6 +71,8 @@ class RelaySession:
         self.peerHost = peer
         self.state = "hello"
         self.owner = "anonymous:" + link.peer
+        #: The verified email of the agent's user, when it presented a login token.
+        self.email: str | None = None
         self.tunnels: dict[int, RelayTunnel] = {}
         link.controlReceived = self.controlReceived
         link.streamOpened = lambda stream: stream.reset("refused", "the relay opens streams, agents do not")
@@ -156,6 +158,10 @@ class RelaySession:
                 {"op": "refused", "id": bid, "reason": f"at most {MAX_TUNNELS_PER_LINK} tunnels per agent"}
             )
             return
+        # Who made the tunnel is the relay's to say (from the agent's login), never the agent's.
+        message.pop("creator", None)
+        if self.email is not None:
+            message["creator"] = self.email
         tunnel = RelayTunnel(self, bid, kind, message)
         self.tunnels[bid] = tunnel
         d = maybeDeferred(validateBind, self.relay.gates, message)

@@ -79,7 +79,7 @@ def sessionLifetime(text: str) -> float:
 
 
 #: Keys a [provider:NAME] section may have.
-PROVIDER_KEYS = ("type", "issuer", "client-id", "client-secret", "scopes", "label")
+PROVIDER_KEYS = ("type", "issuer", "client-id", "client-secret", "scopes", "label", "audience")
 
 
 def providerSection(section: str, values: dict[str, str], path: str, environ: Any) -> dict[str, str]:
