@@ -71,6 +71,7 @@ def loginRelay(tmp_path: Any, provider: TestProvider) -> Iterator[Relay]:
     )
     r = pytest_twisted.blockon(defer.ensureDeferred(startRelay(str(tmp_path / "state"), "--config", str(ini))))
     provider.client.redirectURIs.append(f"http://localhost:{r.port}/_txtunnel/callback")
+    r.relay.loginGate.device.interval = 1  # poll faster than people need
     yield r
     pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
 
@@ -623,3 +624,165 @@ async def test_bearerTokens(
     ):
         refused = await inThread(get, bad)
         assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
+
+
+# -- command-line login (device code)
+
+
+def approveInBrowser(start: dict[str, Any], choice: str = "Approve") -> requests.Response:
+    """
+    What the person does: open the verification URL, log in at the
+    provider, follow the Approve (or Deny) link.
+    """
+    import re
+
+    s = requests.Session()
+    page = browse(s, start["verification_uri_complete"])
+    assert page.status_code == 200, page.text
+    assert start["user_code"] in page.text
+    links = dict((text, href) for href, text in re.findall(r'<a href="([^"]+)">([^<]+)</a>', page.text))
+    return browse(s, links[choice].replace("&amp;", "&"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_deviceLoginApprove(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """
+    C{txtunnel login}'s flow: the code is approved in a browser after the
+    provider login, the token is kept with mode 0600, whoami names the
+    account, and an agent using it is the tunnel's creator, who may always
+    open it.
+    """
+    import os
+    import stat
+
+    from twisted.internet import reactor
+
+    from txtunnel.credentials import deviceLogin, tokensPath, whoami
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    relayURL = loginRelay.url
+    approvals: list[Any] = []
+
+    def show(start: dict[str, Any]) -> None:
+        approvals.append(defer.ensureDeferred(inThread(approveInBrowser, start)))
+
+    entry = await deviceLogin(reactor, relayURL, show)
+    approved = await approvals[0]
+    assert approved.status_code == 200 and "alice@example.com" in approved.text
+    assert entry["email"] == "alice@example.com"
+    assert stat.S_IMODE(os.stat(tokensPath()).st_mode) == 0o600
+    me = await whoami(reactor, relayURL)
+    assert me["email"] == "alice@example.com"
+    # The creator is not on the list, yet may open the tunnel.
+    agent = await startAgent(agents, loginRelay, "--http", str(headerEcho), "--allow", "carol@example.com")
+    url = agent.address()
+    token = entry["token"]
+    mine = await inThread(
+        lambda: requests.get(url, headers={"Authorization": "Bearer " + token}, timeout=30, allow_redirects=False)
+    )
+    assert mine.status_code == 200 and seen(mine)["x-txtunnel-email"] == "alice@example.com"
+
+
+@pytest_twisted.ensureDeferred
+async def test_deviceLoginDenyAndExpiry(loginRelay: Relay, tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    A denied code ends the login with a message; an expired one too; an
+    approval link is good only for the account and code it was made for.
+    """
+    import time
+
+    from twisted.internet import reactor
+
+    from txtunnel.credentials import LoginError, deviceLogin
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    answers: list[Any] = []
+    with pytest.raises(LoginError, match="denied"):
+        await deviceLogin(
+            reactor,
+            loginRelay.url,
+            lambda start: answers.append(defer.ensureDeferred(inThread(approveInBrowser, start, "Deny"))),
+        )
+    assert (await answers[0]).status_code == 200
+
+    store = loginRelay.relay.store
+    starts: list[dict[str, Any]] = []
+
+    def expire(start: dict[str, Any]) -> None:
+        starts.append(start)
+        store._now = lambda: time.time() + 601  # type: ignore[union-attr]
+
+    try:
+        with pytest.raises(LoginError, match="expired"):
+            await deviceLogin(reactor, loginRelay.url, expire)
+    finally:
+        store._now = time.time  # type: ignore[union-attr]
+    assert starts and starts[0]["expires_in"] == 600
+
+    # A forged approval link (another code, no valid csrf) is refused.
+    def forge() -> requests.Response:
+        s = requests.Session()
+        start = requests.post(loginRelay.url.replace("ws:", "http:") + "/_txtunnel/device/code", timeout=30).json()
+        browse(s, start["verification_uri_complete"])  # logs in
+        base = start["verification_uri"]
+        return browse(s, base + "/approve?code=" + start["user_code"] + "&csrf=forged")
+
+    forged = await inThread(forge)
+    assert forged.status_code == 403 and "not yours" in forged.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_devicePollErrors(loginRelay: Relay) -> None:
+    base = loginRelay.url.replace("ws:", "http:")
+
+    def poll(code: str | None) -> requests.Response:
+        headers = {"X-Txtunnel-Device-Code": code} if code is not None else {}
+        return requests.post(base + "/_txtunnel/device/token", headers=headers, timeout=30)
+
+    for code in (None, "unknown", "x" * 500):
+        r = await inThread(poll, code)
+        assert r.status_code == 400 and r.json() == {"error": "expired_token"}
+    start = (await inThread(lambda: requests.post(base + "/_txtunnel/device/code", timeout=30))).json()
+    pending = await inThread(poll, start["device_code"])
+    assert pending.json()["error"] == "authorization_pending"
+    bad = await inThread(lambda: requests.get(base + "/_txtunnel/whoami", headers={"Authorization": "Bearer x"}))
+    assert bad.status_code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_agentLoginToken(tmp_path: Any, provider: TestProvider, headerEcho: int, monkeypatch: Any) -> None:
+    """
+    On a relay that requires a token, a valid login token lets an agent in
+    instead; an invalid one is refused with a message saying to log in.
+    """
+    import json
+    import time
+
+    from txtunnel.credentials import relayBase, tokensPath
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    ini = tmp_path / "relay.ini"
+    ini.write_text(f"[provider:test]\nissuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\n")
+    relay = await startRelay(str(tmp_path / "state"), "--config", str(ini), "--token", "static-token-123")
+    started: list[RunningAgent] = []
+    try:
+        os_path = tokensPath()
+        import os
+
+        os.makedirs(os.path.dirname(os_path))
+        token = relay.relay.loginGate.tokens.issue("alice@example.com", 60, time.time())
+        with open(os_path, "w") as f:
+            json.dump({relayBase(relay.url): {"token": token, "email": "a", "expires": time.time() + 60}}, f)
+        agent = await startAgent(started, relay, "--http", str(headerEcho))
+        assert agent.address()
+        with open(os_path, "w") as f:
+            json.dump({relayBase(relay.url): {"token": token + "x", "email": "a", "expires": time.time() + 60}}, f)
+        refused = await startAgent(started, relay, "--http", str(headerEcho), expectReady=False)
+        with pytest.raises(RuntimeError, match="run 'txtunnel login' again"):
+            await refused.agent.ready
+    finally:
+        for a in started:
+            await a.stop()
+        await defer.maybeDeferred(relay.service.stopService)

@@ -82,6 +82,42 @@ class DemoOptions(usage.Options):
     optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."]]
 
 
+class LoginOptions(usage.Options):
+    """
+    C{txtunnel login|logout|whoami}: which relay.
+    """
+
+    synopsis = "[--relay URL]"
+    opt_version = ConfigOptions.opt_version
+    optParameters = [
+        [
+            "relay",
+            "r",
+            None,
+            f"URL of the relay (ws:// or wss://). [default: $TXTUNNEL_RELAY or {agentTap.DEFAULT_RELAY}]",
+        ]
+    ]
+
+    def postOptions(self) -> None:
+        import os
+
+        self["relay"] = self["relay"] or os.environ.get("TXTUNNEL_RELAY") or agentTap.DEFAULT_RELAY
+        from txtunnel.credentials import LoginError, relayBase
+
+        try:
+            relayBase(self["relay"])
+        except LoginError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class LoginCommand(LoginOptions):
+    longdesc = (
+        "Log in to a relay with its device-code flow: approve the code in a browser (the relay's login "
+        "provider), and the token is kept in $XDG_CONFIG_HOME/txtunnel/tokens.json for agents to use."
+    )
+    optFlags = [["no-browser", None, "Print the URL to open instead of opening a browser."]]
+
+
 class Options(usage.Options):
     synopsis = "Usage: txtunnel [-v|-q] COMMAND [options]"
     longdesc = "txtunnel: share local services through a relay. Run 'txtunnel COMMAND --help' for a command's options."
@@ -92,6 +128,9 @@ class Options(usage.Options):
         ["tls", None, _agentCommand("tls"), "Expose a local TLS service by passthrough (SNI routing)."],
         ["relay", None, relayTap.Options, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
+        ["login", None, LoginCommand, "Log in to a relay (device code in a browser)."],
+        ["logout", None, LoginOptions, "Forget the login token for a relay."],
+        ["whoami", None, LoginOptions, "Show who the stored login token for a relay says you are."],
     ]
     optFlags = [["verbose", "v", "Log debug messages too."], ["quiet", "q", "Log warnings and errors only."]]
 
@@ -104,7 +143,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay or demo")
+            raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay, demo, login, logout or whoami")
 
 
 def _format(event: dict[str, Any]) -> str | None:
@@ -245,6 +284,59 @@ def _runDemo(options: DemoOptions, reactor: Any) -> int:
     return code[0]
 
 
+def _runLogin(command: str, options: Any, reactor: Any, out: TextIO) -> int:
+    """
+    C{login}, C{logout}, C{whoami}: messages on C{out}, status 1 on failure.
+    """
+    from twisted.internet.defer import ensureDeferred
+
+    from txtunnel.credentials import LoginError, deviceLogin, forget, relayBase, tokensPath, whoami
+
+    relay = options["relay"]
+    if command == "logout":
+        try:
+            removed = forget(relay)
+        except LoginError as e:
+            print(f"txtunnel: {e}", file=out)
+            return 1
+        print(f"logged out of {relayBase(relay)}" if removed else f"not logged in to {relayBase(relay)}", file=out)
+        return 0
+
+    def show(start: dict[str, Any]) -> None:
+        url = start["verification_uri_complete"]
+        print(f"To log in, open {url}\nand approve the code {start['user_code']}.", file=out, flush=True)
+        if not options["no-browser"]:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    async def run() -> int:
+        try:
+            if command == "login":
+                entry = await deviceLogin(reactor, relay, show)
+                print(f"logged in to {relayBase(relay)} as {entry['email']}; token in {tokensPath()}", file=out)
+            else:
+                answer = await whoami(reactor, relay)
+                others = [e for e in answer.get("emails", []) if e != answer["email"]]
+                also = f" (also {', '.join(others)})" if others else ""
+                print(f"{answer['email']}{also} on {relayBase(relay)}", file=out)
+        except LoginError as e:
+            print(f"txtunnel: {e}", file=out)
+            return 1
+        return 0
+
+    code = [1]
+
+    def start() -> None:
+        d = ensureDeferred(run())
+        d.addCallback(lambda c: code.__setitem__(0, c))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return code[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     options = Options()
     try:
@@ -263,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_runAgent(sub, reactor))
     elif command == "relay":
         sys.exit(_runRelay(sub, reactor))
+    elif command in ("login", "logout", "whoami"):
+        sys.exit(_runLogin(command, sub, reactor, sys.stdout))
     else:
         sys.exit(_runDemo(sub, reactor))
 

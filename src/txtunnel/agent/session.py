@@ -52,6 +52,9 @@ class AgentSession:
             hello["token"] = agent.token
         if agent.key:
             hello["key"] = agent.key
+        if agent.identity:
+            # From 'txtunnel login': the relay records who made the tunnels.
+            hello["identity"] = agent.identity
         link.sendControl(hello)
         agent.sessionStarted(self)
 

@@ -381,7 +381,14 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    return Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    from txtunnel.credentials import LoginError, tokenFor
+
+    try:
+        agent.identity = tokenFor(options["relay"])
+    except LoginError:
+        agent.identity = None
+    return agent
 
 
 def loadAgentKey(path: str | None) -> str | None:

@@ -45,6 +45,7 @@ from txtunnel.http1 import Answer
 from txtunnel.interfaces import IVisitorGate
 from txtunnel.jwts import RelayJWT
 from txtunnel.oidc import LoginFailed, pkcePair
+from txtunnel.relay.device import DeviceFlow
 from txtunnel.signing import Signer
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class LoginGate:
         self.signer = signer
         self.lifetime = lifetime
         self.tokens = RelayJWT(signer.secret, relay.domain)
+        self.device = DeviceFlow(self)
         #: Added to the wall clock: lets a test age sessions without waiting.
         self.clockSkew = 0.0
 
@@ -290,7 +292,29 @@ class LoginGate:
             return await self._login(request)
         if path == PREFIX + b"callback":
             return await self._callback(request)
+        if path == PREFIX + b"session":
+            return await self._session(request, request.host.decode("latin-1").lower())
+        if path.startswith(PREFIX + b"device") or path == PREFIX + b"whoami":
+            return await self.device.handle(request)
         return None
+
+    def apexSession(self, request: VisitorRequest) -> str | None:
+        """
+        The email of the visitor's session on the relay's own host (for
+        approving a device login), if any.
+        """
+        session = self.signer.unsign("session", cookies(request).get(SESSION_COOKIE), self.now())
+        host = request.host.decode("latin-1").lower()
+        if session is None or session.get("h") != host or not isinstance(session.get("e"), str):
+            return None
+        return str(session["e"])
+
+    def loginRedirect(self, request: VisitorRequest) -> Answer:
+        """
+        Send the visitor to log in, then back to this page of the relay's host.
+        """
+        here = f"{request.scheme}://{request.host.decode('latin-1').lower()}{request.head.target.decode('latin-1')}"
+        return redirect(f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": here}))
 
     def _checkTarget(self, to: str) -> tuple[str, str, str] | None:
         """
@@ -305,9 +329,11 @@ class LoginGate:
         if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc:
             return None
         kind, name = self.relay.hosts.split(parts.netloc.encode("latin-1"))
-        if kind != "tunnel" or not name:
-            return None
         path = parts.path or "/"
+        if kind == "apex" and parts.hostname == self.relay.domain and path.startswith("/_txtunnel/device"):
+            pass  # the relay's own device-login page
+        elif kind != "tunnel" or not name:
+            return None
         if not path.startswith("/") or path.startswith("//"):
             return None
         target = quote(path, safe="/%:@!$&'()*+,;=-._~") + (

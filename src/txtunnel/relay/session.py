@@ -111,7 +111,16 @@ class RelaySession:
             )
             return
         token = message.get("token")
-        if not self.relay.checkToken(token if isinstance(token, str) else None):
+        identity = message.get("identity")
+        gate = self.relay.loginGate
+        if isinstance(identity, str) and gate is not None:
+            # A token from 'txtunnel login': who made this agent's tunnels.
+            claims = gate.tokens.verify(identity, gate.now())
+            if claims is None:
+                self._refuse("auth", "the login token is invalid or expired; run 'txtunnel login' again")
+                return
+            self.email = str(claims["sub"])
+        if self.email is None and not self.relay.checkToken(token if isinstance(token, str) else None):
             self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
         key = message.get("key")
