@@ -786,3 +786,73 @@ async def test_agentLoginToken(tmp_path: Any, provider: TestProvider, headerEcho
         for a in started:
             await a.stop()
         await defer.maybeDeferred(relay.service.stopService)
+
+
+# -- GitHub OAuth
+
+
+@pytest.fixture
+def github() -> Iterator[Any]:
+    from txtunnel.testing.github import FakeGitHub
+
+    fake = FakeGitHub().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def githubRelay(tmp_path: Any, github: Any) -> Iterator[Relay]:
+    ini = tmp_path / "relay.ini"
+    ini.write_text(
+        "[provider:gh]\ntype = github\n"
+        f"issuer = {github.url}\napi-url = {github.url}/api\nclient-id = gh-relay\nclient-secret = gh-secret\n"
+    )
+    r = pytest_twisted.blockon(defer.ensureDeferred(startRelay(str(tmp_path / "state"), "--config", str(ini))))
+    yield r
+    pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
+
+
+@pytest_twisted.ensureDeferred
+async def test_githubLogin(githubRelay: Relay, agents: list[RunningAgent], headerEcho: int, github: Any) -> None:
+    """
+    GitHub's verified emails all join the visitor's identity (so a
+    secondary one on the list lets them in, under the primary address);
+    an unverified one does not count, an account with none is refused, and
+    a replayed code is refused by GitHub.
+    """
+    github.emails = [
+        {"email": "alice@example.com", "verified": True, "primary": True},
+        {"email": "alice@work.example", "verified": True, "primary": False},
+        {"email": "boss@company.example", "verified": False, "primary": False},
+    ]
+    url = await sharedAgent(agents, githubRelay, headerEcho, "@work.example")
+    other = await startAgent(agents, githubRelay, "--http", str(headerEcho), "--allow", "boss@company.example")
+
+    def visit() -> tuple[requests.Response, requests.Response]:
+        s = requests.Session()
+        return browse(s, url + "x"), browse(s, other.address())
+
+    ok, unverified = await inThread(visit)
+    assert ok.status_code == 200, ok.text
+    assert urlsplit(ok.history[2].url).path == "/login/oauth/authorize"
+    assert seen(ok)["x-txtunnel-email"] == "alice@example.com"
+    assert unverified.status_code == 403 and "alice@example.com" in unverified.text
+    assert await githubRelay.relay.store.emailsOf("alice@work.example") == ["alice@example.com", "alice@work.example"]
+
+    github.emails = [{"email": "nobody@example.com", "verified": False, "primary": True}]
+
+    def replay() -> tuple[requests.Response, requests.Response]:
+        s = requests.Session()
+        none = browse(s, url)
+        github.emails = [{"email": "alice@work.example", "verified": True, "primary": True}]
+        s2 = requests.Session()
+        callback = startLogin(s2, url)
+        loginCookie = s2.cookies.get("txtunnel_login")
+        assert browse(s2, callback, allow_redirects=False).status_code == 302
+        s3 = requests.Session()
+        s3.cookies.set("txtunnel_login", loginCookie, domain="localhost.local", path="/_txtunnel/")
+        return none, browse(s3, callback)
+
+    none, replayed = await inThread(replay)
+    assert none.status_code == 403 and "no verified email" in none.text
+    assert replayed.status_code == 403 and "bad_verification_code" in replayed.text

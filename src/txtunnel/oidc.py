@@ -273,6 +273,18 @@ def providerFromSection(reactor: Any, name: str, values: dict[str, Any]) -> Any:
     """
     A provider object for a C{[provider:NAME]} section's checked values.
     """
+    if values.get("type") == "github":
+        from txtunnel.github import GitHubProvider
+
+        return GitHubProvider(
+            reactor,
+            name,
+            values["client-id"],
+            values["client-secret"],
+            values.get("issuer") or "https://github.com",
+            values.get("api-url") or "https://api.github.com",
+            values.get("label"),
+        )
     return OIDCProvider(
         reactor,
         name,

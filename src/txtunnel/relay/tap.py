@@ -79,7 +79,7 @@ def sessionLifetime(text: str) -> float:
 
 
 #: Keys a [provider:NAME] section may have.
-PROVIDER_KEYS = ("type", "issuer", "client-id", "client-secret", "scopes", "label", "audience")
+PROVIDER_KEYS = ("type", "issuer", "client-id", "client-secret", "scopes", "label", "audience", "api-url")
 
 
 def providerSection(section: str, values: dict[str, str], path: str, environ: Any) -> dict[str, str]:
@@ -100,17 +100,27 @@ def providerSection(section: str, values: dict[str, str], path: str, environ: An
             raise ConfigError(f"{where} {key}: unknown key; expected one of {', '.join(PROVIDER_KEYS)}")
     checked = {k: v.strip() for k, v in values.items()}
     kind = checked.setdefault("type", "oidc")
-    if kind != "oidc":
-        raise ConfigError(f"{where} type: expected oidc, got {kind!r}")
+    if kind not in ("oidc", "github"):
+        raise ConfigError(f"{where} type: expected oidc or github, got {kind!r}")
+    if kind == "github":
+        checked.setdefault("issuer", "https://github.com")
+        checked.setdefault("api-url", "https://api.github.com")
+        for key in ("scopes", "audience"):
+            if key in checked:
+                raise ConfigError(f"{where} {key}: only OpenID Connect providers have one")
+    elif "api-url" in checked:
+        raise ConfigError(f"{where} api-url: only type = github has one")
     envSecret = "TXTUNNEL_RELAY_PROVIDER_" + name.upper().replace("-", "_") + "_CLIENT_SECRET"
     if envSecret in environ:
         checked["client-secret"] = environ[envSecret].strip()
     for key in ("issuer", "client-id", "client-secret"):
         if not checked.get(key):
             raise ConfigError(f"{where} {key}: missing")
-    issuer = urlsplit(checked["issuer"])
-    if issuer.scheme not in ("https", "http") or not issuer.netloc:
-        raise ConfigError(f"{where} issuer: expected the provider's https:// URL, got {checked['issuer']!r}")
+    for key in ("issuer", "api-url"):
+        if key in checked:
+            url = urlsplit(checked[key])
+            if url.scheme not in ("https", "http") or not url.netloc:
+                raise ConfigError(f"{where} {key}: expected the provider's https:// URL, got {checked[key]!r}")
     if "openid" not in checked.get("scopes", "openid email").split():
         raise ConfigError(f"{where} scopes: must include openid")
     return checked
