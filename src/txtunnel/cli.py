@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"txtunnel: {e}", file=sys.stderr)
         print(f"Run 'txtunnel {options.subCommand or ''} --help' for usage.".replace("  ", " "), file=sys.stderr)
         sys.exit(2)
-    level = LogLevel.debug if options["verbose"] else LogLevel.warn if options["quiet"] else LogLevel.info
+    quiet = options["quiet"] or options.subCommand in ("login", "logout", "whoami")  # they print their own lines
+    level = LogLevel.debug if options["verbose"] else LogLevel.warn if quiet else LogLevel.info
     startLogging(sys.stderr, level)
     from twisted.internet import reactor
 

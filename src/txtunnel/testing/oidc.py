@@ -130,6 +130,8 @@ class TestProvider:
         self.user: dict[str, Any] = user or {"sub": "alice", "email": "alice@example.com", "email_verified": True}
         self.key = RSAKey.generate_key(2048, parameters={"kid": "test-1", "use": "sig", "alg": "RS256"})
         self.codes: dict[str, _Code] = {}
+        #: When set, the authorization page offers these accounts to pick from.
+        self.choices: list[str] = []
         #: Token requests answered, for tests that count them.
         self.tokenRequests = 0
         self._server: Any = None
@@ -225,8 +227,20 @@ class TestProvider:
             # The test user approves at once: this is where a real
             # provider would show its login and consent pages.
             from authlib.oauth2 import OAuth2Error
+            from markupsafe import escape
 
             user = dict(provider.user)
+            if provider.choices:
+                # Several test accounts: let the person pick one.
+                chosen = request.args.get("login_as")
+                if chosen not in provider.choices:
+                    links = "".join(
+                        f'<li><a href="?{escape(request.query_string.decode())}&amp;login_as={escape(email)}">'
+                        f"Log in as {escape(email)}</a></li>"
+                        for email in provider.choices
+                    )
+                    return f"<!doctype html><title>Test provider</title><h1>Test provider</h1><ul>{links}</ul>"
+                user = {"sub": chosen, "email": chosen, "email_verified": True}
             try:
                 grant = server.get_consent_grant(end_user=user)
             except OAuth2Error as error:
@@ -237,7 +251,6 @@ class TestProvider:
         def token() -> Any:
             return server.create_token_response()
 
-        del request
         return app
 
     def start(self) -> TestProvider:
@@ -273,14 +286,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A local OpenID Connect provider that logs everyone in as --email.")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--email", default="alice@example.com")
+    parser.add_argument(
+        "--email", action="append", help="an account to log in as (repeat to choose on the login page)"
+    )
     parser.add_argument("--client-id", default="relay")
     parser.add_argument("--client-secret", default="relay-secret")
     parser.add_argument("--redirect-uri", action="append", required=True)
     args = parser.parse_args(argv)
-    user = {"sub": args.email, "email": args.email, "email_verified": True}
-    provider = TestProvider(args.client_id, args.client_secret, args.redirect_uri, user, args.port, args.host).start()
-    print(f"OpenID Connect provider at {provider.issuer} (discovery: {provider.discoveryURL}); logs in as {args.email}")
+    emails = args.email or ["alice@example.com"]
+    user = {"sub": emails[0], "email": emails[0], "email_verified": True}
+    provider = TestProvider(args.client_id, args.client_secret, args.redirect_uri, user, args.port, args.host)
+    if len(emails) > 1:
+        provider.choices = emails
+    provider.start()
+    print(f"OpenID Connect test provider at {provider.issuer}; accounts: {', '.join(emails)}", flush=True)
     try:
         assert provider._thread is not None
         while provider._thread.is_alive():
