@@ -286,9 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A local OpenID Connect provider that logs everyone in as --email.")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--email", action="append", help="an account to log in as (repeat to choose on the login page)"
-    )
+    parser.add_argument("--email", action="append", help="an account to log in as (repeat to choose on the login page)")
     parser.add_argument("--client-id", default="relay")
     parser.add_argument("--client-secret", default="relay-secret")
     parser.add_argument("--redirect-uri", action="append", required=True)
