@@ -856,3 +856,73 @@ async def test_githubLogin(githubRelay: Relay, agents: list[RunningAgent], heade
     none, replayed = await inThread(replay)
     assert none.status_code == 403 and "no verified email" in none.text
     assert replayed.status_code == 403 and "bad_verification_code" in replayed.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_secureCookiesOnHTTPS(
+    tmp_path: Any, provider: TestProvider, agents: list[RunningAgent], headerEcho: int
+) -> None:
+    """
+    Reached over HTTPS, the login and session cookies are Secure, and the
+    whole flow stays on https:// URLs.
+    """
+    from tests.test_http_tunnel import selfSignedCertificate
+
+    key, cert = selfSignedCertificate(tmp_path)
+    ini = tmp_path / "relay.ini"
+    ini.write_text(f"[provider:test]\nissuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\n")
+    relay = await startRelay(
+        str(tmp_path / "state"),
+        "--config",
+        str(ini),
+        "--https",
+        f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    try:
+        port = relay.relay.httpsPort
+        provider.client.redirectURIs.append(f"https://localhost:{port}/_txtunnel/callback")
+        await startAgent(
+            agents, relay, "--http", str(headerEcho), "--subdomain", "secure", "--allow", "alice@example.com"
+        )
+
+        def visit() -> requests.Response:
+            # verify per request: a session's is overridden by REQUESTS_CA_BUNDLE.
+            return browse(requests.Session(), f"https://secure.localhost:{port}/page", verify=cert)
+
+        page = await inThread(visit)
+        assert page.status_code == 200 and seen(page)["x-txtunnel-email"] == "alice@example.com"
+        relayHops = [r for r in page.history if urlsplit(r.url).hostname != "127.0.0.1"]
+        assert all(r.url.startswith("https://") for r in relayHops)
+        login = next(r for r in page.history if urlsplit(r.url).path == "/_txtunnel/login")
+        session = page.history[-1]
+        for response in (login, session):
+            assert "; Secure" in response.headers["Set-Cookie"], response.headers["Set-Cookie"]
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostileLoginRequests(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    Malformed login requests get a clear 4xx, never a 500 or a split header.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    base = f"http://localhost:{loginRelay.port}/_txtunnel/"
+
+    def get(target: str, jar: dict[str, str] | None) -> requests.Response:
+        return requests.get(target, cookies=jar, timeout=30, allow_redirects=False)
+
+    cases = [
+        (base + "login?to=" + url + "%0d%0aSet-Cookie:%20x=1", None),
+        (base + "login?" + "&".join(f"p{i}=1" for i in range(50)), None),
+        (base + "login?to=" + url + "&provider=nonexistent", None),
+        (base + "callback?state=x&code=y", {"txtunnel_login": "garbage"}),
+        (base + "callback?state=x&code=y", {"txtunnel_login": "a" * 5000}),
+        (url + "_txtunnel/session?code=" + "x" * 500, None),
+        (url + "_txtunnel/session", None),
+        (url, {"txtunnel_session": "%%%;;;==="}),
+    ]
+    for target, jar in cases:
+        r = await inThread(get, target, jar)
+        assert 200 <= r.status_code < 500, (target, r.status_code, r.text)
+        assert "x=1" not in r.headers.get("Set-Cookie", ""), target

@@ -189,3 +189,35 @@ def test_hostileHeaders() -> None:
         (event,) = RequestFramer().feed(raw)[:1]
         assert isinstance(event, RequestHead)
         assert verifier.check(event, b"", now) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelinedAndMalformed(relay: Relay, agents: list[RunningAgent], hooks: tuple[int, Hooks]) -> None:
+    """
+    Signed requests pipelined on one connection all pass, in order; a
+    malformed chunked body or a WebSocket upgrade gets a 400 and reaches
+    nothing.
+    """
+    from tests.conftest import inThread
+    from tests.test_http_tunnel import parseResponses, rawExchange
+
+    port, resource = hooks
+    await webhookAgent(agents, relay, port, "pipe", f"github:{SECRET}")
+    host = f"pipe.localhost:{relay.port}"
+
+    def request(body: bytes) -> bytes:
+        return (
+            f"POST /hook HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+            f"X-Hub-Signature-256: sha256={sign(body)}\r\n\r\n"
+        ).encode() + body
+
+    out = await inThread(rawExchange, relay.port, request(b"one") + request(b"two") + request(b"three"))
+    assert [status for status, _, _ in parseResponses(out, [b"POST"] * 3)] == [200, 200, 200]
+    assert resource.bodies == [b"one", b"two", b"three"]
+    bad = f"POST /hook HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n"
+    out = await inThread(rawExchange, relay.port, bad.encode())
+    assert out.startswith(b"HTTP/1.1 400"), out
+    upgrade = f"GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    out = await inThread(rawExchange, relay.port, upgrade.encode())
+    assert out.startswith(b"HTTP/1.1 400") and b"not protocol upgrades" in out, out
+    assert resource.bodies == [b"one", b"two", b"three"]
