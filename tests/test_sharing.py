@@ -926,3 +926,20 @@ async def test_hostileLoginRequests(loginRelay: Relay, agents: list[RunningAgent
         r = await inThread(get, target, jar)
         assert 200 <= r.status_code < 500, (target, r.status_code, r.text)
         assert "x=1" not in r.headers.get("Set-Cookie", ""), target
+
+
+@pytest_twisted.ensureDeferred
+async def test_unusableEmailsRefused(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider
+) -> None:
+    """
+    An email a provider vouches for must still be a plain address: one
+    that would split the header to the service ends the login instead.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "@example.com")
+    provider.user = {"sub": "x", "email": "evil@example.com\r\nX-Admin: 1", "email_verified": True}
+    refused = await inThread(browse, requests.Session(), url)
+    assert refused.status_code == 403 and "not a usable email address" in refused.text
+    provider.user = {"sub": "y", "email": "mallory@example.com", "email_verified": False}
+    unverified = await inThread(browse, requests.Session(), url)
+    assert unverified.status_code == 403 and "has not verified" in unverified.text

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MAX_ENTRIES", "allowed", "checkEntry", "parseAllow"]
+__all__ = ["MAX_ENTRIES", "allowed", "checkEntry", "isEmail", "parseAllow"]
 
 #: Entries one tunnel's list may hold.
 MAX_ENTRIES = 1000
@@ -22,6 +22,15 @@ _LOCAL = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}"
 _DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}|localhost"
 _EMAIL = re.compile(rf"{_LOCAL}@(?:{_DOMAIN})")
 _AT_DOMAIN = re.compile(rf"@(?:{_DOMAIN})")
+
+
+def isEmail(text: object) -> bool:
+    """
+    Whether C{text} is an email address of the plain kind allow-lists name
+    (what a provider vouches for is checked with this before it is used,
+    so it can always go in a header).
+    """
+    return isinstance(text, str) and len(text) <= 254 and _EMAIL.fullmatch(text) is not None
 
 
 def checkEntry(text: str) -> str:

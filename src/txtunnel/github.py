@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
+from txtunnel.allow import isEmail
 from txtunnel.oidc import LoginFailed, fetchJSON
 
 __all__ = ["GitHubProvider"]
@@ -88,7 +89,7 @@ class GitHubProvider:
         verified = [
             (not bool(item.get("primary")), str(item["email"]).lower())
             for item in listed[:MAX_EMAILS]
-            if isinstance(item, dict) and item.get("verified") is True and isinstance(item.get("email"), str)
+            if isinstance(item, dict) and item.get("verified") is True and isEmail(item.get("email"))
         ]
         if not verified:
             raise LoginFailed("the GitHub account has no verified email")

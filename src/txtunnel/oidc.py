@@ -21,6 +21,8 @@ from urllib.parse import urlencode
 
 from twisted.logger import Logger
 
+from txtunnel.allow import isEmail
+
 __all__ = ["LoginFailed", "OIDCProvider", "pkcePair"]
 
 #: Bytes of a provider document (discovery, JWKS, token answer) read at most.
@@ -211,7 +213,9 @@ class OIDCProvider:
         if not isinstance(email, str) or not email:
             raise LoginFailed("the login provider did not give an email address (is the 'email' scope allowed?)")
         if claims.get("email_verified") is not True:
-            raise LoginFailed(f"the login provider has not verified {email}")
+            raise LoginFailed(f"the login provider has not verified {email[:254]!r}")
+        if not isEmail(email):
+            raise LoginFailed(f"the login provider gave {email[:254]!r}, which is not a usable email address")
         return [email.lower()]
 
     async def verifyBearer(self, token: str) -> str | None:
@@ -234,8 +238,9 @@ class OIDCProvider:
             return None
         claims = await self.verify(token, None)
         email = claims.get("email")
-        if not isinstance(email, str) or claims.get("email_verified") is not True:
+        if not isEmail(email) or claims.get("email_verified") is not True:
             raise LoginFailed("the bearer token has no verified email")
+        assert isinstance(email, str)
         return email.lower()
 
     async def verify(self, idToken: str, nonce: str | None) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txtunnel.allow import allowed, parseAllow
+from txtunnel.allow import allowed, isEmail, parseAllow
 from txtunnel.errors import BindError
 from txtunnel.gates import VisitorRequest
 from txtunnel.http1 import Answer
@@ -255,7 +255,7 @@ class LoginGate:
         """
         claims = self.tokens.verify(token, self.now())
         if claims is not None:
-            return str(claims["sub"])
+            return str(claims["sub"]) if isEmail(claims["sub"]) else None
         for provider in self.providers.values():
             verifyBearer = getattr(provider, "verifyBearer", None)
             if verifyBearer is None:
