@@ -109,14 +109,16 @@ async def test_loginFlow(loginRelay: Relay, agents: list[RunningAgent], headerEc
     """
     url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com,@company.com")
 
-    def visit() -> tuple[requests.Response, requests.Response]:
+    def visit() -> tuple[requests.Response, requests.Response, requests.Response]:
         s = requests.Session()
         s.cookies.set("other", "kept", domain="shared.localhost")
         first = browse(s, url + "page?x=1", headers={"X-Txtunnel-Email": "mallory@example.com"})
         again = browse(s, url + "second", headers={"X-Txtunnel-Email": "mallory@example.com"})
-        return first, again
+        loginAgain = browse(s, url + "_txtunnel/login", allow_redirects=False)
+        return first, again, loginAgain
 
-    first, again = await inThread(visit)
+    first, again, loginAgain = await inThread(visit)
+    assert loginAgain.status_code == 302 and loginAgain.headers["Location"] == url
     assert first.status_code == 200, first.text
     hops = [urlsplit(r.url) for r in first.history]
     assert [h.path for h in hops] == [

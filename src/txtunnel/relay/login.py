@@ -222,6 +222,8 @@ class LoginGate:
             if request.head.method in (b"GET", b"HEAD"):
                 return redirect(login)
             return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
+        if path == PREFIX + b"login":
+            return redirect(here + "/")  # already logged in
         store: Any = self.relay.store
         emails = await store.emailsOf(email)
         creator = request.bindRequest.get("creator")
