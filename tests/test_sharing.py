@@ -115,6 +115,11 @@ async def test_loginFlow(loginRelay: Relay, agents: list[RunningAgent], headerEc
         first = browse(s, url + "page?x=1", headers={"X-Txtunnel-Email": "mallory@example.com"})
         again = browse(s, url + "second", headers={"X-Txtunnel-Email": "mallory@example.com"})
         loginAgain = browse(s, url + "_txtunnel/login", allow_redirects=False)
+        stolen = s.cookies.get("txtunnel_session")
+        browse(s, url + "_txtunnel/logout")
+        # A copy of the cookie kept from before the logout is no good.
+        replayed = requests.get(url, cookies={"txtunnel_session": stolen}, timeout=30, allow_redirects=False)
+        assert replayed.status_code == 302 and "/_txtunnel/login?" in replayed.headers["Location"]
         return first, again, loginAgain
 
     first, again, loginAgain = await inThread(visit)

@@ -148,7 +148,7 @@ class DeviceFlow:
     async def _page(self, request: VisitorRequest) -> Answer:
         from txtunnel.relay.login import page
 
-        email = self.gate.apexSession(request)
+        email = await self.gate.apexSession(request)
         if email is None:
             return self.gate.loginRedirect(request)
         user = self._codeFrom(request)
@@ -167,7 +167,7 @@ class DeviceFlow:
     async def _answer(self, request: VisitorRequest, approve: bool) -> Answer:
         from txtunnel.relay.login import page, query
 
-        email = self.gate.apexSession(request)
+        email = await self.gate.apexSession(request)
         if email is None:
             return page(403, "Not logged in", "Open the device page again to log in.")
         user = self._codeFrom(request)

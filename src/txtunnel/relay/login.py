@@ -192,7 +192,12 @@ class LoginGate:
         here = f"{request.scheme}://{host}"
         if path == PREFIX + b"session":
             return await self._session(request, host)
+        store: Any = self.relay.store
+        session = await self._sessionOf(request, host)
         if path == PREFIX + b"logout":
+            if session is not None:
+                # Ended on the relay too: a copy of the cookie is no good either.
+                await store.takeTicket("session", session["i"])
             return page(
                 200,
                 "Logged out",
@@ -200,8 +205,7 @@ class LoginGate:
                 [("Log in again", here + "/")],
                 headers=[setCookie(SESSION_COOKIE, "", self._secure(request), 0)],
             )
-        session = self.signer.unsign("session", cookies(request).get(SESSION_COOKIE), self.now())
-        if session is not None and session.get("h") == host and isinstance(session.get("e"), str):
+        if session is not None:
             email = session["e"]
         elif (authorization := request.head.header(b"authorization") or b"").lower().startswith(b"bearer "):
             # An API client: a relay-signed token or one from a provider.
@@ -224,7 +228,6 @@ class LoginGate:
             return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
         if path == PREFIX + b"login":
             return redirect(here + "/")  # already logged in
-        store: Any = self.relay.store
         emails = await store.emailsOf(email)
         creator = request.bindRequest.get("creator")
         if not allowed(entries, emails) and not (isinstance(creator, str) and creator in emails):
@@ -248,6 +251,23 @@ class LoginGate:
         if others:
             request.addHeaders.append((b"Cookie", b"; ".join(others)))
         return None
+
+    async def _sessionOf(self, request: VisitorRequest, host: str) -> dict[str, Any] | None:
+        """
+        The visitor's session on C{host}: its cookie is signed by this
+        relay for this host, unexpired, and the relay still holds the
+        session (logout removes it).
+        """
+        session = self.signer.unsign("session", cookies(request).get(SESSION_COOKIE), self.now())
+        if session is None or session.get("h") != host or not isinstance(session.get("e"), str):
+            return None
+        sid = session.get("i")
+        if not isinstance(sid, str):
+            return None
+        held = await self.relay.store.getTicket("session", sid)  # type: ignore[union-attr]
+        if held is None or held.get("e") != session["e"] or held.get("h") != host:
+            return None
+        return session
 
     async def bearerEmail(self, token: str) -> str | None:
         """
@@ -283,7 +303,9 @@ class LoginGate:
                 [("Log in again", f"{request.scheme}://{host}/")],
             )
         expires = self.now() + self.lifetime
-        value = self.signer.sign("session", {"e": ticket["email"], "h": host}, expires)
+        sid = secrets.token_urlsafe(16)
+        await store.putTicket("session", sid, {"e": ticket["email"], "h": host}, expires)
+        value = self.signer.sign("session", {"e": ticket["email"], "h": host, "i": sid}, expires)
         nextPath = ticket.get("next") or "/"
         self.log.info("visitor {email} logged in to {host}", email=ticket["email"], host=host)
         return redirect(
@@ -307,16 +329,13 @@ class LoginGate:
             return await self.device.handle(request)
         return None
 
-    def apexSession(self, request: VisitorRequest) -> str | None:
+    async def apexSession(self, request: VisitorRequest) -> str | None:
         """
         The email of the visitor's session on the relay's own host (for
         approving a device login), if any.
         """
-        session = self.signer.unsign("session", cookies(request).get(SESSION_COOKIE), self.now())
-        host = request.host.decode("latin-1").lower()
-        if session is None or session.get("h") != host or not isinstance(session.get("e"), str):
-            return None
-        return str(session["e"])
+        session = await self._sessionOf(request, request.host.decode("latin-1").lower())
+        return None if session is None else str(session["e"])
 
     def loginRedirect(self, request: VisitorRequest) -> Answer:
         """
