@@ -950,3 +950,84 @@ async def test_unusableEmailsRefused(
     provider.user = {"sub": "y", "email": "mallory@example.com", "email_verified": False}
     unverified = await inThread(browse, requests.Session(), url)
     assert unverified.status_code == 403 and "has not verified" in unverified.text
+
+
+# -- txtunnel share
+
+
+def writeLogin(relay: Relay, email: str) -> None:
+    """
+    Store a login token for C{email} as 'txtunnel login' would.
+    """
+    import json
+    import os
+    import time
+
+    from txtunnel.credentials import relayBase, tokensPath
+
+    token = relay.relay.loginGate.tokens.issue(email, 600, time.time())
+    os.makedirs(os.path.dirname(tokensPath()), exist_ok=True)
+    with open(tokensPath(), "w") as f:
+        json.dump({relayBase(relay.url): {"token": token, "email": email, "expires": time.time() + 600}}, f)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shareAddRemove(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+    provider: TestProvider,
+    tmp_path: Any,
+    monkeypatch: Any,
+) -> None:
+    """
+    The creator changes who a running tunnel is shared with from the
+    command line; the change applies at once, the agent keeps it, and
+    nobody else may make it.
+    """
+    from twisted.internet import reactor
+
+    from txtunnel.credentials import LoginError, share
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    writeLogin(loginRelay, "alice@example.com")
+    agent = await startAgent(
+        agents, loginRelay, "--http", str(headerEcho), "--subdomain", "team", "--allow", "carol@x.org"
+    )
+    url = agent.address()
+    provider.user = dict(BOB)
+    s = requests.Session()
+    assert (await inThread(browse, s, url)).status_code == 403
+    answer = await share(reactor, loginRelay.url, "team", ["bob@elsewhere.org"], [])
+    assert answer == {"tunnel": "team", "allow": ["carol@x.org", "bob@elsewhere.org"]}
+    assert (await inThread(browse, s, url)).status_code == 200
+    assert agent.agent.tunnels[0].options["allow"] == ["carol@x.org", "bob@elsewhere.org"]
+    assert (await share(reactor, loginRelay.url, "team", [], []))["allow"] == ["carol@x.org", "bob@elsewhere.org"]
+    await share(reactor, loginRelay.url, "team", [], ["bob@elsewhere.org"])
+    assert (await inThread(browse, s, url)).status_code == 403
+    with pytest.raises(LoginError, match="at least one entry"):
+        await share(reactor, loginRelay.url, "team", [], ["carol@x.org"])
+    with pytest.raises(LoginError, match="no shared tunnel named 'nope'"):
+        await share(reactor, loginRelay.url, "nope", ["bob@elsewhere.org"], [])
+    writeLogin(loginRelay, "bob@elsewhere.org")
+    with pytest.raises(LoginError, match="only the tunnel's creator"):
+        await share(reactor, loginRelay.url, "team", ["bob@elsewhere.org"], [])
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["share"], "give list NAME"),
+        (["share", "grant", "web"], "give list NAME"),
+        (["share", "add", "web"], "add and remove take one or more"),
+        (["share", "list", "web", "a@b.example"], "list takes no entries"),
+        (["share", "add", "web", "not-an-email"], "not an email address"),
+    ],
+)
+def test_shareUsage(args: list[str], error: str) -> None:
+    from twisted.python import usage
+
+    from txtunnel.cli import Options
+
+    with pytest.raises(usage.UsageError, match=error):
+        Options().parseOptions(args)

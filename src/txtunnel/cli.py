@@ -118,6 +118,31 @@ class LoginCommand(LoginOptions):
     optFlags = [["no-browser", None, "Print the URL to open instead of opening a browser."]]
 
 
+class ShareCommand(LoginOptions):
+    synopsis = "(list NAME | add NAME ENTRY... | remove NAME ENTRY...) [--relay URL]"
+    longdesc = (
+        "Show or change who a running shared tunnel is shared with, at once and without a new URL. "
+        "NAME is the tunnel's name on the relay (web in http://web.example.com/); ENTRY is an email or "
+        "@domain. Only the tunnel's creator (logged in with 'txtunnel login' when the agent started) may."
+    )
+
+    def parseArgs(self, action: str = "", name: str = "", *entries: str) -> None:  # type: ignore[override]
+        from txtunnel.allow import parseAllow
+
+        if action not in ("list", "add", "remove") or not name:
+            raise usage.UsageError("give list NAME, add NAME ENTRY... or remove NAME ENTRY...")
+        if (action == "list") != (not entries):
+            raise usage.UsageError("list takes no entries; add and remove take one or more")
+        try:
+            self["entries"] = parseAllow(list(entries))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["action"], self["name"] = action, name.lower()
+
+    def parseOptions(self, options: Any = None) -> None:
+        super().parseOptions(interspersed(self, sys.argv[1:] if options is None else options))
+
+
 class Options(usage.Options):
     synopsis = "Usage: txtunnel [-v|-q] COMMAND [options]"
     longdesc = "txtunnel: share local services through a relay. Run 'txtunnel COMMAND --help' for a command's options."
@@ -131,6 +156,7 @@ class Options(usage.Options):
         ["login", None, LoginCommand, "Log in to a relay (device code in a browser)."],
         ["logout", None, LoginOptions, "Forget the login token for a relay."],
         ["whoami", None, LoginOptions, "Show who the stored login token for a relay says you are."],
+        ["share", None, ShareCommand, "Show or change who a running shared tunnel is shared with."],
     ]
     optFlags = [["verbose", "v", "Log debug messages too."], ["quiet", "q", "Log warnings and errors only."]]
 
@@ -143,7 +169,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: http, tcp, udp, tls, relay, demo, login, logout or whoami")
+            raise usage.UsageError(
+                "a command is needed: http, tcp, udp, tls, relay, demo, login, logout, whoami or share"
+            )
 
 
 def _format(event: dict[str, Any]) -> str | None:
@@ -290,7 +318,7 @@ def _runLogin(command: str, options: Any, reactor: Any, out: TextIO) -> int:
     """
     from twisted.internet.defer import ensureDeferred
 
-    from txtunnel.credentials import LoginError, deviceLogin, forget, relayBase, tokensPath, whoami
+    from txtunnel.credentials import LoginError, deviceLogin, forget, relayBase, share, tokensPath, whoami
 
     relay = options["relay"]
     if command == "logout":
@@ -315,6 +343,16 @@ def _runLogin(command: str, options: Any, reactor: Any, out: TextIO) -> int:
             if command == "login":
                 entry = await deviceLogin(reactor, relay, show)
                 print(f"logged in to {relayBase(relay)} as {entry['email']}; token in {tokensPath()}", file=out)
+            elif command == "share":
+                action = options["action"]
+                answer = await share(
+                    reactor,
+                    relay,
+                    options["name"],
+                    options["entries"] if action == "add" else [],
+                    options["entries"] if action == "remove" else [],
+                )
+                print(f"{answer['tunnel']} is shared with: {', '.join(answer['allow'])}", file=out)
             else:
                 answer = await whoami(reactor, relay)
                 others = [e for e in answer.get("emails", []) if e != answer["email"]]
@@ -345,7 +383,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"txtunnel: {e}", file=sys.stderr)
         print(f"Run 'txtunnel {options.subCommand or ''} --help' for usage.".replace("  ", " "), file=sys.stderr)
         sys.exit(2)
-    quiet = options["quiet"] or options.subCommand in ("login", "logout", "whoami")  # they print their own lines
+    quiet = options["quiet"] or options.subCommand in (
+        "login",
+        "logout",
+        "whoami",
+        "share",
+    )  # they print their own lines
     level = LogLevel.debug if options["verbose"] else LogLevel.warn if quiet else LogLevel.info
     startLogging(sys.stderr, level)
     from twisted.internet import reactor
@@ -356,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_runAgent(sub, reactor))
     elif command == "relay":
         sys.exit(_runRelay(sub, reactor))
-    elif command in ("login", "logout", "whoami"):
+    elif command in ("login", "logout", "whoami", "share"):
         sys.exit(_runLogin(command, sub, reactor, sys.stdout))
     else:
         sys.exit(_runDemo(sub, reactor))

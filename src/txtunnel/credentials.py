@@ -168,3 +168,36 @@ async def whoami(reactor: Any, relayURL: str) -> dict[str, Any]:
     if status != 200 or not isinstance(answer, dict):
         raise LoginError("the relay does not accept the stored login; run 'txtunnel login' again")
     return answer
+
+
+async def share(reactor: Any, relayURL: str, tunnel: str, add: list[str], remove: list[str]) -> dict[str, Any]:
+    """
+    Show, or change, who the shared tunnel C{tunnel} (its name on the relay)
+    is shared with; only its creator (the logged-in user whose agent made
+    it) may.  The relay tells the agent, and the change applies at once.
+
+    @return: the relay's answer: C{{"tunnel": NAME, "allow": [...]}}.
+    """
+    from txtunnel.oidc import LoginFailed, fetchJSON
+
+    token = tokenFor(relayURL)
+    if token is None:
+        raise LoginError(f"not logged in to {relayBase(relayURL)}; run 'txtunnel login'")
+    headers = {"Authorization": "Bearer " + token, "X-Txtunnel-Tunnel": tunnel}
+    if add:
+        headers["X-Txtunnel-Add"] = ",".join(add)
+    if remove:
+        headers["X-Txtunnel-Remove"] = ",".join(remove)
+    try:
+        status, answer = await fetchJSON(
+            reactor,
+            relayBase(relayURL) + "/_txtunnel/share",
+            data={} if add or remove else None,
+            headers=headers,
+        )
+    except LoginFailed as e:
+        raise LoginError(str(e)) from None
+    if status != 200 or not isinstance(answer, dict):
+        reason = answer.get("reason") or answer.get("error") if isinstance(answer, dict) else status
+        raise LoginError(f"the relay refused: {reason}")
+    return answer

@@ -68,6 +68,8 @@ class AgentSession:
             self._refused(message)
         elif op in ("updated", "update-refused"):
             self._updated(message)
+        elif op == "allow":
+            self._allowChanged(message)
         elif op == "error":
             code = str(message.get("code", "?"))
             reason = str(message.get("reason", "no reason given"))
@@ -105,6 +107,21 @@ class AgentSession:
                 self.link.sendControl({"op": "update", "id": bid, "allow": list(tunnel.options.get("allow") or [])})
                 return True
         return False
+
+    def _allowChanged(self, message: dict[str, Any]) -> None:
+        """
+        The tunnel's creator changed its allow-list at the relay
+        (C{txtunnel share}): keep it, so a reconnect binds with it.
+        """
+        tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
+        entries = message.get("allow")
+        if tunnel is None or not tunnel.options.get("allow") or not isinstance(entries, list):
+            return
+        if entries and all(isinstance(e, str) for e in entries):
+            tunnel.options["allow"] = list(entries)
+            self.log.info(
+                "tunnel {tunnel!r} is now shared with {entries}", tunnel=tunnel.name, entries=", ".join(entries)
+            )
 
     def _updated(self, message: dict[str, Any]) -> None:
         tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]

@@ -102,6 +102,8 @@ class DeviceFlow:
             return await self._answer(request, path.endswith(b"approve"))
         if path == PREFIX + b"whoami" and method == b"GET":
             return await self._whoami(request)
+        if path == PREFIX + b"share" and method in (b"GET", b"POST"):
+            return await self._share(request)
         return Answer(405, "not a device-login request this relay knows")
 
     async def _start(self, request: VisitorRequest) -> Answer:
@@ -184,11 +186,55 @@ class DeviceFlow:
             return page(200, "Approved", f"The command-line session is logged in as {email}; return to it.")
         return page(200, "Denied", "The command-line session was not logged in.")
 
-    async def _whoami(self, request: VisitorRequest) -> Answer:
+    def _claims(self, request: VisitorRequest) -> dict[str, Any] | None:
         authorization = request.head.header(b"authorization") or b""
-        claims = None
-        if authorization.lower().startswith(b"bearer "):
-            claims = self.gate.tokens.verify(authorization[7:].strip().decode("latin-1"), self.gate.now())
+        if not authorization.lower().startswith(b"bearer "):
+            return None
+        return self.gate.tokens.verify(authorization[7:].strip().decode("latin-1"), self.gate.now())
+
+    async def _share(self, request: VisitorRequest) -> Answer:
+        """
+        C{txtunnel share}: the creator of a shared tunnel reads (C{GET}) or
+        changes (C{POST}, C{X-Txtunnel-Add} / C{X-Txtunnel-Remove}, comma
+        lists) its allow-list; the tunnel is named by C{X-Txtunnel-Tunnel}.
+        The agent is told, so the list survives its reconnects.
+        """
+        from txtunnel.allow import parseAllow
+        from txtunnel.errors import BindError
+        from txtunnel.gates import validateBind
+
+        claims = self._claims(request)
+        if claims is None:
+            return jsonAnswer(401, {"error": "invalid_token"})
+        name = (request.head.header(b"x-txtunnel-tunnel") or b"").decode("latin-1").strip().lower()
+        tunnel = self.gate.relay.hosts.get(name) if name else None
+        entries = getattr(tunnel, "request", {}).get("allow") if tunnel is not None else None
+        if tunnel is None or not isinstance(entries, list):
+            return jsonAnswer(404, {"error": "no_such_tunnel", "reason": f"no shared tunnel named {name!r} here"})
+        if tunnel.request.get("creator") != claims["sub"]:
+            return jsonAnswer(
+                403, {"error": "not_creator", "reason": "only the tunnel's creator may change who it is shared with"}
+            )
+        if request.head.method == b"POST":
+            try:
+                add = parseAllow((request.head.header(b"x-txtunnel-add") or b"").decode("latin-1"))
+                remove = parseAllow((request.head.header(b"x-txtunnel-remove") or b"").decode("latin-1"))
+            except ValueError as e:
+                return jsonAnswer(400, {"error": "bad_list", "reason": str(e)})
+            candidate = {"allow": [e for e in entries if e not in remove] + [e for e in add if e not in entries]}
+            if not candidate["allow"]:
+                return jsonAnswer(400, {"error": "bad_list", "reason": "a shared tunnel keeps at least one entry"})
+            try:
+                validateBind(self.gate.relay.gates, candidate)
+            except BindError as e:
+                return jsonAnswer(400, {"error": "bad_list", "reason": str(e)})
+            tunnel.request["allow"] = entries = candidate["allow"]
+            tunnel.session.link.sendControl({"op": "allow", "id": tunnel.id, "allow": entries})
+            self.log.info("{email} changed who {name} is shared with", email=claims["sub"], name=name)
+        return jsonAnswer(200, {"tunnel": name, "allow": entries})
+
+    async def _whoami(self, request: VisitorRequest) -> Answer:
+        claims = self._claims(request)
         if claims is None:
             return jsonAnswer(401, {"error": "invalid_token"})
         emails = await self.store.emailsOf(claims["sub"])

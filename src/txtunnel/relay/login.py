@@ -325,7 +325,7 @@ class LoginGate:
             return await self._callback(request)
         if path == PREFIX + b"session":
             return await self._session(request, request.host.decode("latin-1").lower())
-        if path.startswith(PREFIX + b"device") or path == PREFIX + b"whoami":
+        if path.startswith(PREFIX + b"device") or path in (PREFIX + b"whoami", PREFIX + b"share"):
             return await self.device.handle(request)
         return None
 
