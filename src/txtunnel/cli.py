@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import getopt
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.logger import LogLevel
 from twisted.python import usage
@@ -102,6 +102,67 @@ class DemoOptions(usage.Options):
     optParameters = [["subdomain", "s", "demo", "Name of the demo tunnel."], *LOG_PARAMETERS]
 
 
+class LoginOptions(usage.Options):
+    """
+    C{txtunnel login|logout|whoami}: which relay.
+    """
+
+    synopsis = "[--relay URL]"
+    opt_version = ConfigOptions.opt_version
+    optParameters = [
+        [
+            "relay",
+            "r",
+            None,
+            f"URL of the relay (ws:// or wss://). [default: $TXTUNNEL_RELAY or {agentTap.DEFAULT_RELAY}]",
+        ]
+    ]
+
+    def postOptions(self) -> None:
+        import os
+
+        self["relay"] = self["relay"] or os.environ.get("TXTUNNEL_RELAY") or agentTap.DEFAULT_RELAY
+        from txtunnel.credentials import LoginError, relayBase
+
+        try:
+            relayBase(self["relay"])
+        except LoginError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class LoginCommand(LoginOptions):
+    longdesc = (
+        "Log in to a relay with its device-code flow: approve the code in a browser (the relay's login "
+        "provider), and the token is kept in $XDG_CONFIG_HOME/txtunnel/tokens.json for agents to use."
+    )
+    optFlags = [["no-browser", None, "Print the URL to open instead of opening a browser."]]
+
+
+class ShareCommand(LoginOptions):
+    synopsis = "(list NAME | add NAME ENTRY... | remove NAME ENTRY...) [--relay URL]"
+    longdesc = (
+        "Show or change who a running shared tunnel is shared with, at once and without a new URL. "
+        "NAME is the tunnel's name on the relay (web in http://web.example.com/); ENTRY is an email or "
+        "@domain. Only the tunnel's creator (logged in with 'txtunnel login' when the agent started) may."
+    )
+
+    def parseArgs(self, action: str = "", name: str = "", *entries: str) -> None:  # type: ignore[override]
+        from txtunnel.allow import parseAllow
+
+        if action not in ("list", "add", "remove") or not name:
+            raise usage.UsageError("give list NAME, add NAME ENTRY... or remove NAME ENTRY...")
+        if (action == "list") != (not entries):
+            raise usage.UsageError("list takes no entries; add and remove take one or more")
+        try:
+            self["entries"] = parseAllow(list(entries))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["action"], self["name"] = action, name.lower()
+
+    def parseOptions(self, options: Any = None) -> None:
+        super().parseOptions(interspersed(self, sys.argv[1:] if options is None else options))
+
+
 class Options(usage.Options):
     synopsis = "Usage: txtunnel [-v|-q] [--log-format text|json] COMMAND [options]"
     longdesc = "txtunnel: share local services through a relay. Run 'txtunnel COMMAND --help' for a command's options."
@@ -113,6 +174,10 @@ class Options(usage.Options):
         ["grpc", None, _agentCommand("grpc"), "Expose a local gRPC (cleartext HTTP/2) service."],
         ["relay", None, RelayCommand, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
+        ["login", None, LoginCommand, "Log in to a relay (device code in a browser)."],
+        ["logout", None, LoginOptions, "Forget the login token for a relay."],
+        ["whoami", None, LoginOptions, "Show who the stored login token for a relay says you are."],
+        ["share", None, ShareCommand, "Show or change who a running shared tunnel is shared with."],
     ]
     optFlags = LOG_FLAGS
     optParameters = LOG_PARAMETERS
@@ -126,7 +191,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: http, tcp, udp, tls, grpc, relay or demo")
+            raise usage.UsageError(
+                "a command is needed: http, tcp, udp, tls, grpc, relay, demo, login, logout, whoami or share"
+            )
 
 
 def wantsConsole(command: str | None, sub: Any, format: str, out: Any) -> bool:
@@ -147,7 +214,8 @@ def logSettings(options: usage.Options) -> tuple[LogLevel, str]:
     """
     sub: Any = options.subOptions or {}
     verbose = options["verbose"] or sub.get("verbose")
-    quiet = options["quiet"] or sub.get("quiet")
+    # login, logout, whoami and share print their own lines.
+    quiet = options["quiet"] or sub.get("quiet") or options.subCommand in ("login", "logout", "whoami", "share")
     level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
     return level, sub.get("log-format") or options["log-format"] or "text"
 
@@ -169,6 +237,7 @@ def _runAgent(options: agentTap.Options, reactor: Any, console: Any = None) -> i
     if console is not None:
         settings["accessLog"] = False  # the status screen lists the requests
     service = AgentService(agent, **settings)
+    reactor.callWhenRunning(agentTap.reloadOnHangup, agent, options.configPath, reactor)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     if console is not None:
@@ -280,6 +349,69 @@ def _runDemo(options: DemoOptions, reactor: Any) -> int:
     return code[0]
 
 
+def _runLogin(command: str, options: Any, reactor: Any, out: TextIO) -> int:
+    """
+    C{login}, C{logout}, C{whoami}: messages on C{out}, status 1 on failure.
+    """
+    from twisted.internet.defer import ensureDeferred
+
+    from txtunnel.credentials import LoginError, deviceLogin, forget, relayBase, share, tokensPath, whoami
+
+    relay = options["relay"]
+    if command == "logout":
+        try:
+            removed = forget(relay)
+        except LoginError as e:
+            print(f"txtunnel: {e}", file=out)
+            return 1
+        print(f"logged out of {relayBase(relay)}" if removed else f"not logged in to {relayBase(relay)}", file=out)
+        return 0
+
+    def show(start: dict[str, Any]) -> None:
+        url = start["verification_uri_complete"]
+        print(f"To log in, open {url}\nand approve the code {start['user_code']}.", file=out, flush=True)
+        if not options["no-browser"]:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    async def run() -> int:
+        try:
+            if command == "login":
+                entry = await deviceLogin(reactor, relay, show)
+                print(f"logged in to {relayBase(relay)} as {entry['email']}; token in {tokensPath()}", file=out)
+            elif command == "share":
+                action = options["action"]
+                answer = await share(
+                    reactor,
+                    relay,
+                    options["name"],
+                    options["entries"] if action == "add" else [],
+                    options["entries"] if action == "remove" else [],
+                )
+                print(f"{answer['tunnel']} is shared with: {', '.join(answer['allow'])}", file=out)
+            else:
+                answer = await whoami(reactor, relay)
+                others = [e for e in answer.get("emails", []) if e != answer["email"]]
+                also = f" (also {', '.join(others)})" if others else ""
+                print(f"{answer['email']}{also} on {relayBase(relay)}", file=out)
+        except LoginError as e:
+            print(f"txtunnel: {e}", file=out)
+            return 1
+        return 0
+
+    code = [1]
+
+    def start() -> None:
+        d = ensureDeferred(run())
+        d.addCallback(lambda c: code.__setitem__(0, c))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return code[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     options = Options()
     try:
@@ -307,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_runAgent(sub, reactor, console))
     elif command == "relay":
         sys.exit(_runRelay(sub, reactor))
+    elif command in ("login", "logout", "whoami", "share"):
+        sys.exit(_runLogin(command, sub, reactor, sys.stdout))
     else:
         sys.exit(_runDemo(sub, reactor))
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from twisted.internet.defer import Deferred
 
     from txtunnel.gates import VisitorRequest
@@ -203,6 +205,34 @@ class IStore(Interface):
         """
         Drop every claim in C{namespace}; used at start-up for claims that
         lived only as long as the process that made them.
+        """
+
+    def identify(emails: Iterable[str]) -> Deferred[str]:
+        """
+        The identity (a set of verified emails) that C{emails}, proven
+        together by one login, belong to; identities that share an email
+        merge.  Used by shared tunnels (L{txtunnel.relay.login}).
+        """
+
+    def emailsOf(email: str) -> Deferred[list[str]]:
+        """
+        Every verified email of the identity C{email} belongs to.
+        """
+
+    def putTicket(namespace: str, key: str, value: dict[str, Any], expires: float) -> Deferred[None]:
+        """
+        Keep a short-lived value (a login hand-off, a device code) until
+        the wall-clock time C{expires}.
+        """
+
+    def getTicket(namespace: str, key: str) -> Deferred[dict[str, Any] | None]:
+        """
+        The unexpired value under C{key}, left in place.
+        """
+
+    def takeTicket(namespace: str, key: str) -> Deferred[dict[str, Any] | None]:
+        """
+        The unexpired value under C{key}, removed, so that it is good once.
         """
 
 

@@ -5,10 +5,13 @@ The relay's state store: an embedded SQLite implementation of L{IStore}.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -31,6 +34,18 @@ CREATE TABLE IF NOT EXISTS usage (
     key TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     PRIMARY KEY (period, kind, key)
+);
+CREATE TABLE IF NOT EXISTS emails (
+    email TEXT PRIMARY KEY,
+    identity TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS emails_identity ON emails (identity);
+CREATE TABLE IF NOT EXISTS tickets (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (namespace, key)
 );
 """
 
@@ -140,6 +155,74 @@ class SQLiteStore:
         """
         self._db.execute("DELETE FROM usage WHERE period < ?", (before,))
         return succeed(None)
+
+    # -- identities: sets of verified emails
+
+    def identify(self, emails: Iterable[str]) -> Deferred[str]:
+        """
+        The identity that C{emails} (verified together, by one login)
+        belong to: a new one if none is known, else the one they share --
+        and when they belong to several, those merge into one (an email
+        proven by two logins joins them).
+        """
+        found = sorted({e.lower() for e in emails})
+        if not found:
+            raise ValueError("an identity needs at least one verified email")
+        db = self._db
+        marks = ",".join("?" * len(found))
+        known = {row[0] for row in db.execute(f"SELECT identity FROM emails WHERE email IN ({marks})", found)}
+        identity = min(known) if known else uuid.uuid4().hex
+        db.execute("BEGIN")
+        try:
+            for other in known - {identity}:
+                db.execute("UPDATE emails SET identity=? WHERE identity=?", (identity, other))
+            for email in found:
+                db.execute("INSERT OR REPLACE INTO emails VALUES (?, ?)", (email, identity))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return succeed(identity)
+
+    def emailsOf(self, email: str) -> Deferred[list[str]]:
+        """
+        Every verified email of the identity C{email} belongs to (just
+        C{email} if it is not known).
+        """
+        rows = self._db.execute(
+            "SELECT email FROM emails WHERE identity=(SELECT identity FROM emails WHERE email=?) ORDER BY email",
+            (email.lower(),),
+        ).fetchall()
+        return succeed([row[0] for row in rows] or [email.lower()])
+
+    # -- tickets: short-lived, single-use values (login hand-offs, device codes)
+
+    def putTicket(self, namespace: str, key: str, value: dict[str, Any], expires: float) -> Deferred[None]:
+        db = self._db
+        db.execute("DELETE FROM tickets WHERE expires <= ?", (self._now(),))
+        db.execute("INSERT OR REPLACE INTO tickets VALUES (?, ?, ?, ?)", (namespace, key, json.dumps(value), expires))
+        return succeed(None)
+
+    def getTicket(self, namespace: str, key: str) -> Deferred[dict[str, Any] | None]:
+        """
+        The unexpired value under C{key}, left in place.
+        """
+        row = self._db.execute(
+            "SELECT value FROM tickets WHERE namespace=? AND key=? AND expires > ?", (namespace, key, self._now())
+        ).fetchone()
+        return succeed(json.loads(row[0]) if row else None)
+
+    def takeTicket(self, namespace: str, key: str) -> Deferred[dict[str, Any] | None]:
+        """
+        The unexpired value under C{key}, removed: a second take gets
+        C{None}, so a ticket is good once.
+        """
+        db = self._db
+        row = db.execute("SELECT value, expires FROM tickets WHERE namespace=? AND key=?", (namespace, key)).fetchone()
+        if row is None:
+            return succeed(None)
+        db.execute("DELETE FROM tickets WHERE namespace=? AND key=?", (namespace, key))
+        return succeed(json.loads(row[0]) if row[1] > self._now() else None)
 
     def close(self) -> None:
         self._db.close()

@@ -110,6 +110,8 @@ class Agent:
         #: reconnects (and, when kept in a file, across restarts).
         self.key = key or secrets.token_urlsafe(32)
         self.tunnels = tunnels
+        #: A login token from 'txtunnel login' for this relay, sent in the hello.
+        self.identity: str | None = None
         self.session: AgentSession | None = None
         self.ready: Deferred[list[AgentTunnel]] = Deferred()
         self.failure: str | None = None

@@ -67,6 +67,9 @@ class AgentSession:
             hello["token"] = agent.token
         if agent.key:
             hello["key"] = agent.key
+        if agent.identity:
+            # From 'txtunnel login': the relay records who made the tunnels.
+            hello["identity"] = agent.identity
         link.sendControl(hello)
         agent.sessionStarted(self)
 
@@ -78,6 +81,10 @@ class AgentSession:
             self._bound(message)
         elif op == "refused":
             self._refused(message)
+        elif op in ("updated", "update-refused"):
+            self._updated(message)
+        elif op == "allow":
+            self._allowChanged(message)
         elif op == "error":
             code = str(message.get("code", "?"))
             reason = str(message.get("reason", "no reason given"))
@@ -113,6 +120,41 @@ class AgentSession:
         self.byId[bid] = tunnel
         self.link.sendControl(request)
 
+    def update(self, tunnel: AgentTunnel) -> bool:
+        """
+        Send C{tunnel}'s current allow-list to the relay for its live
+        binding; C{False} if it has none on this link.
+        """
+        for bid, known in self.byId.items():
+            if known is tunnel and tunnel.address is not None:
+                self.link.sendControl({"op": "update", "id": bid, "allow": list(tunnel.options.get("allow") or [])})
+                return True
+        return False
+
+    def _allowChanged(self, message: dict[str, Any]) -> None:
+        """
+        The tunnel's creator changed its allow-list at the relay
+        (C{txtunnel share}): keep it, so a reconnect binds with it.
+        """
+        tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
+        entries = message.get("allow")
+        if tunnel is None or not tunnel.options.get("allow") or not isinstance(entries, list):
+            return
+        if entries and all(isinstance(e, str) for e in entries):
+            tunnel.options["allow"] = list(entries)
+            self.log.info(
+                "tunnel {tunnel!r} is now shared with {entries}", tunnel=tunnel.name, entries=", ".join(entries)
+            )
+
+    def _updated(self, message: dict[str, Any]) -> None:
+        tunnel = self.byId.get(message.get("id"))  # type: ignore[arg-type]
+        name = tunnel.name if tunnel is not None else "?"
+        if message.get("op") == "updated":
+            self.log.info("tunnel {tunnel!r}: allow-list updated on the relay", tunnel=name)
+        else:
+            reason = str(message.get("reason", "no reason given"))
+            self.log.error("relay refused the new allow-list of {tunnel!r}: {reason}", tunnel=name, reason=reason)
+
     def goodbye(self) -> None:
         """
         Tell the relay this agent is leaving on purpose, so it frees the
@@ -126,6 +168,13 @@ class AgentSession:
         if tunnel is None:
             return
         address = str(message.get("address"))
+        if tunnel.options.get("allow") and not message.get("allow"):
+            # Fail closed: this relay would serve the tunnel to anyone.
+            self.link.sendControl({"op": "unbind", "id": message.get("id")})
+            reason = "the relay does not enforce --allow (it is older than visitor login); tunnel not opened"
+            self.log.error("relay refused tunnel {tunnel!r}: {reason}", tunnel=tunnel.name, reason=reason)
+            self.agent.tunnelRefused(tunnel, reason)
+            return
         if tunnel.lastAddress is not None and tunnel.lastAddress != address:
             self.log.warn(
                 "tunnel {tunnel!r} has a new address: {address} (was {old})",

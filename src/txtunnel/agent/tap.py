@@ -57,6 +57,8 @@ TUNNEL_KEYS = (
     "health-check",
     "health-interval",
     *POLICY_KEYS,
+    "allow",
+    "verify-webhook",
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
@@ -227,6 +229,29 @@ def fraction(text: str) -> float:
     return value
 
 
+def allowList(text: str) -> list[str] | None:
+    """
+    C{--allow}: emails and C{@domain}s, comma-separated; the tunnel is then
+    shared with them only (visitors log in at the relay).
+    """
+    from txtunnel.allow import parseAllow
+
+    entries = parseAllow(text)
+    if not entries:
+        raise ValueError("an allow-list needs at least one email address or @domain")
+    return entries
+
+
+def webhookVerifier(text: str) -> Any:
+    """
+    C{--verify-webhook KIND:SECRET}: only requests signed that way reach
+    the local service.
+    """
+    from txtunnel.webhooks import parseVerifier
+
+    return parseVerifier(text) if str(text).strip() else None
+
+
 def _oneOf(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " and " + options[-1]
 
@@ -288,6 +313,8 @@ class Options(ConfigOptions):
         ("rate-per-ip", "", rateText),
         ("rate", "", rateText),
         ("quota", 0, sizeText),
+        ("allow", None, allowList),
+        ("verify-webhook", None, webhookVerifier),
     )
     multi = frozenset(
         {
@@ -455,6 +482,20 @@ class Options(ConfigOptions):
         ],
         ["rate", None, None, "Requests an HTTP tunnel accepts in all, e.g. 100/s or 600/m:50. [default: off]"],
         ["quota", None, None, "Bytes an HTTP tunnel may move per calendar month, e.g. 10MiB. [default: off]"],
+        [
+            "allow",
+            None,
+            None,
+            "Share an HTTP tunnel only with these visitors, after they log in at the relay: emails and "
+            "@domains, comma-separated, e.g. alice@example.com,@company.com. [default: anyone]",
+        ],
+        [
+            "verify-webhook",
+            None,
+            None,
+            "Pass only webhook requests signed with SECRET by KIND's scheme (github, stripe, slack or hmac), "
+            "as KIND:SECRET; others get 401. Better given as TXTUNNEL_VERIFY_WEBHOOK than on the command line.",
+        ],
     ]
 
     def opt_insecure(self) -> None:
@@ -564,7 +605,7 @@ class Options(ConfigOptions):
             if key not in self.defaulted:
                 common[key] = self[key]
         if not given:
-            for key in ("subdomain", "remote-port", "client-ca"):
+            for key in ("subdomain", "remote-port", "client-ca", "allow", "verify-webhook"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -594,6 +635,14 @@ class Options(ConfigOptions):
                 options["client-ca"] = self["client-ca"]
             if kind == "http" and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
+            if self["allow"]:
+                if kind != "http":
+                    raise ConfigError(f"--allow applies to HTTP tunnels (visitors log in with a browser), not --{kind}")
+                options["allow"] = self["allow"]
+            if self["verify-webhook"]:
+                if kind != "http":
+                    raise ConfigError(f"--verify-webhook applies to HTTP tunnels, not --{kind}")
+                options["verify-webhook"] = self["verify-webhook"]
             self.tunnels.append(
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
@@ -624,6 +673,9 @@ class Options(ConfigOptions):
                     raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
                 if kind != "http" and "client-ca" in values:
                     raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
+                for key in ("allow", "verify-webhook"):
+                    if kind != "http" and key in values:
+                        raise ConfigError(f"{where} {key}: only tunnels of type = http have one")
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
@@ -636,6 +688,8 @@ class Options(ConfigOptions):
                     ("breaker-cooldown", moreThanZero),
                     ("health-check", healthCheck),
                     ("health-interval", moreThanZero),
+                    ("allow", allowList),
+                    ("verify-webhook", webhookVerifier),
                 ):
                     if key in values:
                         try:
@@ -677,6 +731,68 @@ class Options(ConfigOptions):
             raise ConfigError(f"two tunnels share a name: {', '.join(sorted(names))}")
 
 
+def reloadAllowLists(agent: Any, path: str) -> list[str]:
+    """
+    Read the C{allow} keys of the C{[tunnel:NAME]} sections in C{path}
+    again and send every changed list to the relay (what C{SIGHUP} does):
+    a shared tunnel's visitors change without a new URL.  Other keys are
+    not reloaded.
+
+    @return: the names of the tunnels whose list changed.
+    @raise ConfigError: for an unreadable file or a bad list; nothing is
+        changed then.
+    """
+    from txtunnel.config import readINI
+
+    parser = readINI(path)
+    wanted: dict[str, list[str] | None] = {}
+    for section in parser.sections():
+        if section.startswith("tunnel:"):
+            raw = parser.get(section, "allow", fallback=None)
+            try:
+                wanted[section.split(":", 1)[1]] = allowList(raw) if raw is not None else None
+            except ValueError as e:
+                raise ConfigError(f"{path} [{section}] allow: {e}") from None
+    changed = []
+    for tunnel in agent.tunnels:
+        if tunnel.name not in wanted or not tunnel.options.get("allow"):
+            continue
+        new = wanted[tunnel.name]
+        if not new:
+            raise ConfigError(
+                f"{path} [tunnel:{tunnel.name}] allow: a shared tunnel stays shared; restart the agent to open it"
+            )
+        if new != tunnel.options.get("allow"):
+            tunnel.options["allow"] = new
+            changed.append(tunnel.name)
+            if agent.session is not None:
+                agent.session.update(tunnel)
+    return changed
+
+
+def reloadOnHangup(agent: Any, path: str | None, reactor: Any) -> None:
+    """
+    Reload allow-lists from C{path} when the process gets C{SIGHUP}.
+    """
+    import signal
+
+    from twisted.logger import Logger
+
+    if path is None or not hasattr(signal, "SIGHUP"):
+        return
+    log = Logger()
+
+    def reload() -> None:
+        try:
+            changed = reloadAllowLists(agent, path)
+        except ConfigError as e:
+            log.error("not reloaded: {error}", error=str(e))
+            return
+        log.info("reloaded {path}: allow-lists changed for {tunnels}", path=path, tunnels=", ".join(changed) or "none")
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+
+
 def buildAgent(options: Options, reactor: Any) -> Any:
     from txtunnel.agent.service import Agent, AgentTunnel
     from txtunnel.plugins import forwarders
@@ -687,6 +803,12 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     ]
     agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
     agent.linkTLS = options.get("link-tls")
+    from txtunnel.credentials import LoginError, tokenFor
+
+    try:
+        agent.identity = tokenFor(options["relay"])
+    except LoginError:
+        agent.identity = None
     return agent
 
 
@@ -763,6 +885,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from txtunnel.agent.service import AgentService
 
     agent = buildAgent(options, reactor)
+    reactor.callWhenRunning(reloadOnHangup, agent, options.configPath, reactor)
     agent.fatalHooks.append(lambda reason: reactor.callLater(0, reactor.stop) if reactor.running else None)
     if underTwistd:
         agent.fatalHooks.append(lambda reason: exitWithStatus(1))

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from txtunnel.claims import claimName, nameRequest
 from txtunnel.errors import BindError
-from txtunnel.http1 import Answer, errorResponse
+from txtunnel.http1 import Answer, BodyBytes, HTTPError, RawBytes, RequestEnd, RequestFramer, RequestHead, errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 from txtunnel.names import checkName
@@ -39,8 +39,11 @@ from txtunnel.relay.pool import Pool, PooledBinding, poolOwner
 from txtunnel.rewrite import ResponseHeadRewriter
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
+from txtunnel.webhooks import MAX_BODY, WebhookVerifier, dechunk
 
 __all__ = ["HTTPForwarder"]
+
+log = Logger()
 
 #: Seconds the local service may take to start answering a request.
 DEFAULT_RESPONSE_TIMEOUT = 120.0
@@ -185,6 +188,78 @@ class _RequestSide(StreamSide):
         super().connectionLost(reason)
 
 
+class _VerifyingRequestSide(_RequestSide):
+    """
+    The request side of a tunnel that requires signed webhooks: each
+    request is held (head and body, at most L{MAX_BODY} bytes) until its
+    signature is checked, then passed on whole; an unsigned one is answered
+    with a 401 and the stream closed, so it never reaches the service.
+    """
+
+    def __init__(self, watch: _Watch, verifier: WebhookVerifier, rewriter: ResponseHeadRewriter | None = None) -> None:
+        super().__init__(watch, rewriter)
+        self.verifier = verifier
+        self.framer = RequestFramer()
+        self.head: RequestHead | None = None
+        self.body = bytearray()
+        self.refused = False
+        #: Requests passed to the service on this stream so far.
+        self.passed = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        try:
+            events = self.framer.feed(data)
+        except HTTPError as e:
+            self.refuse(e.status, e.reason)
+            return
+        for event in events:
+            if isinstance(event, RequestHead):
+                if event.upgrade:
+                    self.refuse(400, "this tunnel takes signed webhook requests, not protocol upgrades")
+                    return
+                self.head = event
+                del self.body[:]
+            elif isinstance(event, BodyBytes):
+                self.body += event.data
+                if len(self.body) > MAX_BODY:
+                    self.refuse(413, f"a webhook body may be at most {MAX_BODY} bytes on this tunnel")
+                    return
+            elif isinstance(event, RequestEnd) and self.head is not None:
+                head, raw = self.head, bytes(self.body)
+                self.head = None
+                del self.body[:]
+                chunked = (head.header(b"transfer-encoding") or b"").lower().endswith(b"chunked")
+                try:
+                    body = dechunk(raw) if chunked else raw
+                except ValueError:
+                    self.refuse(400, "malformed chunked body")
+                    return
+                why = self.verifier.check(head, body, self.watch.tunnel.reactor.seconds())
+                if why is not None:
+                    self.refuse(401, f"webhook signature check failed: {why}")
+                    return
+                self.passed += 1
+                super().dataReceived(head.raw + raw)
+            elif isinstance(event, RawBytes):
+                self.refuse(400, "unexpected bytes after the request")
+                return
+
+    def refuse(self, status: int, reason: str) -> None:
+        self.refused = True
+        stream = self.watch.stream
+        log.info("webhook refused with {status}: {reason}", status=status, reason=reason)
+        if self.passed == 0 and not stream.closed:
+            # Nothing of the service's can be in flight: answer, then close.
+            stream.write(errorResponse(status, reason))
+        if not stream.closed:
+            stream.loseConnection()
+        socket = self.watch.socket
+        if socket is not None and socket.transport is not None:
+            socket.transport.loseConnection()
+
+
 class _ResponseSide(SocketSide):
     def __init__(self, stream: Stream, watch: _Watch, rewriter: ResponseHeadRewriter | None = None) -> None:
         super().__init__(stream)
@@ -244,6 +319,10 @@ class HTTPForwarder:
         request = nameRequest(tunnel)
         if tunnel.options.get("pool"):
             request["pool"] = tunnel.options["pool"]
+        allow = tunnel.options.get("allow")
+        if allow:
+            # Shared with these visitors only: the relay's login gate checks it.
+            request["allow"] = list(allow)
         return request
 
     @inlineCallbacks
@@ -272,12 +351,13 @@ class HTTPForwarder:
         follower = traffic.follow(tunnel.name) if traffic is not None else None
         watch = _Watch(tunnel, stream, timeout, heartbeat, follower)
         rewriter = responseRewriter(tunnel.options.get("policy"))
+        verifier = tunnel.options.get("verify-webhook")
         d = connectStream(
             tunnel.reactor,
             tunnel.target,
             stream,
             lambda s: _ResponseSide(s, watch, rewriter),
-            _RequestSide(watch, rewriter),
+            _VerifyingRequestSide(watch, verifier, rewriter) if verifier is not None else _RequestSide(watch, rewriter),
         )
 
         def failed(f: Failure) -> None:

@@ -406,6 +406,14 @@ class EdgeProtocol(Protocol):
                         return
                     if verdict == "again":
                         continue
+                if kind == "apex":
+                    # The relay's own pages (login): a gate answers, or nobody does.
+                    verdict = self._admit(event, None, self.relay.apexGates)
+                    if verdict == "wait":
+                        return
+                    if verdict == "pass":
+                        queue[0] = self._notHere()
+                    continue
                 queue.popleft()
                 if kind == "link":
                     self._closeStream()
@@ -430,7 +438,9 @@ class EdgeProtocol(Protocol):
             return ("fail", _Fail(400, "missing or invalid Host header"))
         if kind == "apex":
             if head.path != LINK_PATH.encode():
-                return ("fail", _Fail(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}"))
+                if self.relay.apexGates:
+                    return ("wait", None) if self._busy else ("apex", None)
+                return ("fail", self._notHere())
             if not head.upgrade:
                 return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
             return ("wait", None) if self._busy else ("link", None)
@@ -445,14 +455,19 @@ class EdgeProtocol(Protocol):
             return ("wait", None)
         return ("tunnel", tunnel)
 
-    def _admit(self, head: RequestHead, tunnel: Any) -> str:
+    def _notHere(self) -> _Fail:
+        return _Fail(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}")
+
+    def _admit(self, head: RequestHead, tunnel: Any, gates: Any = None) -> str:
         """
         Ask the relay's gates about C{head} for C{tunnel}: C{"pass"}, or
         C{"again"} when a gate answered at once (the queue now holds its
         answer), or C{"wait"} when a gate takes time -- the connection waits,
-        paused, and the verdict resumes the pump.
+        paused, and the verdict resumes the pump.  Requests for the relay's
+        own host go to C{gates} (C{Relay.apexGates}) with no tunnel.
         """
-        gates = self.relay.gates
+        if gates is None:
+            gates = self.relay.gates
         passed = self._passed
         if not gates or (passed is not None and passed[0] is head and passed[1] is tunnel):
             return "pass"

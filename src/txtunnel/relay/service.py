@@ -112,6 +112,10 @@ class Relay:
         self.alpnProtocols: list[bytes] = [b"h2", *DEFAULT_ALPN]
         #: The HTTPS listener's TLS (set when it starts).
         self.serverTLS: ServerTLS | None = None
+        self.loginGate: Any = None
+        #: Gates for requests to the relay's own host other than the agents'
+        #: link (its login pages); with none, such requests get a 404.
+        self.apexGates: list[IVisitorGate] = []
         #: Seconds a disconnected agent's names and ports are kept for it.
         self.grace = float(settings.get("grace", 1800.0))
         #: C{(namespace, key) -> wall time}: claims held for an agent that
@@ -400,6 +404,7 @@ class RelayService(MultiService):
                 host=getattr(host, "host", "?"),
                 port=relay.adminPort,
             )
+        self._startLogin(stateDir)
         for port in self.listening:
             if port is tlsListening:
                 continue
@@ -457,6 +462,34 @@ class RelayService(MultiService):
                     "HTTPS certificate for {names} from {source}", names=", ".join(cert.names), source=cert.source
                 )
         return ServerTLS(certificates, relay.alpnProtocols, relay.wantsClientCertificate, developmentCA)
+
+    def _startLogin(self, stateDir: str) -> None:
+        """
+        Put the login gate in front of shared tunnels.  It is there even
+        with no providers configured, so a bind asking for an allow-list is
+        refused rather than served open.
+        """
+        from txtunnel.oidc import providerFromSection
+        from txtunnel.relay.login import LoginGate
+        from txtunnel.signing import Signer, loadSecret
+
+        relay = self.relay
+        providers = {
+            name: providerFromSection(relay.reactor, name, values)
+            for name, values in relay.settings.get("providers", {}).items()
+        }
+        gate = LoginGate(
+            relay, providers, Signer(loadSecret(stateDir)), relay.settings.get("session-lifetime", 43200.0)
+        )
+        relay.loginGate = gate
+        relay.gates.append(gate)
+        if providers:
+            relay.apexGates.append(gate)
+            self.log.info(
+                "visitor login with {providers}; callback {url}/_txtunnel/callback",
+                providers=", ".join(sorted(providers)),
+                url=relay.httpURL("x").replace("://x.", "://").rstrip("/"),
+            )
 
     def _failed(self, failure: Any) -> None:
         self.log.critical("relay failed to start: {error}", error=failure.getErrorMessage())

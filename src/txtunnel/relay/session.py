@@ -89,6 +89,8 @@ class RelaySession:
         self.peerHost = peer
         self.state = "hello"
         self.owner = "anonymous:" + link.peer
+        #: The verified email of the agent's user, when it presented a login token.
+        self.email: str | None = None
         self.tunnels: dict[int, RelayTunnel] = {}
         #: When each open stream was opened, for which kind of tunnel and
         #: address (for metrics and the connection access log).
@@ -132,6 +134,8 @@ class RelaySession:
                 self._bind(message)
             elif op == "unbind":
                 self._unbind(message)
+            elif op == "update":
+                self._update(message)
             elif op == "bye":
                 # A clean goodbye: nothing is kept for this agent, and
                 # visitors' idle connections to it let go of their streams
@@ -164,8 +168,18 @@ class RelaySession:
             # should keep retrying, not give up.
             self._refuse("busy", f"too many failed token attempts from this address; retry in {max(1, round(wait))}s")
             return
+        identity = message.get("identity")
+        gate = self.relay.loginGate
+        if isinstance(identity, str) and gate is not None:
+            # A token from 'txtunnel login': who made this agent's tunnels.
+            claims = gate.tokens.verify(identity, gate.now())
+            if claims is None:
+                failures.take(self.peerHost)
+                self._refuse("auth", "the login token is invalid or expired; run 'txtunnel login' again")
+                return
+            self.email = str(claims["sub"])
         self.token = self.relay.matchToken(token if isinstance(token, str) else None)
-        if self.token is None:
+        if self.email is None and self.token is None:
             failures.take(self.peerHost)
             self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
@@ -215,6 +229,10 @@ class RelaySession:
                 {"op": "refused", "id": bid, "reason": f"at most {MAX_TUNNELS_PER_LINK} tunnels per agent"}
             )
             return
+        # Who made the tunnel is the relay's to say (from the agent's login), never the agent's.
+        message.pop("creator", None)
+        if self.email is not None:
+            message["creator"] = self.email
         tunnel = RelayTunnel(self, bid, kind, message)
         self.tunnels[bid] = tunnel
         d = ensureDeferred(self._limits(kind, message))
@@ -230,6 +248,9 @@ class RelaySession:
             if claim is not None:
                 self.relay.held.pop(tuple(claim), None)
             message: dict[str, Any] = {"op": "bound", "id": bid, "address": binding.address}
+            if isinstance(tunnel.request.get("allow"), list):
+                # The agent checks this: a relay that ignored the list would serve the tunnel open.
+                message["allow"] = len(tunnel.request["allow"])
             reclaim = getattr(binding, "reclaim", None)
             if isinstance(reclaim, dict) and reclaim:
                 message["reclaim"] = reclaim
@@ -282,6 +303,36 @@ class RelaySession:
             if wait > 0:
                 relay.metrics.limitRejected("bind-rate")
                 raise BindError(f"too many new tunnels from this address; try again in {max(1, round(wait))}s")
+
+    def _update(self, message: dict[str, Any]) -> None:
+        """
+        New per-tunnel settings for a bound tunnel (its allow-list), checked
+        by the gates like a bind's; the address stays the same.  Only the
+        list may change, and a shared tunnel stays shared.
+        """
+        bid = message.get("id")
+        tunnel = self.tunnels.get(bid)  # type: ignore[arg-type]
+        reply: dict[str, Any] = {"op": "updated", "id": bid}
+        if tunnel is None or tunnel.binding is None:
+            reply.update(op="update-refused", reason="no such bound tunnel")
+        elif not isinstance(tunnel.request.get("allow"), list) or not isinstance(message.get("allow"), list):
+            reply.update(op="update-refused", reason="only a shared tunnel's allow-list can change while it is up")
+        else:
+            candidate = {"allow": message["allow"]}
+            try:
+                validateBind(self.relay.gates, candidate)
+            except BindError as e:
+                reply.update(op="update-refused", reason=str(e))
+            else:
+                tunnel.request["allow"] = candidate["allow"]
+                reply["allow"] = len(candidate["allow"])
+                self.log.info(
+                    "tunnel {address} of agent {peer} now shared with {count} entries",
+                    address=tunnel.binding.address,
+                    peer=self.peer,
+                    count=len(candidate["allow"]),
+                )
+        self.link.sendControl(reply)
 
     def _unbind(self, message: dict[str, Any]) -> None:
         tunnel = self.tunnels.pop(message.get("id"), None)  # type: ignore[arg-type]

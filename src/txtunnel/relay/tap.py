@@ -5,6 +5,7 @@ C{twistd tunnelrelay}: options and service maker for the relay.
 
 from __future__ import annotations
 
+import configparser
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from txtunnel.config import ConfigOptions, adminToken, boolean, positiveFloat, tokenList
+from txtunnel.errors import ConfigError
 from txtunnel.exitstatus import exitWithStatus
 from txtunnel.headerrules import headerAdds, headerNames
 from txtunnel.iprules import networkList
@@ -109,6 +111,61 @@ def count(text: str) -> int:
     return value
 
 
+def sessionLifetime(text: str) -> float:
+    value = positiveFloat(text)
+    if not 60 <= value <= 90 * 86400:
+        raise ValueError(f"{text!r} must be between 60 seconds and 90 days")
+    return value
+
+
+#: Keys a [provider:NAME] section may have.
+PROVIDER_KEYS = ("type", "issuer", "client-id", "client-secret", "scopes", "label", "audience", "api-url")
+
+
+def providerSection(section: str, values: dict[str, str], path: str, environ: Any) -> dict[str, str]:
+    """
+    Check one C{[provider:NAME]} section: an OpenID Connect provider found
+    by its C{issuer} (or full discovery URL), with the relay's C{client-id}
+    and C{client-secret} there (the secret may instead come from
+    C{TXTUNNEL_RELAY_PROVIDER_<NAME>_CLIENT_SECRET}).
+    """
+    from urllib.parse import urlsplit
+
+    name = section.split(":", 1)[1]
+    where = f"{path} [{section}]"
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ConfigError(f"{where}: a provider name is letters, digits, '-' and '_'")
+    for key in values:
+        if key not in PROVIDER_KEYS:
+            raise ConfigError(f"{where} {key}: unknown key; expected one of {', '.join(PROVIDER_KEYS)}")
+    checked = {k: v.strip() for k, v in values.items()}
+    kind = checked.setdefault("type", "oidc")
+    if kind not in ("oidc", "github"):
+        raise ConfigError(f"{where} type: expected oidc or github, got {kind!r}")
+    if kind == "github":
+        checked.setdefault("issuer", "https://github.com")
+        checked.setdefault("api-url", "https://api.github.com")
+        for key in ("scopes", "audience"):
+            if key in checked:
+                raise ConfigError(f"{where} {key}: only OpenID Connect providers have one")
+    elif "api-url" in checked:
+        raise ConfigError(f"{where} api-url: only type = github has one")
+    envSecret = "TXTUNNEL_RELAY_PROVIDER_" + name.upper().replace("-", "_") + "_CLIENT_SECRET"
+    if envSecret in environ:
+        checked["client-secret"] = environ[envSecret].strip()
+    for key in ("issuer", "client-id", "client-secret"):
+        if not checked.get(key):
+            raise ConfigError(f"{where} {key}: missing")
+    for key in ("issuer", "api-url"):
+        if key in checked:
+            url = urlsplit(checked[key])
+            if url.scheme not in ("https", "http") or not url.netloc:
+                raise ConfigError(f"{where} {key}: expected the provider's https:// URL, got {checked[key]!r}")
+    if "openid" not in checked.get("scopes", "openid email").split():
+        raise ConfigError(f"{where} scopes: must include openid")
+    return checked
+
+
 def interface(text: str) -> str:
     import ipaddress
 
@@ -172,6 +229,7 @@ class Options(ConfigOptions):
         ("header-timeout", 20.0, positiveFloat),
         ("idle-timeout", 60.0, positiveFloat),
         ("drain-timeout", 30.0, positiveFloat),
+        ("session-lifetime", 43200.0, sessionLifetime),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -258,6 +316,12 @@ class Options(ConfigOptions):
             "Seconds a visitor connection may sit with no request and no response owed; 0 for none. [default: 60]",
         ],
         [
+            "session-lifetime",
+            None,
+            None,
+            "Seconds a visitor's login to a shared tunnel lasts. [default: 43200]",
+        ],
+        [
             "keepalive",
             None,
             None,
@@ -310,6 +374,19 @@ class Options(ConfigOptions):
         Header removed from every request before it reaches a local service. Repeat for more.
         """
         self["remove-header"].append(value)
+
+    def __init__(self, environ: Any = None) -> None:
+        super().__init__(environ)
+        #: Login providers from [provider:NAME] sections, by name.
+        self.providers: dict[str, dict[str, str]] = {}
+
+    def checkSections(self, parser: configparser.ConfigParser, path: str) -> None:
+        for name in parser.sections():
+            if name == self.section:
+                continue
+            if not name.startswith("provider:"):
+                raise ConfigError(f"{path} [{name}]: unknown section; expected [relay] or [provider:NAME]")
+            self.providers[name.split(":", 1)[1]] = providerSection(name, dict(parser.items(name)), path, self.environ)
 
     def opt_token(self, value: str) -> None:
         """
@@ -401,6 +478,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from txtunnel.relay.service import Relay, RelayService
 
     settings = dict(options)
+    settings["providers"] = dict(options.providers)
     relay = Relay(reactor, settings, forwarders())
     service = RelayService(
         relay,
