@@ -807,3 +807,39 @@ async def test_idle_http2_connection_closed(tmp_path: Path, relays: list[Relay])
     data, took = await inThread(idleH2)
     assert data[3:4] == b"\x04", data  # the relay's SETTINGS, then closed
     assert 0.9 < took < 5, took
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_ip_rules_cover_udp_tunnels(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent]
+) -> None:
+    """
+    A UDP visitor the relay-wide rules refuse gets nothing through (its
+    datagrams are dropped, counted, and reach no local socket); one they
+    allow is echoed.
+    """
+    from tests.test_udp import UDPClient, UDPEcho, freeUDPRange, listenUDP, publicPort
+
+    listeners: list[Any] = []
+    try:
+        echo = UDPEcho()
+        target = listenUDP(listeners, echo)
+        for deny, expectEcho in (("127.0.0.0/8", False), ("192.0.2.0/24", True)):
+            low, high = freeUDPRange(4)
+            relay = await startRelay(
+                str(tmp_path / f"state-{expectEcho}"), "--udp-ports", f"{low}-{high}", "--ip-deny", deny
+            )
+            relays.append(relay)
+            agent = await startAgent(agents, relay, "--udp", str(target))
+            client = UDPClient()
+            listenUDP(listeners, client)
+            client.transport.write(b"ping", ("127.0.0.1", publicPort(agent)))  # type: ignore[union-attr]
+            if expectEcho:
+                assert await client.recv() == b"ping"
+            else:
+                with pytest.raises(defer.TimeoutError):
+                    await client.recv(timeout=0.5)
+        assert len(set(echo.sources)) == 1  # only the allowed relay's flow reached the service
+    finally:
+        for port in listeners:
+            await defer.maybeDeferred(port.stopListening)

@@ -8,10 +8,14 @@ deny network is refused even when an allow network also holds it; when an
 allow list is given, an address outside it is refused too.  IPv4 addresses
 seen as IPv4-mapped IPv6 (C{::ffff:10.1.2.3}, from a dual-stack listener)
 are checked as the IPv4 address they are, so one rule covers both.
+
+Parsed client addresses are cached (a bounded LRU): the same visitor makes
+many requests, and several gates look at its address.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -51,6 +55,7 @@ def networkList(text: str | Iterable[str]) -> list[str]:
     return [str(parseNetwork(item)) for item in items]
 
 
+@functools.lru_cache(maxsize=4096)
 def parseAddress(text: str) -> Address | None:
     """
     The client address C{text}, IPv4-mapped IPv6 turned into IPv4; C{None}
@@ -65,6 +70,7 @@ def parseAddress(text: str) -> Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)
 def visitorKey(clientIP: str) -> str:
     """
     The key that counts as one visitor for rates and quotas: the IPv4
