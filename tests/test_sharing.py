@@ -450,6 +450,7 @@ async def test_allowListReload(
     bid = next(b for b, t in session.byId.items() if t.name == "web")
     session.link.sendControl({"op": "update", "id": bid, "allow": ["not-an-email"]})
     session.link.sendControl({"op": "update", "id": bid, "allow": "alice@example.com"})
+    session.link.sendControl({"op": "update", "id": bid, "allow": []})
     await defer.ensureDeferred(wait(0.2))
     assert loginRelay.relay.hosts.get("team").request["allow"] == ["alice@example.com", "bob@elsewhere.org"]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_device -*-
+# -*- test-case-name: tests.test_sharing -*-
 """
 The command line's login: C{txtunnel login} runs the relay's device-code
 flow (L{txtunnel.relay.device}) and keeps the token it gets, one per relay,

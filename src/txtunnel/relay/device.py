@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_device -*-
+# -*- test-case-name: tests.test_sharing -*-
 """
 Device-code login for the command line (C{txtunnel login}), on the relay's
 own host, after RFC 8628's shape:

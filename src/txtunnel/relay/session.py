@@ -317,6 +317,8 @@ class RelaySession:
             reply.update(op="update-refused", reason="no such bound tunnel")
         elif not isinstance(tunnel.request.get("allow"), list) or not isinstance(message.get("allow"), list):
             reply.update(op="update-refused", reason="only a shared tunnel's allow-list can change while it is up")
+        elif not message["allow"]:
+            reply.update(op="update-refused", reason="a shared tunnel keeps at least one allow-list entry")
         else:
             candidate = {"allow": message["allow"]}
             try:
