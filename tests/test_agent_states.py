@@ -338,3 +338,22 @@ def test_txtunnel_command_takes_the_reconnect_options() -> None:
     )
     settings = agentTap.serviceSettings(options.subOptions)
     assert (settings["backoff"].attempts, settings["backoff"].jitter, settings["drainTimeout"]) == (2, 0.0, 3.0)
+
+
+def test_clock_jump_while_waiting_to_reconnect_dials_at_once() -> None:
+    """
+    Waking from sleep in the middle of a backoff wait dials again at once
+    instead of sitting out the rest of the wait.
+    """
+    reactor = MemoryReactorClock()
+    service = _agentService(reactor, "--reconnect-initial", "20", "--reconnect-max", "20", "--reconnect-jitter", "0")
+    service.agent.states.log = Logger(observer=lambda e: None)
+    service.startService()
+    _refuse(reactor)
+    assert service.agent.state is LinkState.RECONNECTING
+    reactor.advance(1)
+    assert reactor.tcpClients == []
+    service._clockJumped(600)
+    assert len(reactor.tcpClients) == 1
+    assert service.agent.state is LinkState.CONNECTING
+    service.stopService()

@@ -335,9 +335,23 @@ class AgentService(MultiService):
             self.agent.fatal(f"gave up after {failures} failed attempts to reach the relay")
 
     def _clockJumped(self, seconds: float) -> None:
+        """
+        After a sleep: check a link that looks up at once, and do not sit
+        out the rest of a backoff wait that began before the sleep (the
+        network has likely changed since): dial again now.
+        """
         session = self.agent.session
         if session is not None:
             session.link.probe(min(self.keepalive, 5.0))
+        elif self.agent.state is LinkState.RECONNECTING and self.client.running and not self.agent.stopping:
+            self.log.info("woke from sleep while waiting to reconnect; reconnecting now")
+            restarted = self.client.stopService()
+
+            def again(_: object) -> None:
+                if self.running and not self.agent.stopping and not self.client.running:
+                    self.client.startService()
+
+            restarted.addCallback(again)
 
     def startService(self) -> None:
         tls = self.tls
