@@ -41,22 +41,39 @@ class Exchange:
         self.bytesOut = 0
 
 
+def _emit(line: str, **fields: Any) -> None:
+    """
+    Emit one access event whose message is C{line}, already formatted.
+
+    An access event is logged for every request, so it is kept cheap: the
+    line is built with an f-string and given as a literal C{log_format}
+    (braces escaped), which the observers copy instead of parsing a format
+    with ten fields -- measured at about a third of the per-event cost of
+    the text observer.  The fields are all still in the event for JSON
+    output and for observers that read them.
+    """
+    _log.info(line.replace("{", "{{").replace("}", "}}"), **fields)
+
+
 def logCapture(capture: Any) -> None:
     """
     Emit the agent's access event for a finished request of its traffic
     (a L{txtunnel.traffic.Capture}); bytes are the bodies' sizes.
     """
-    _log.info(
-        "{client_ip} {method} {path} {status} in={bytes_in} out={bytes_out} {duration:.3f}s [{tunnel}]",
+    path = capture.target.split("?", 1)[0][:2048]
+    duration = round(capture.duration or 0.0, 6)
+    _emit(
+        f"{capture.clientIP} {capture.method} {path} {capture.status} in={capture.requestSize} "
+        f"out={capture.responseSize} {duration:.3f}s [{capture.tunnel}]",
         access="agent",
         tunnel=capture.tunnel,
         client_ip=capture.clientIP,
         method=capture.method,
-        path=capture.target.split("?", 1)[0][:2048],
+        path=path,
         status=capture.status,
         bytes_in=capture.requestSize,
         bytes_out=capture.responseSize,
-        duration=round(capture.duration or 0.0, 6),
+        duration=duration,
         replay_of=capture.replayOf,
     )
 
@@ -66,15 +83,16 @@ def logConnection(tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytes
     Emit the access event for one TCP, UDP or TLS connection (a UDP flow),
     when it ends.
     """
-    _log.info(
-        "{client_ip} {protocol} {tunnel} in={bytes_in} out={bytes_out} {duration:.3f}s",
+    duration = round(max(0.0, duration), 6)
+    _emit(
+        f"{clientIP} {protocol} {tunnel} in={bytesIn} out={bytesOut} {duration:.3f}s",
         access="relay",
         tunnel=tunnel,
         client_ip=clientIP,
         protocol=protocol,
         bytes_in=bytesIn,
         bytes_out=bytesOut,
-        duration=round(max(0.0, duration), 6),
+        duration=duration,
     )
 
 
@@ -85,17 +103,19 @@ def logAccess(exchange: Exchange, status: int, now: float, side: str = "relay", 
     @param status: the response's status code, or 0 when there was none.
     """
     duration = max(0.0, now - exchange.started)
-    _log.info(
-        "{client_ip} {method} {host}{path} {status} in={bytes_in} out={bytes_out} {duration:.3f}s [{tunnel}]",
+    e = exchange
+    _emit(
+        f"{e.clientIP} {e.method} {e.host}{e.path} {status} in={e.bytesIn} out={e.bytesOut} "
+        f"{duration:.3f}s [{e.tunnel}]",
         access=side,
-        tunnel=exchange.tunnel,
-        client_ip=exchange.clientIP,
-        method=exchange.method,
-        host=exchange.host,
-        path=exchange.path,
+        tunnel=e.tunnel,
+        client_ip=e.clientIP,
+        method=e.method,
+        host=e.host,
+        path=e.path,
         status=status,
-        bytes_in=exchange.bytesIn,
-        bytes_out=exchange.bytesOut,
+        bytes_in=e.bytesIn,
+        bytes_out=e.bytesOut,
         duration=round(duration, 6),
         **extra,
     )
