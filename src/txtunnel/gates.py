@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from txtunnel.http1 import Answer, RequestHead
@@ -81,15 +81,23 @@ def validateBind(gates: Iterable[Any], bindRequest: dict[str, Any]) -> None:
             validate(bindRequest)
 
 
-async def _run(gates: Sequence[IVisitorGate], request: VisitorRequest) -> Answer | None:
+async def _run(
+    gates: Sequence[IVisitorGate], request: VisitorRequest, pending: Deferred[Answer | None] | None = None
+) -> Answer | None:
+    """
+    The rest of L{runGates} once the first of C{gates} has answered with
+    C{pending}.
+    """
     for gate in gates:
         try:
-            result = gate.check(request)
+            if pending is not None:
+                result, pending = pending, None
+            else:
+                result = gate.check(request)
             if isinstance(result, Deferred):
                 result = await result
         except Exception:
-            log.failure("visitor gate {gate!r} failed; refusing the request", gate=gate)
-            return Answer(500, "the relay could not check this request")
+            return _failed(gate)
         if result is not None:
             return result
     return None
@@ -99,5 +107,23 @@ def runGates(gates: Sequence[IVisitorGate], request: VisitorRequest) -> Deferred
     """
     Ask C{gates} in order; fire with the first L{Answer} or C{None}.  When
     every gate answers synchronously the result has already fired.
+
+    Gates are asked for every request, and nearly always answer at once: a
+    coroutine is started only from the first gate that returns a
+    L{Deferred}, so the common path costs no coroutine and no callbacks.
     """
-    return ensureDeferred(_run(gates, request))
+    for i, gate in enumerate(gates):
+        try:
+            result = gate.check(request)
+        except Exception:
+            return succeed(_failed(gate))
+        if isinstance(result, Deferred):
+            return ensureDeferred(_run(gates[i:], request, result))
+        if result is not None:
+            return succeed(result)
+    return succeed(None)
+
+
+def _failed(gate: IVisitorGate) -> Answer:
+    log.failure("visitor gate {gate!r} failed; refusing the request", gate=gate)
+    return Answer(500, "the relay could not check this request")

@@ -217,6 +217,8 @@ class EdgeProtocol(Protocol):
         self._sniff: bytes | None = b""
         #: Close once no response is owed (the relay or the agent drains).
         self._closeWhenIdle = False
+        #: The last head routed and the tunnel name its C{Host} asks for.
+        self._route: tuple[RequestHead, str] | None = None
 
     @property
     def link(self) -> Any:
@@ -434,6 +436,7 @@ class EdgeProtocol(Protocol):
         current stream's responses first.
         """
         kind, name = self.relay.hosts.split(head.header(b"host"))
+        self._route = (head, name or "")
         if kind == "bad":
             return ("fail", _Fail(400, "missing or invalid Host header"))
         if kind == "apex":
@@ -454,6 +457,16 @@ class EdgeProtocol(Protocol):
         if self._stream is not None and self._tunnel is not tunnel and self._busy:
             return ("wait", None)
         return ("tunnel", tunnel)
+
+    def _nameOf(self, head: RequestHead) -> str:
+        """
+        The tunnel name C{head} asks for (as L{_decide} found it; the C{Host}
+        header is split once a request).
+        """
+        route = self._route
+        if route is not None and route[0] is head:
+            return route[1]
+        return self.relay.hosts.split(head.header(b"host"))[1] or ""
 
     def _notHere(self) -> _Fail:
         return _Fail(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}")
@@ -477,7 +490,7 @@ class EdgeProtocol(Protocol):
             clientIP=self.clientIP,
             scheme=self.scheme,
             host=host,
-            name=self.relay.hosts.split(host)[1] or "",
+            name=self._nameOf(head),
             tunnel=tunnel,
             transport=self.transport,
         )
@@ -532,7 +545,7 @@ class EdgeProtocol(Protocol):
             forwarded = head.withForwarded(self.clientIP, self.scheme, host)
         for meter in self._meters:
             meter(len(forwarded))
-        exchange = self._exchange(head, self.relay.hosts.split(host)[1] or "-")
+        exchange = self._exchange(head, self._nameOf(head) or "-")
         exchange.bytesIn = len(head.raw)
         self._responder.pending.append(exchange)
         self._reading = exchange
@@ -580,7 +593,7 @@ class EdgeProtocol(Protocol):
             self._send(Answer(e.status, str(e), headers=headers))
             return False
         except Exception as e:  # the link went away between routing and opening
-            name = self.relay.hosts.split(head.header(b"host") or b"")[1] or "-"
+            name = self._nameOf(head) or "-"
             self._send(Answer(502, f"the tunnel's agent is not connected ({e})"), head, tunnel=name)
             return False
         self._stream = stream
