@@ -231,7 +231,8 @@ class Traffic:
     capture as it C{"start"}s and is C{"done"}.
 
     Following costs a parse of every head, so it happens only while someone
-    listens or the ring is wanted (L{enabled}).
+    listens, the ring is wanted, the access log is on, or an admin site
+    serves the metrics it counts (L{enabled}).
     """
 
     def __init__(self, clock: Any, size: int = RING_SIZE, bodyCap: int = BODY_CAP, metrics: Any = None) -> None:
@@ -249,7 +250,8 @@ class Traffic:
 
     @property
     def enabled(self) -> bool:
-        return self.keep or self.accessLog or bool(self.listeners)
+        counting = self.metrics is not None and bool(getattr(self.metrics, "served", False))
+        return self.keep or self.accessLog or counting or bool(self.listeners)
 
     def follow(self, tunnel: str) -> Follower | None:
         """
