@@ -146,7 +146,9 @@ async def test_metrics_match_docs(tmp_path: Any, agents: list[RunningAgent], ori
         assert code == 0
         status, _ = await fetch(f"{base}/", "-H", f"Host: dead.localhost:{relay.port}")
         assert status == 502
-        refused = await startAgent(agents, relay, "--http", str(origin), "--token", "wrong-token-1234", expectReady=False)
+        refused = await startAgent(
+            agents, relay, "--http", str(origin), "--token", "wrong-token-1234", expectReady=False
+        )
         with pytest.raises(RuntimeError):
             await refused.agent.ready
         # A request the origin never answers keeps one stream open on both sides.
@@ -174,7 +176,10 @@ async def test_metrics_match_docs(tmp_path: Any, agents: list[RunningAgent], ori
         assert sampleValue(relayText, "txtunnel_relay_requests_total", **posted) == 1
         missing = {"method": "GET", "status_class": "4xx", "tunnel": "-"}
         assert sampleValue(relayText, "txtunnel_relay_requests_total", **missing) == 1
-        assert sampleValue(relayText, "txtunnel_relay_requests_total", method="GET", status_class="5xx", tunnel="dead") == 1
+        assert (
+            sampleValue(relayText, "txtunnel_relay_requests_total", method="GET", status_class="5xx", tunnel="dead")
+            == 1
+        )
         assert sampleValue(relayText, "txtunnel_relay_tunnels", protocol="http") == 2
         assert sampleValue(relayText, "txtunnel_relay_link_refusals_total", code="auth") == 1
         assert sampleValue(relayText, "txtunnel_relay_bytes_total", protocol="http", direction="in") > 1000
