@@ -61,15 +61,22 @@ def logCapture(capture: Any) -> None:
     )
 
 
-def logConnection(tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float) -> None:
+def logConnection(
+    tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float, address: str = "-"
+) -> None:
     """
     Emit the access event for one TCP, UDP or TLS connection (a UDP flow),
     when it ends.
+
+    @param tunnel: the tunnel's name on the relay (its TLS name, or its
+        TCP or UDP port), as HTTP events name theirs.
+    @param address: its public address (C{tcp://host:port}, ...).
     """
     _log.info(
-        "{client_ip} {protocol} {tunnel} in={bytes_in} out={bytes_out} {duration:.3f}s",
+        "{client_ip} {protocol} {address} in={bytes_in} out={bytes_out} {duration:.3f}s [{tunnel}]",
         access="relay",
         tunnel=tunnel,
+        address=address,
         client_ip=clientIP,
         protocol=protocol,
         bytes_in=bytesIn,
