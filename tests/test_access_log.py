@@ -171,7 +171,10 @@ async def test_tcp_connection_logged(
             break
         await wait(0.02)
     [event] = accessEvents
-    assert event["protocol"] == "tcp" and event["tunnel"] == agent.address()
+    assert event["protocol"] == "tcp" and event["address"] == agent.address()
+    # Named like HTTP events: by the relay's name for the tunnel, its port.
+    assert event["tunnel"] == str(portOf(agent)) and event["access"] == "relay"
+    assert event["log_format"].endswith("[{tunnel}]")
     assert event["client_ip"] == "127.0.0.1" and event["bytes_in"] == 3000 and event["bytes_out"] == 3000
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import MemoryReactorClock
 
-from tests.conftest import Relay, RunningAgent, curl, startAgent, startRelay, wait
+from tests.conftest import Relay, RunningAgent, closedPort, curl, startAgent, startRelay, wait
 from txtunnel.admin import hashAdminToken
 from txtunnel.metrics import methodLabel, statusClass
 
@@ -73,56 +74,126 @@ async def adminSetup(tmp_path: Any, agents: list[RunningAgent], origin: int) -> 
     return relay, agent
 
 
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sampleValue(text: str, name: str, **labels: str) -> float:
+    """
+    The value of the sample C{name} (as scraped, e.g. C{..._total}) with
+    exactly C{labels}, 0 when there is none.
+    """
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def scrape(port: int | None) -> str:
+    status, body = await fetch(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return body.decode()
+
+
+async def scrapeUntil(port: int | None, condition: Any, timeout: float = 20.0) -> str:
+    """
+    Scrape until C{condition(text)} holds (values that follow a socket
+    closing elsewhere settle a moment later), or fail with the last scrape.
+    """
+    text = ""
+    for _ in range(int(timeout / 0.1)):
+        text = await scrape(port)
+        if condition(text):
+            return text
+        await wait(0.1)
+    raise AssertionError(f"metrics never reached the expected values:\n{text}")
+
+
+GOOD = "agent-token-for-tests"
+
+
 @pytest_twisted.ensureDeferred
 async def test_metrics_match_docs(tmp_path: Any, agents: list[RunningAgent], origin: int) -> None:
     """
-    After traffic (a 200, a 404 from the relay, a POST), both /metrics
-    pages list exactly the names, types and labels docs/metrics.rst lists,
+    After traffic that fills every family -- a 200, a POST, a 404 from the
+    relay, a 502 from a dead local port, an agent refused for a bad token,
+    and a scrape while a request is held open -- both /metrics pages list
+    exactly the names, types and labels docs/metrics.rst lists, for every
+    family (none is left without samples, so no label set goes unchecked),
     and the counts add up.
     """
-    relay, agent = await adminSetup(tmp_path, agents, origin)
+    relay = await startRelay(
+        str(tmp_path / "state"), "--admin", ADMIN, "--admin-token", TOKEN, "--token", GOOD, "--grace", "0"
+    )
+    config = tmp_path / "agent.ini"
+    config.write_text(
+        f"[tunnel:app]\ntype = http\ntarget = {origin}\nsubdomain = app\n\n"
+        f"[tunnel:dead]\ntype = http\ntarget = {closedPort()}\nsubdomain = dead\n"
+    )
+    agent = await startAgent(
+        agents, relay, "--config", str(config), "--token", GOOD, "--admin", ADMIN, "--no-access-log"
+    )
+    await agent.service.sitesReady
+    held = None
     try:
-        host = f"app.localhost:{relay.port}"
-        code, out, err = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/hello")
+        base = f"http://127.0.0.1:{relay.port}"
+        code, out, err = await curl("-H", f"Host: app.localhost:{relay.port}", f"{base}/hello")
         assert code == 0 and b"hello from origin" in out, err
-        code, out, err = await curl("-H", f"Host: {host}", "-d", "x" * 1000, f"http://127.0.0.1:{relay.port}/echo")
+        code, out, err = await curl("-H", f"Host: app.localhost:{relay.port}", "-d", "x" * 1000, f"{base}/echo")
         assert code == 0 and out == b"x" * 1000, err
-        code, out, err = await curl("-H", f"Host: nope.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
+        code, out, err = await curl("-H", f"Host: nope.localhost:{relay.port}", f"{base}/")
         assert code == 0
-        status, relayText = await fetch(f"http://127.0.0.1:{relay.relay.adminPort}/metrics")
-        assert status == 200
-        status, agentText = await fetch(f"http://127.0.0.1:{agent.service.adminPort}/metrics")
-        assert status == 200
-        scraped = {**exported(relayText.decode()), **exported(agentText.decode())}
+        status, _ = await fetch(f"{base}/", "-H", f"Host: dead.localhost:{relay.port}")
+        assert status == 502
+        refused = await startAgent(
+            agents, relay, "--http", str(origin), "--token", "wrong-token-1234", expectReady=False
+        )
+        with pytest.raises(RuntimeError):
+            await refused.agent.ready
+        # A request the origin never answers keeps one stream open on both sides.
+        held = socket.create_connection(("127.0.0.1", relay.port))
+        held.sendall(f"GET /never HTTP/1.1\r\nHost: app.localhost:{relay.port}\r\n\r\n".encode())
+
+        def streamOpen(text: str) -> bool:
+            return any(
+                sampleValue(text, f"txtunnel_{side}_streams_open", protocol="http") == 1 for side in ("relay", "agent")
+            )
+
+        relayText = await scrapeUntil(relay.relay.adminPort, streamOpen)
+        agentText = await scrapeUntil(agent.service.adminPort, streamOpen)
+        scraped = {**exported(relayText), **exported(agentText)}
         docs = documented()
         assert sorted(scraped) == sorted(docs)
         for name, (kind, labels) in scraped.items():
-            assert docs[name][0] == kind, name
-            if labels:
-                assert labels == docs[name][1], name
-        families = {f.name: f for f in text_string_to_metric_families(relayText.decode())}
-        samples = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value for s in families["txtunnel_relay_requests"].samples
-        }
-        ok = (("method", "GET"), ("status_class", "2xx"), ("tunnel", "app"))
-        assert samples[("txtunnel_relay_requests_total", ok)] == 1
-        posted = (("method", "POST"), ("status_class", "2xx"), ("tunnel", "app"))
-        assert samples[("txtunnel_relay_requests_total", posted)] == 1
-        missing = (("method", "GET"), ("status_class", "4xx"), ("tunnel", "-"))
-        assert samples[("txtunnel_relay_requests_total", missing)] == 1
-        tunnels = {s.labels["protocol"]: s.value for s in families["txtunnel_relay_tunnels"].samples}
-        assert tunnels["http"] == 1
-        inBytes = {
-            s.labels["direction"]: s.value
-            for s in families["txtunnel_relay_bytes"].samples
-            if s.labels["protocol"] == "http" and s.name.endswith("_total")
-        }
-        assert inBytes["in"] > 1000 and inBytes["out"] > 1000
-        agentFamilies = {f.name: f for f in text_string_to_metric_families(agentText.decode())}
-        assert [s.value for s in agentFamilies["txtunnel_agent_connected"].samples] == [1]
-        states = {s.labels["state"]: s.value for s in agentFamilies["txtunnel_agent_link_state"].samples}
+            assert docs[name] == (kind, labels), name
+        for name, family in {**families(relayText), **families(agentText)}.items():
+            assert family.samples, f"{name} has no samples: its labels went unchecked"
+
+        ok = {"method": "GET", "status_class": "2xx", "tunnel": "app"}
+        assert sampleValue(relayText, "txtunnel_relay_requests_total", **ok) == 1
+        posted = {"method": "POST", "status_class": "2xx", "tunnel": "app"}
+        assert sampleValue(relayText, "txtunnel_relay_requests_total", **posted) == 1
+        missing = {"method": "GET", "status_class": "4xx", "tunnel": "-"}
+        assert sampleValue(relayText, "txtunnel_relay_requests_total", **missing) == 1
+        assert (
+            sampleValue(relayText, "txtunnel_relay_requests_total", method="GET", status_class="5xx", tunnel="dead")
+            == 1
+        )
+        assert sampleValue(relayText, "txtunnel_relay_tunnels", protocol="http") == 2
+        assert sampleValue(relayText, "txtunnel_relay_link_refusals_total", code="auth") == 1
+        assert sampleValue(relayText, "txtunnel_relay_bytes_total", protocol="http", direction="in") > 1000
+        assert sampleValue(relayText, "txtunnel_relay_bytes_total", protocol="http", direction="out") > 1000
+        # Through the agent (no inspector, no access log: counted because the admin site is on).
+        assert sampleValue(agentText, "txtunnel_agent_requests_total", **ok) == 1
+        assert sampleValue(agentText, "txtunnel_agent_requests_total", **posted) == 1
+        assert sampleValue(agentText, "txtunnel_agent_local_errors_total", tunnel="dead") == 1
+        assert sampleValue(agentText, "txtunnel_agent_connected") == 1
+        states = {s.labels["state"]: s.value for s in families(agentText)["txtunnel_agent_link_state"].samples}
         assert states["connected"] == 1 and sum(states.values()) == 1
     finally:
+        if held is not None:
+            held.close()
         await relay.service.stopService()
 
 

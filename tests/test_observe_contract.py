@@ -88,3 +88,58 @@ def test_twistd_json_logger(tmp_path: Path, procs: list[Proc], env: dict[str, st
     access = [r for r in records if r["namespace"] == "txtunnel.access"]
     assert access and access[0]["status"] == 404 and access[0]["path"] == "/x" and access[0]["tunnel"] == "-"
     assert any("relay listening" in r["message"] for r in records)
+
+
+def _waitServing(port: int, timeout: float = 20.0) -> None:
+    """
+    Wait until something accepts connections on C{port} (a quiet relay
+    logs no "listening" line to wait for).
+    """
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_cli_relay_json_quiet_and_verbose(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:
+    """
+    txtunnel relay --log-format json -q writes only JSON lines, on stdout
+    and stderr alike, and only warnings (no info lines: neither "relay
+    listening" nor a visitor's access line); -v before the command adds
+    debug lines (the relay's reason for an error answer).
+    """
+    import signal
+
+    from tests.test_contract import tool
+
+    port = freePort()
+    common = ["--http", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "state")]
+    quiet = Proc([tool("txtunnel"), "relay", "--log-format", "json", "-q", *common], env)
+    procs.append(quiet)
+    _waitServing(port)
+    curl("-H", f"Host: nobody.localhost:{port}", f"http://127.0.0.1:{port}/x")
+    assert quiet.stop(signal.SIGINT) == 0
+    records = [json.loads(line) for line in quiet.lines]
+    assert records, "a relay without --token warns"
+    assert {r["level"] for r in records} <= {"warn", "error", "critical"}, quiet.output
+    assert any("no --token given" in r["message"] for r in records)
+
+    verbose = Proc([tool("txtunnel"), "-v", "--log-format", "json", "relay", *common], env)
+    procs.append(verbose)
+    verbose.waitFor("relay listening")
+    result = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/{'x' * 9000}")
+    assert result.stdout == b"414", result.stderr
+    verbose.waitFor(r"answering 127\.0\.0\.1 with 414")
+    assert verbose.stop(signal.SIGINT) == 0
+    records = [json.loads(line) for line in verbose.lines]
+    levels = {r["level"] for r in records}
+    assert {"debug", "info", "warn"} <= levels, verbose.output
+    debug = [r for r in records if r["level"] == "debug" and "with 414" in r["message"]]
+    assert debug and debug[0]["status"] == 414 and debug[0]["client"] == "127.0.0.1"

@@ -151,6 +151,31 @@ def test_decompression_is_capped() -> None:
     assert info["captured"] == len(bomb) and len(info["text"]) < 6 * 1024 * 1024
 
 
+@pytest.mark.parametrize("coding, module", [("br", "brotli"), ("zstd", "zstandard")])
+def test_brotli_and_zstd_decoded_and_capped(coding: str, module: str) -> None:
+    """
+    With brotli or zstandard installed (the [decode] extra, in the test
+    extras), br and zstd bodies are decoded like gzip: JSON pretty-printed,
+    a bomb cut at the decode cap, garbage shown as hex.
+    """
+    from txtunnel.traffic import DECODED_CAP
+
+    lib = pytest.importorskip(module)
+
+    def compress(data: bytes) -> bytes:
+        return bytes(lib.compress(data) if module == "brotli" else lib.ZstdCompressor().compress(data))
+
+    headers = [("Content-Encoding", coding), ("Content-Type", "application/json")]
+    info = describeBody(compress(b'{"z": [1]}'), headers, True)
+    assert info["kind"] == "json" and info["decodedFrom"] == coding
+    assert info["text"] == '{\n  "z": [\n    1\n  ]\n}'
+    bomb = compress(b"a" * (20 * 1024 * 1024))
+    info = describeBody(bomb, [("content-encoding", coding)], True)
+    assert info["kind"] == "text" and info["captured"] == len(bomb) and len(info["text"]) == DECODED_CAP
+    info = describeBody(b"not compressed at all", [("content-encoding", coding)], True)
+    assert info["kind"] == "hex" and info["encoding"] == coding
+
+
 def test_replay_edits_checked() -> None:
     t, events, _ = traffic()
     f = t.follow("web")

@@ -78,16 +78,23 @@ def logCapture(capture: Any) -> None:
     )
 
 
-def logConnection(tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float) -> None:
+def logConnection(
+    tunnel: str, clientIP: str, protocol: str, bytesIn: int, bytesOut: int, duration: float, address: str = "-"
+) -> None:
     """
     Emit the access event for one TCP, UDP or TLS connection (a UDP flow),
     when it ends.
+
+    @param tunnel: the tunnel's name on the relay (its TLS name, or its
+        TCP or UDP port), as HTTP events name theirs.
+    @param address: its public address (C{tcp://host:port}, ...).
     """
     duration = round(max(0.0, duration), 6)
     _emit(
-        f"{clientIP} {protocol} {tunnel} in={bytesIn} out={bytesOut} {duration:.3f}s",
+        f"{clientIP} {protocol} {address} in={bytesIn} out={bytesOut} {duration:.3f}s [{tunnel}]",
         access="relay",
         tunnel=tunnel,
+        address=address,
         client_ip=clientIP,
         protocol=protocol,
         bytes_in=bytesIn,

@@ -150,6 +150,9 @@ class AdminSite(Site):
         root.putChild(b"stats", _Stats(subject, hashAdminToken(token) if token else None))
         super().__init__(root)
         self.displayTracebacks = False
+        # Someone reads the metrics now: an agent follows its HTTP traffic
+        # to count requests (see Traffic.enabled).
+        subject.metrics.served = True
 
     def log(self, request: Any) -> None:
         # Scrapes every few seconds would drown the log.

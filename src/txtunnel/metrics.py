@@ -145,6 +145,10 @@ class _Common:
         )
         self._bytes = _StreamBytes()
         self._tunnelLabels: set[str] = set()
+        #: Whether an admin site serves these metrics (set by
+        #: L{txtunnel.admin.AdminSite}): the agent then follows its HTTP
+        #: traffic to count requests even with no inspector or access log.
+        self.served = False
         self.registry.register(_Live(self._collectLive))
 
     def render(self) -> bytes:
@@ -298,7 +302,9 @@ class AgentMetrics(_Common):
         self._everUp = False
         super().__init__()
         p = self.prefix
-        self.connects = Counter(f"{p}_links", "Links to the relay that completed the hello.", registry=self.registry)
+        self.connects = Counter(
+            f"{p}_links", "Links to the relay opened (counted when the hello is sent).", registry=self.registry
+        )
         self.reconnects = Counter(
             f"{p}_reconnects", "Links to the relay made again after one was lost.", registry=self.registry
         )

@@ -20,6 +20,8 @@ being captured.
 from __future__ import annotations
 
 import binascii
+import importlib
+import io
 import json
 import zlib
 from collections import deque
@@ -147,9 +149,16 @@ def _header(headers: list[tuple[str, str]], name: str) -> str:
 
 def _decompress(data: bytes, coding: str) -> bytes | None:
     """
-    Decode C{gzip} or C{deflate} content, at most L{DECODED_CAP} bytes of
-    it (a small body may claim to expand enormously).
+    Decode C{gzip}, C{deflate}, C{br} or C{zstd} content, at most
+    L{DECODED_CAP} bytes of it (a small body may claim to expand
+    enormously).  C{br} needs the C{brotli} module (1.2 or later, which can
+    bound its output) and C{zstd} the C{zstandard} one: C{pip install
+    'txtunnel[decode]'}; without them such bodies are shown as hex.
     """
+    if coding == "br":
+        return _brotli(data)
+    if coding == "zstd":
+        return _zstd(data)
     if coding in ("gzip", "x-gzip"):
         windows = [16 + zlib.MAX_WBITS]
     elif coding == "deflate":
@@ -165,9 +174,43 @@ def _decompress(data: bytes, coding: str) -> bytes | None:
     return None
 
 
+def _optional(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _brotli(data: bytes) -> bytes | None:
+    brotli = _optional("brotli")
+    if brotli is None:
+        return None
+    try:
+        decoded = brotli.Decompressor().process(data, output_buffer_limit=DECODED_CAP)
+    except TypeError:
+        # A brotli older than 1.2 cannot bound what it expands to.
+        return None
+    except brotli.error:
+        return None
+    return bytes(decoded[:DECODED_CAP]) or None
+
+
+def _zstd(data: bytes) -> bytes | None:
+    zstandard = _optional("zstandard")
+    if zstandard is None:
+        return None
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+        decoded = reader.read(DECODED_CAP)
+    except zstandard.ZstdError:
+        return None
+    # Nothing decoded from something (a first block cut off by the capture) is not an empty body.
+    return bytes(decoded) or None
+
+
 def describeBody(data: bytes, headers: list[tuple[str, str]], complete: bool) -> dict[str, Any]:
     """
-    A body ready to show: decoded from gzip/deflate, then pretty JSON, form
+    A body ready to show: decoded from its content coding, then pretty JSON, form
     fields, text, or a hex dump for binary content.
     """
     info: dict[str, Any] = {"captured": len(data), "truncated": not complete}
@@ -231,7 +274,8 @@ class Traffic:
     capture as it C{"start"}s and is C{"done"}.
 
     Following costs a parse of every head, so it happens only while someone
-    listens or the ring is wanted (L{enabled}).
+    listens, the ring is wanted, the access log is on, or an admin site
+    serves the metrics it counts (L{enabled}).
     """
 
     def __init__(self, clock: Any, size: int = RING_SIZE, bodyCap: int = BODY_CAP, metrics: Any = None) -> None:
@@ -249,7 +293,8 @@ class Traffic:
 
     @property
     def enabled(self) -> bool:
-        return self.keep or self.accessLog or bool(self.listeners)
+        counting = self.metrics is not None and bool(getattr(self.metrics, "served", False))
+        return self.keep or self.accessLog or counting or bool(self.listeners)
 
     def follow(self, tunnel: str) -> Follower | None:
         """

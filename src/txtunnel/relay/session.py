@@ -64,7 +64,10 @@ class RelayTunnel:
         stream = link.openStream(dict(header, tunnel=self.id), protocol)
         relay.metrics.streamOpened(self.type)
         address = self.binding.address if self.binding is not None else "-"
-        self.session.opened[stream.id] = (relay.reactor.seconds(), self.type, address)
+        # The relay's name for the tunnel, as HTTP access events have it: the TLS name, the TCP or UDP port.
+        claim = getattr(self.binding, "claim", None)
+        name = str(claim[1]) if claim else address
+        self.session.opened[stream.id] = (relay.reactor.seconds(), self.type, address, name)
         return stream
 
     def __repr__(self) -> str:
@@ -92,9 +95,9 @@ class RelaySession:
         #: The verified email of the agent's user, when it presented a login token.
         self.email: str | None = None
         self.tunnels: dict[int, RelayTunnel] = {}
-        #: When each open stream was opened, for which kind of tunnel and
-        #: address (for metrics and the connection access log).
-        self.opened: dict[int, tuple[float, str, str]] = {}
+        #: When each open stream was opened, for which kind of tunnel,
+        #: address and name (for metrics and the connection access log).
+        self.opened: dict[int, tuple[float, str, str, str]] = {}
         #: The token this agent presented (its reservations), once known.
         self.token: TokenEntry | None = None
         link.controlReceived = self.controlReceived
@@ -103,17 +106,18 @@ class RelaySession:
         relay.sessions.add(self)
 
     def _streamClosed(self, stream: Stream) -> None:
-        started, kind, address = self.opened.pop(stream.id, (None, "unknown", "-"))
+        started, kind, address, name = self.opened.pop(stream.id, (None, "unknown", "-", "-"))
         self.relay.metrics.streamClosed(kind, stream.bytesSent, stream.bytesReceived)
         if started is not None and kind != "http" and self.relay.accessLog:
             # HTTP is logged per request by the edge; others per connection.
             logConnection(
-                address,
+                name,
                 str(stream.header.get("peer", "?")),
                 kind,
                 stream.bytesSent,
                 stream.bytesReceived,
                 self.relay.reactor.seconds() - started,
+                address,
             )
 
     def _refuse(self, code: str, reason: str) -> None:
