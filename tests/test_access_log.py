@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent
@@ -174,7 +174,7 @@ async def test_tcp_connection_logged(
     assert event["protocol"] == "tcp" and event["address"] == agent.address()
     # Named like HTTP events: by the relay's name for the tunnel, its port.
     assert event["tunnel"] == str(portOf(agent)) and event["access"] == "relay"
-    assert event["log_format"].endswith("[{tunnel}]")
+    assert formatEvent(event).endswith(f"[{portOf(agent)}]")
     assert event["client_ip"] == "127.0.0.1" and event["bytes_in"] == 3000 and event["bytes_out"] == 3000
 
 
