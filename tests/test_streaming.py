@@ -38,8 +38,9 @@ with warnings.catch_warnings():
     from twisted.web.static import File
 
 #: A bound on the time a piece may take from the local service to the
-#: client; generous for loaded CI machines (it is a few ms here).
-MAX_LATENCY = 1.0
+#: client: "milliseconds", with room for a loaded 2-core CI machine (the
+#: median is a few ms; the medians measured are printed at the end).
+MAX_LATENCY = 0.25
 
 #: Latencies measured by the tests, printed at the end of the module.
 MEASURED: dict[str, list[float]] = {}
@@ -256,13 +257,24 @@ def record(name: str, latencies: list[float]) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
+def _report(request: Any) -> Iterator[None]:
+    """
+    Write the latencies measured (median and max per kind of stream) to
+    the test run's output, uncaptured, so every run records them.
+    """
     yield
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     for name, values in sorted(MEASURED.items()):
-        print(
-            f"\nlatency {name}: n={len(values)} median={statistics.median(values) * 1000:.1f}ms "
-            f"max={max(values) * 1000:.1f}ms"
+        line = (
+            f"latency {name}: n={len(values)} median={statistics.median(values) * 1000:.1f}ms "
+            f"max={max(values) * 1000:.1f}ms (bound {MAX_LATENCY * 1000:.0f}ms)"
         )
+        if reporter is None or capture is None:
+            print(line)
+            continue
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
 
 
 async def startStreamAgent(agents: list[RunningAgent], relay: Relay, port: int, name: str, *args: str) -> str:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_edge,tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_http_tunnel,tests.test_hostile,tests.test_forwarder_choice -*-
 """
 The relay's public HTTP/1.1 edge.
 
