@@ -213,7 +213,7 @@ def test_agent_ini_with_several_tunnels(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("[tunnel:a]\ntype = gopher\ntarget = 70\n", "agent.ini [tunnel:a] type: expected one of grpc, http, tcp"),
+        ("[tunnel:a]\ntype = gopher\ntarget = 70\n", "agent.ini [tunnel:a] type: expected one of grpc, http, sse, tcp"),
         ("[tunnel:a]\ntype = http\n", "agent.ini [tunnel:a] target: missing"),
         ("[tunnel:a]\ntype = http\ntarget = 80\nport = 3\n", "agent.ini [tunnel:a] port: unknown key"),
         ("[tunnel:a]\ntype = tcp\ntarget = 80\nremote-port = 0\n", "agent.ini [tunnel:a] remote-port: 0 is not a port"),

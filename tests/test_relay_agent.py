@@ -63,12 +63,15 @@ async def test_token_accepted(tokenRelay: Relay, agents: list[RunningAgent], ori
 
 def test_builtin_forwarders_are_plugins() -> None:
     """
-    http and tcp are found with getPlugins and provide IForwarder.
+    Every built-in protocol (http, tcp, udp, tls, grpc, websocket, sse) is
+    found with getPlugins and provides IForwarder.
     """
     found = forwarders()
-    assert {"http", "tcp"} <= set(found)
-    for plugin in found.values():
-        assert verifyObject(IForwarder, plugin)
+    builtIn = {"http", "tcp", "udp", "tls", "grpc", "websocket", "sse"}
+    assert builtIn <= set(found)
+    for name in builtIn:
+        assert verifyObject(IForwarder, found[name])
+        assert verifyObject(IForwarder, found[name]._load())
 
 
 def test_third_party_plugin_is_discovered(tmp_path: Path, monkeypatch: Any) -> None:

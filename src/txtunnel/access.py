@@ -4,8 +4,9 @@ The access log: one structured event per request or connection.
 
 Events go to C{twisted.logger} under the namespace C{txtunnel.access}
 with stable keys (C{tunnel}, C{client_ip}, C{method}, C{path}, C{status},
-C{bytes_in}, C{bytes_out}, C{duration}); with C{--log-format json} each one
-is a JSON line (L{txtunnel.logs}), see C{docs/logs.rst}.  Paths are logged
+C{bytes_in}, C{bytes_out}, C{duration}; for HTTP requests also C{forwarder},
+the forwarder that handled it); with C{--log-format json} each one is a
+JSON line (L{txtunnel.logs}), see C{docs/logs.rst}.  Paths are logged
 without their query string, which often carries tokens.
 """
 
@@ -28,7 +29,7 @@ class Exchange:
     edge sees it, counted while it passes.
     """
 
-    __slots__ = ("tunnel", "clientIP", "method", "path", "host", "started", "bytesIn", "bytesOut")
+    __slots__ = ("tunnel", "clientIP", "method", "path", "host", "started", "bytesIn", "bytesOut", "forwarder")
 
     def __init__(self, tunnel: str, clientIP: str, method: bytes, target: bytes, host: bytes, started: float) -> None:
         self.tunnel = tunnel
@@ -39,6 +40,8 @@ class Exchange:
         self.started = started
         self.bytesIn = 0
         self.bytesOut = 0
+        #: The forwarder that handled it (L{txtunnel.plugins.requestForwarder}), once chosen.
+        self.forwarder = "-"
 
 
 def _emit(line: str, **fields: Any) -> None:
@@ -124,6 +127,6 @@ def logAccess(exchange: Exchange, status: int, now: float, side: str = "relay", 
         bytes_in=e.bytesIn,
         bytes_out=e.bytesOut,
         duration=round(duration, 6),
-        **extra,
+        **{"forwarder": exchange.forwarder, **extra},
     )
     return duration

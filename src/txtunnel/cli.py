@@ -172,6 +172,8 @@ class Options(usage.Options):
         ["udp", None, _agentCommand("udp"), "Expose a local UDP service."],
         ["tls", None, _agentCommand("tls"), "Expose a local TLS service by passthrough (SNI routing)."],
         ["grpc", None, _agentCommand("grpc"), "Expose a local gRPC (cleartext HTTP/2) service."],
+        ["websocket", None, _agentCommand("websocket"), "Expose a local WebSocket service (upgrades only)."],
+        ["sse", None, _agentCommand("sse"), "Expose a local server-sent events service, with a heartbeat."],
         ["relay", None, RelayCommand, "Run a relay in the foreground."],
         ["demo", None, DemoOptions, "Run a relay, a demo page and an agent together."],
         ["login", None, LoginCommand, "Log in to a relay (device code in a browser)."],
@@ -192,7 +194,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError(
-                "a command is needed: http, tcp, udp, tls, grpc, relay, demo, login, logout, whoami or share"
+                "a command is needed: http, tcp, udp, tls, grpc, websocket, sse, relay, demo, login, logout, whoami or share"
             )
 
 

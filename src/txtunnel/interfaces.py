@@ -4,8 +4,11 @@ The extension points of txtunnel.
 L{IForwarder} is the one interface a protocol implements.  A forwarder is a
 Twisted plugin: a module in any C{twisted/plugins/} directory on C{sys.path}
 that holds an object providing both C{IPlugin} and L{IForwarder}.  The relay
-and the agent find forwarders with C{getPlugins(IForwarder)} and know none of
-them by name.
+and the agent find forwarders with C{getPlugins(IForwarder)}
+(L{txtunnel.plugins}); requests to an C{http} tunnel go to whichever
+forwarder claims them (C{handlesRequest}, see L{IForwarder}).  What the core
+still knows by name is listed in C{docs/forwarders.rst} ("What a third party
+can do").
 """
 
 from __future__ import annotations
@@ -128,6 +131,14 @@ class IAgentTunnel(Interface):
     target = Attribute("The local service: C{(host, port)}.")
     options = Attribute("Extra settings for the forwarder (a C{dict}).")
     reactor = Attribute("The reactor.")
+    breaker = Attribute(
+        "The tunnel's L{txtunnel.agent.breaker.CircuitBreaker}: C{allow()} before trying the local service,"
+        " C{success()}/C{failure(reason)} after, C{retryAfter()} seconds while it is open."
+    )
+    traffic = Attribute(
+        "The agent's L{txtunnel.traffic.Traffic} (inspector, access log, request metrics), or C{None}:"
+        " C{follow(tunnelName)} gives a L{txtunnel.traffic.Follower} to feed one HTTP/1.1 connection's bytes."
+    )
 
 
 class IForwarder(Interface):
@@ -135,6 +146,21 @@ class IForwarder(Interface):
     One protocol that txtunnel can tunnel.  It has a relay half (L{bind}: how
     public traffic for a tunnel is accepted) and an agent half (L{connect}:
     how one stream reaches the local service).
+
+    A forwarder may also have, optionally:
+
+     - C{handlesRequest(head) -> bool}: called by the relay's edges with
+       each visitor request (a L{txtunnel.http1.RequestHead}; C{version}
+       is C{"2"} from the HTTP/2 edge) to an C{http} tunnel; C{True} claims
+       it, and its stream goes to this forwarder's L{connect} on the agent
+       instead of the C{http} forwarder's (L{txtunnel.plugins.requestForwarder}).
+       Over HTTP/1.1 the stream carries the visitor's connection from that
+       request on, as bytes.  It must be quick and must not block: it runs
+       for every request.
+     - C{wire}: C{"h2"} if the requests it takes from the relay's HTTP/2
+       edge should come as HTTP/2 messages (L{txtunnel.h2messages}, as
+       gRPC needs); otherwise (the default, C{"http/1.1"}) they come as
+       HTTP/1.1 bytes.
     """
 
     name = Attribute("The name agents use to ask for it, e.g. C{'tcp'}; a C{str}.")

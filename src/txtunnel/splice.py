@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_splice -*-
+# -*- test-case-name: tests.test_tcp_tunnel,tests.test_faults -*-
 """
 Join a link stream and a TCP connection into one pipe, with backpressure
 both ways and half-close carried across.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_wss_link,tests.test_relay_agent -*-
 """
 The link's carrier: a WebSocket (autobahn) whose binary messages carry frames.
 

@@ -25,3 +25,13 @@ grpc = LazyForwarder(
     "txtunnel.forwarders.grpc.GRPCForwarder",
     "gRPC and HTTP/2 (h2c) services at NAME.<domain> on the relay's public HTTP(S) listeners",
 )
+websocket = LazyForwarder(
+    "websocket",
+    "txtunnel.forwarders.websocket.WebSocketForwarder",
+    "WebSocket (Upgrade: websocket) at NAME.<domain> on the relay's public HTTP(S) listeners",
+)
+sse = LazyForwarder(
+    "sse",
+    "txtunnel.forwarders.sse.SSEForwarder",
+    "server-sent events (text/event-stream) at NAME.<domain>, with a heartbeat between events",
+)

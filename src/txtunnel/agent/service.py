@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_relay_agent,tests.test_reconnect -*-
 """
 The agent as a service: a reconnecting link to the relay and its tunnels.
 """

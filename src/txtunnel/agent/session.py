@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_relay_agent,tests.test_reconnect -*-
 """
 One link's session on the agent: hello, binds, and streams from the relay.
 """

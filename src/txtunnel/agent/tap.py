@@ -62,7 +62,7 @@ TUNNEL_KEYS = (
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
-KINDS = ("http", "tcp", "udp", "tls", "grpc")
+KINDS = ("http", "tcp", "udp", "tls", "grpc", "websocket", "sse")
 
 
 def endpoint(text: str) -> str:
@@ -263,7 +263,10 @@ class Options(ConfigOptions):
     Several tunnels go in C{[tunnel:NAME]} sections.
     """
 
-    synopsis = "[options] (--http TARGET | --tcp TARGET | --udp TARGET | --tls TARGET | --config agent.ini)"
+    synopsis = (
+        "[options] (--http TARGET | --tcp TARGET | --udp TARGET | --tls TARGET | --grpc TARGET"
+        " | --websocket TARGET | --sse TARGET | --config agent.ini)"
+    )
     longdesc = (
         "Run a txtunnel agent: connect to a relay and expose local services through it. "
         "TARGET is PORT or HOST:PORT of the local service."
@@ -277,6 +280,8 @@ class Options(ConfigOptions):
         ("udp", None, optionalTarget),
         ("tls", None, optionalTarget),
         ("grpc", None, optionalTarget),
+        ("websocket", None, optionalTarget),
+        ("sse", None, optionalTarget),
         ("subdomain", None, subdomain),
         ("remote-port", None, remotePort),
         ("response-timeout", 120.0, positiveFloat),
@@ -346,6 +351,20 @@ class Options(ConfigOptions):
             None,
             None,
             "Expose the gRPC (or other cleartext HTTP/2) service at TARGET: every request reaches it over HTTP/2.",
+        ],
+        [
+            "websocket",
+            None,
+            None,
+            "Expose the WebSocket service at TARGET: only WebSocket upgrades reach it (an --http tunnel "
+            "carries them too, beside plain requests).",
+        ],
+        [
+            "sse",
+            None,
+            None,
+            "Expose the server-sent events (text/event-stream) service at TARGET, with the --sse-heartbeat "
+            "(an --http tunnel carries event streams too).",
         ],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
@@ -633,7 +652,7 @@ class Options(ConfigOptions):
                 if kind != "http":
                     raise ConfigError("--client-ca applies to --http tunnels (the relay checks it on its HTTPS edge)")
                 options["client-ca"] = self["client-ca"]
-            if kind == "http" and "sse-heartbeat" not in self.defaulted:
+            if kind in ("http", "sse") and "sse-heartbeat" not in self.defaulted:
                 options["sse-heartbeat"] = self["sse-heartbeat"]
             if self["allow"]:
                 if kind != "http":
@@ -667,10 +686,10 @@ class Options(ConfigOptions):
                     options["udp-idle-timeout"] = self["udp-idle-timeout"]
                 elif "udp-idle-timeout" in values:
                     raise ConfigError(f"{where} udp-idle-timeout: only tunnels of type = udp have one")
-                if kind == "http" and "sse-heartbeat" not in self.defaulted:
+                if kind in ("http", "sse") and "sse-heartbeat" not in self.defaulted:
                     options["sse-heartbeat"] = self["sse-heartbeat"]
-                elif kind != "http" and "sse-heartbeat" in values:
-                    raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http have one")
+                elif kind not in ("http", "sse") and "sse-heartbeat" in values:
+                    raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http or sse have one")
                 if kind != "http" and "client-ca" in values:
                     raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
                 for key in ("allow", "verify-webhook"):

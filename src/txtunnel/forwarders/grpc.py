@@ -3,8 +3,9 @@
 gRPC (and any HTTP/2 service) behind a tunnel: the agent's HTTP/2 client.
 
 A link stream opened with C{"h2"} in its header carries one HTTP/2 request
-as L{txtunnel.h2messages}: the relay's HTTP/2 edge sends gRPC calls that
-way whatever the tunnel's type, and every request to a C{grpc} tunnel.  The
+as L{txtunnel.h2messages}: the relay's HTTP/2 edge sends every request to
+a C{grpc} tunnel that way, and the gRPC calls of an C{http} tunnel, which
+this forwarder claims (L{GRPCForwarder.handlesRequest}, C{wire = "h2"}).  The
 agent opens a cleartext HTTP/2 connection (prior knowledge, as gRPC
 servers expect) to the local service for each such stream and joins the two
 with an L{txtunnel.h2pipe.H2Pipe}: heads, body, trailers (C{grpc-status},
@@ -53,6 +54,7 @@ from txtunnel.claims import claimName, nameRequest
 from txtunnel.forwarders.http import HTTPBinding
 from txtunnel.h2messages import encodeTrailers
 from txtunnel.h2pipe import H2Pipe
+from txtunnel.http1 import RequestHead
 from txtunnel.interfaces import IAgentTunnel, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 
@@ -240,6 +242,17 @@ class GRPCForwarder:
 
     name = "grpc"
     description = "gRPC and HTTP/2 (h2c) services at NAME.<domain> on the relay's public HTTP(S) listeners"
+    #: Requests it takes come from the relay's HTTP/2 edge as HTTP/2 messages.
+    wire = "h2"
+
+    def handlesRequest(self, head: RequestHead) -> bool:
+        """
+        gRPC calls (C{application/grpc}, C{+proto}, C{+json}, C{-web}) that
+        came over HTTP/2: an HTTP/1.1 request cannot carry gRPC's
+        trailers, so one with that content type stays with C{http}.
+        """
+        contentType = head.header(b"content-type") or b""
+        return head.version == "2" and contentType.lower().startswith(b"application/grpc")
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
         return nameRequest(tunnel)

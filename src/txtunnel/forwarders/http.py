@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_http_tunnel,tests.test_streaming,tests.test_websocket -*-
 """
 HTTP tunnels: C{NAME.<domain>} on the relay's public HTTP(S) listeners.
 
@@ -41,7 +41,7 @@ from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
 from txtunnel.webhooks import MAX_BODY, WebhookVerifier, dechunk
 
-__all__ = ["HTTPForwarder"]
+__all__ = ["HTTPForwarder", "RequestSide"]
 
 log = Logger()
 
@@ -290,6 +290,18 @@ class _ResponseSide(SocketSide):
         super().connectionLost(reason)
 
 
+def refuseMessages(stream: Stream, reason: str) -> None:
+    """
+    Answer a request that came as HTTP/2 messages (L{txtunnel.h2messages})
+    with a 502 naming C{reason}, and end the stream.
+    """
+    from txtunnel.h2messages import encodeTrailers
+
+    log.warn("{reason}", reason=reason)
+    stream.write(encodeTrailers([(b":status", b"502"), (b"x-txtunnel-error", b"1")]))
+    stream.loseConnection()
+
+
 def responseRewriter(policy: Any) -> ResponseHeadRewriter | None:
     """
     The response header rules of a tunnel's policy (C{add-response-header},
@@ -334,30 +346,67 @@ class HTTPForwarder:
         return HTTPBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
-        if stream.header.get("h2"):
-            # A gRPC call from the relay's HTTP/2 edge: HTTP/2 to the local service.
-            from txtunnel.forwarders.grpc import connectH2
-
-            connectH2(tunnel, stream)
+        chosen = self.chosenFor(tunnel, stream)
+        if chosen is not None:
+            chosen.connect(tunnel, stream)
             return
+        if stream.header.get("h2"):
+            # HTTP/2 messages that no forwarder here can take.
+            refuseMessages(stream, f"this agent has no forwarder {stream.header.get('forwarder')!r} for this request")
+            return
+        self.serve(tunnel, stream, float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL)))
+
+    def chosenFor(self, tunnel: IAgentTunnel, stream: Stream) -> IForwarder | None:
+        """
+        The forwarder the relay chose for the request that opened C{stream}
+        (C{"forwarder"} in its header, see L{txtunnel.plugins.requestForwarder}),
+        if it is another one that claims requests; C{None} to serve it here.
+        A tunnel that takes signed webhooks only keeps every HTTP/1.1
+        stream, so no other forwarder can let an unsigned request by.
+        """
+        from txtunnel.plugins import forwarderNamed
+
+        name = stream.header.get("forwarder")
+        if name is None and stream.header.get("h2"):
+            name = "grpc"  # a relay from before the choice went in the header
+        if not isinstance(name, str) or name == self.name:
+            return None
+        if tunnel.options.get("verify-webhook") is not None and not stream.header.get("h2"):
+            return None
+        chosen = forwarderNamed(name)
+        if chosen is None or getattr(chosen, "handlesRequest", None) is None:
+            # Only forwarders that claim requests may be handed an HTTP stream.
+            self.log.warn("the relay chose forwarder {forwarder!r}, which this agent lacks", forwarder=name)
+            return None
+        return chosen
+
+    def serve(self, tunnel: IAgentTunnel, stream: Stream, interval: float, guard: Any = None) -> None:
+        """
+        Carry C{stream}, HTTP/1.1 bytes, to the local web server: the
+        response timer, the SSE heartbeat every C{interval} seconds (0 for
+        none), the circuit breaker and the traffic follower around a plain
+        splice.  C{guard}, if given, makes the request side: called with
+        the L{_Watch} and the response rewriter.
+        """
         breaker = getattr(tunnel, "breaker", None)
         if breaker is not None and not breaker.allow():
             refuseOpenCircuit(tunnel, stream, breaker)
             return
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
-        interval = float(tunnel.options.get("sse-heartbeat", DEFAULT_INTERVAL))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
         traffic = getattr(tunnel, "traffic", None)
         follower = traffic.follow(tunnel.name) if traffic is not None else None
         watch = _Watch(tunnel, stream, timeout, heartbeat, follower)
         rewriter = responseRewriter(tunnel.options.get("policy"))
         verifier = tunnel.options.get("verify-webhook")
+        if guard is not None:
+            requestSide = guard(watch, rewriter)
+        elif verifier is not None:
+            requestSide = _VerifyingRequestSide(watch, verifier, rewriter)
+        else:
+            requestSide = _RequestSide(watch, rewriter)
         d = connectStream(
-            tunnel.reactor,
-            tunnel.target,
-            stream,
-            lambda s: _ResponseSide(s, watch, rewriter),
-            _VerifyingRequestSide(watch, verifier, rewriter) if verifier is not None else _RequestSide(watch, rewriter),
+            tunnel.reactor, tunnel.target, stream, lambda s: _ResponseSide(s, watch, rewriter), requestSide
         )
 
         def failed(f: Failure) -> None:
@@ -387,3 +436,9 @@ class HTTPForwarder:
             stream.loseConnection()
 
         d.addErrback(failed)
+
+
+#: The request side of one HTTP/1.1 stream (it feeds the response timer,
+#: the SSE heartbeat and the traffic follower, then the local server), for
+#: forwarders built on L{HTTPForwarder.serve}: subclass it for a C{guard}.
+RequestSide = _RequestSide

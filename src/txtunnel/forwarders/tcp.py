@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_tcp_tunnel -*-
 """
 TCP tunnels: a public port on the relay per tunnel, a stream per connection.
 """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_edge,tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_http_tunnel,tests.test_hostile,tests.test_forwarder_choice -*-
 """
 The relay's public HTTP/1.1 edge.
 
@@ -37,6 +37,7 @@ from txtunnel.http1 import (
     RequestHead,
 )
 from txtunnel.link import Stream, StreamReset
+from txtunnel.plugins import requestForwarder
 from txtunnel.responses import ResponseFramer
 from txtunnel.splice import setNoDelay
 from txtunnel.wslink import LINK_PATH
@@ -188,6 +189,8 @@ class EdgeProtocol(Protocol):
         self._stream: Stream | None = None
         self._responder: _ToVisitor | None = None
         self._tunnel: Any = None
+        #: The forwarder the current stream was opened for (its name).
+        self._forwarder: str | None = None
         self._waiting = False
         self._pauses: set[str] = set()
         self._delegate: Protocol | None = None
@@ -219,6 +222,8 @@ class EdgeProtocol(Protocol):
         self._closeWhenIdle = False
         #: The last head routed and the tunnel name its C{Host} asks for.
         self._route: tuple[RequestHead, str] | None = None
+        #: The last forwarder choice: head, tunnel and the forwarder's name.
+        self._choice: tuple[RequestHead, Any, str] | None = None
 
     @property
     def link(self) -> Any:
@@ -454,7 +459,7 @@ class EdgeProtocol(Protocol):
             if self.relay.heldFor("http", name or "") is not None:
                 return ("fail", _unavailable(f"the agent serving {name!r} is reconnecting"))
             return ("fail", _Fail(404, f"no tunnel named {name!r} on this relay"))
-        if self._stream is not None and self._tunnel is not tunnel and self._busy:
+        if self._stream is not None and self._busy and not self._sameStream(tunnel, head):
             return ("wait", None)
         return ("tunnel", tunnel)
 
@@ -467,6 +472,28 @@ class EdgeProtocol(Protocol):
         if route is not None and route[0] is head:
             return route[1]
         return self.relay.hosts.split(head.header(b"host"))[1] or ""
+
+    def _chosen(self, tunnel: Any, head: RequestHead) -> str:
+        """
+        The name of the forwarder that handles C{head} to C{tunnel}
+        (L{txtunnel.plugins.requestForwarder}).
+        """
+        choice = self._choice
+        if choice is not None and choice[0] is head and choice[1] is tunnel:
+            return choice[2]
+        tunnelType = getattr(tunnel, "type", "http")
+        chosen = requestForwarder(self.relay.forwarders, tunnelType, head)
+        name = str(getattr(chosen, "name", tunnelType))
+        # Asked up to three times a request (routing, stream reuse, open).
+        self._choice = (head, tunnel, name)
+        return name
+
+    def _sameStream(self, tunnel: Any, head: RequestHead) -> bool:
+        """
+        Whether C{head} can go on the current stream: same tunnel, same
+        forwarder.  Otherwise the stream is finished and a new one opened.
+        """
+        return self._tunnel is tunnel and self._forwarder == self._chosen(tunnel, head)
 
     def _notHere(self) -> _Fail:
         return _Fail(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}")
@@ -523,7 +550,7 @@ class EdgeProtocol(Protocol):
             self._pump()
 
     def _forward(self, head: RequestHead, tunnel: Any) -> None:
-        if self._stream is not None and self._tunnel is not tunnel:
+        if self._stream is not None and not self._sameStream(tunnel, head):
             self._closeStream()
         if self._stream is None and not self._open(tunnel, head):
             return
@@ -546,6 +573,7 @@ class EdgeProtocol(Protocol):
         for meter in self._meters:
             meter(len(forwarded))
         exchange = self._exchange(head, self._nameOf(head) or "-")
+        exchange.forwarder = self._forwarder or "-"
         exchange.bytesIn = len(head.raw)
         self._responder.pending.append(exchange)
         self._reading = exchange
@@ -586,8 +614,12 @@ class EdgeProtocol(Protocol):
 
     def _open(self, tunnel: Any, head: RequestHead) -> bool:
         responder = _ToVisitor(self)
+        header = {"peer": self.clientIP, "scheme": self.scheme}
+        chosen = self._chosen(tunnel, head)
+        if chosen != getattr(tunnel, "type", "http"):
+            header["forwarder"] = chosen
         try:
-            stream = tunnel.openStream({"peer": self.clientIP, "scheme": self.scheme}, responder)
+            stream = tunnel.openStream(header, responder)
         except StreamRefused as e:
             headers = [("Retry-After", "1")] if e.status == 503 else []
             self._send(Answer(e.status, str(e), headers=headers))
@@ -599,6 +631,7 @@ class EdgeProtocol(Protocol):
         self._stream = stream
         self._responder = responder
         self._tunnel = tunnel
+        self._forwarder = chosen
         stream.registerProducer(_VisitorReader(self), True)
         self.transport.registerProducer(stream, True)  # type: ignore[union-attr]
         return True
@@ -609,6 +642,7 @@ class EdgeProtocol(Protocol):
         """
         stream, responder = self._stream, self._responder
         self._stream = self._responder = self._tunnel = None
+        self._forwarder = None
         self._reading = None
         self._meters = []
         if responder is not None:

@@ -53,6 +53,7 @@ from txtunnel.h2messages import Fields
 from txtunnel.h2pipe import HOP_BY_HOP, H2Pipe
 from txtunnel.http1 import STATUS_TEXT, Answer, RequestHead
 from txtunnel.link import StreamReset as LinkStreamReset
+from txtunnel.plugins import requestForwarder, wireOf
 from txtunnel.relay.edge import unavailable
 from txtunnel.responses import ResponseFramer
 
@@ -457,13 +458,6 @@ class H2EdgeProtocol(Protocol):
             return
         exchange.tunnel = name or "-"
         assert authority is not None
-        # Only the built-in forwarders that know HTTP/2 messages get them; a
-        # third-party name-routed forwarder sees HTTP/1.1, as from the
-        # HTTP/1.1 edge.
-        tunnelType = getattr(tunnel, "type", "http")
-        grpc = tunnelType == "grpc" or (tunnelType == "http" and isGRPC(fields))
-        pipe: H2Pipe = H2Pipe(self, sid, responseSide=True) if grpc else _H1Pipe(self, sid, method, ended)
-        self.pipes[sid] = pipe
         head = RequestHead(
             method=method,
             target=pseudo.get(b":path", b"/"),
@@ -472,6 +466,14 @@ class H2EdgeProtocol(Protocol):
             raw=b"",
             upgrade=False,
         )
+        # The forwarder that claims the request (txtunnel.plugins); only one
+        # whose wire is "h2" gets HTTP/2 messages, others see HTTP/1.1.
+        tunnelType = getattr(tunnel, "type", "http")
+        chosen = requestForwarder(self.relay.forwarders, tunnelType, head)
+        exchange.forwarder = getattr(chosen, "name", tunnelType)
+        grpc = wireOf(chosen) == "h2"
+        pipe: H2Pipe = H2Pipe(self, sid, responseSide=True) if grpc else _H1Pipe(self, sid, method, ended)
+        self.pipes[sid] = pipe
         request = VisitorRequest(
             head=head,
             clientIP=self.clientIP,
@@ -516,6 +518,9 @@ class H2EdgeProtocol(Protocol):
         header: dict[str, Any] = {"peer": self.clientIP, "scheme": self.scheme}
         if grpc:
             header["h2"] = 1
+        chosen = self.exchanges[sid].forwarder if sid in self.exchanges else None
+        if chosen and chosen != getattr(tunnel, "type", "http"):
+            header["forwarder"] = chosen
         early = pipe._early
         pipe._early = [("h2Headers", (forwarded,))] + early
         pipe.meters = request.meters

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_relay_agent,tests.test_reconnect -*-
 """
 The relay as a service tree: its state, its public listeners, its sessions.
 """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_relay_agent,tests.test_reconnect -*-
 """
 One agent's session on the relay: hello, authentication, binds, streams.
 """
