@@ -7,7 +7,7 @@ that handles a request to an C{http} tunnel (L{requestForwarder}).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
@@ -110,6 +110,10 @@ def requestForwarder(known: Mapping[str, Any], tunnelType: str, head: Any) -> An
     return own
 
 
+def _claimsNothing(head: Any) -> bool:
+    return False
+
+
 @implementer(IPlugin, IForwarder)
 class LazyForwarder:
     """
@@ -128,6 +132,7 @@ class LazyForwarder:
         self.description = description
         self._implementation = implementation
         self._real: IForwarder | None = None
+        self._claims: Callable[[Any], object] | None = None
 
     def _load(self) -> IForwarder:
         if self._real is None:
@@ -149,8 +154,12 @@ class LazyForwarder:
         The implementation's C{handlesRequest}, or C{False} when it has
         none (it claims no requests of C{http} tunnels).
         """
-        claims = getattr(self._load(), "handlesRequest", None)
-        return bool(claims(head)) if claims is not None else False
+        claims = self._claims
+        if claims is None:
+            # Asked for every request of every http tunnel: look it up once.
+            found = getattr(self._load(), "handlesRequest", None)
+            claims = self._claims = found if found is not None else _claimsNothing
+        return bool(claims(head))
 
     @property
     def wire(self) -> str:

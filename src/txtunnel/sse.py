@@ -31,6 +31,7 @@ clock it is given.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -111,6 +112,8 @@ class SSEHeartbeat:
         self.write = write
         self.responses = ResponseFramer()
         self.responses.onBody = self._body
+        #: Also told of each piece of response body (the traffic follower).
+        self.bodyListener: Callable[[bytes, int, int], object] | None = None
         self.beats = 0
         # Heads arrive as the relay let them through, plus X-Forwarded-*.
         self._requests: RequestFramer | None = RequestFramer(maxHead=2 * MAX_HEAD)
@@ -129,16 +132,21 @@ class SSEHeartbeat:
         """
         return self.responses.raw
 
-    def requestData(self, data: bytes) -> None:
+    def requestData(self, data: bytes) -> list[Any] | None:
+        """
+        Follow request bytes; return the framer's events for them (which
+        the agent's traffic follower reads too, so each head is parsed once),
+        or C{None} once requests are no longer followed (see L{lost}).
+        """
         requests = self._requests
         if requests is None:
-            return
+            return None
         try:
             events = requests.feed(data)
         except HTTPError:
             # Not HTTP we can follow: give up on this connection, safely.
             self._giveUp()
-            return
+            return None
         for event in events:
             if isinstance(event, RequestHead):
                 self.responses.expect(event.method)
@@ -146,13 +154,26 @@ class SSEHeartbeat:
             elif isinstance(event, RequestEnd) and self._upgrading:
                 # What follows is not HTTP requests; stop reading it.
                 self._requests = None
-                return
+                break
+        return events
 
-    def responseData(self, data: bytes) -> None:
+    def responseData(self, data: bytes) -> list[int]:
+        """
+        Follow response bytes; return the statuses of the responses they
+        complete (L{ResponseFramer.feed}).
+        """
         if self._lost:
-            return
-        self.responses.feed(data)
+            return []
+        completed = self.responses.feed(data)
         self._arm()
+        return completed
+
+    @property
+    def lost(self) -> bool:
+        """
+        The requests could not be followed (not HTTP/1.1 this can read).
+        """
+        return self._lost
 
     def stop(self) -> None:
         """
@@ -169,6 +190,8 @@ class SSEHeartbeat:
         self._cancel()
 
     def _body(self, data: bytes, start: int, end: int) -> None:
+        if self.bodyListener is not None:
+            self.bodyListener(data, start, end)
         if end <= start:
             return
         if self._tailOf is not self.responses.headers:

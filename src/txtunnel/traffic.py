@@ -296,12 +296,13 @@ class Traffic:
         counting = self.metrics is not None and bool(getattr(self.metrics, "served", False))
         return self.keep or self.accessLog or counting or bool(self.listeners)
 
-    def follow(self, tunnel: str) -> Follower | None:
+    def follow(self, tunnel: str, responses: ResponseFramer | None = None) -> Follower | None:
         """
         A L{Follower} for a new connection of C{tunnel}, or C{None} when
-        nobody wants its traffic.
+        nobody wants its traffic.  With C{responses}, the connection is
+        parsed by another (see L{Follower.requestEvents}).
         """
-        return Follower(self, tunnel) if self.enabled else None
+        return Follower(self, tunnel, responses=responses) if self.enabled else None
 
     def get(self, id: int) -> Capture | None:
         for capture in self.captures:
@@ -347,15 +348,26 @@ class Follower:
     and L{connectionLost} at the end.
     """
 
-    def __init__(self, traffic: Traffic, tunnel: str, replayOf: int | None = None) -> None:
+    def __init__(
+        self, traffic: Traffic, tunnel: str, replayOf: int | None = None, responses: ResponseFramer | None = None
+    ) -> None:
         self.traffic = traffic
         self.tunnel = tunnel
         self.replayOf = replayOf
         self.cap = traffic.bodyCap
-        # Heads arrive as the relay let them through, plus X-Forwarded-*.
-        self._requests: RequestFramer | None = RequestFramer(maxHead=2 * MAX_HEAD)
-        self._responses = ResponseFramer()
-        self._responses.onBody = self._responseBody
+        if responses is None:
+            # Heads arrive as the relay let them through, plus X-Forwarded-*.
+            self._requests: RequestFramer | None = RequestFramer(maxHead=2 * MAX_HEAD)
+            self._responses = ResponseFramer()
+            self._responses.onBody = self._responseBody
+        else:
+            # Another follower of the connection parses it (the SSE
+            # heartbeat) and hands its events on: see L{requestEvents}.
+            self._requests = None
+            self._responses = responses
+        #: Whether the responses' framer is another's, which also tells it
+        #: what each request expects.
+        self._shared = responses is not None
         #: Captures whose responses are not complete, oldest first.
         self._waiting: deque[Capture] = deque()
         self._reading: Capture | None = None
@@ -390,6 +402,41 @@ class Follower:
         self._lost = True
         self._waiting.clear()
 
+    def requestEvents(self, events: list[Any] | None, failed: bool = False) -> None:
+        """
+        Follow a connection whose requests another parses: its framer's
+        C{events} for the bytes just sent, or C{failed} when they could not
+        be parsed.
+        """
+        try:
+            if failed:
+                self._giveUp()
+            elif events:
+                self._requestEvents(events)
+        except Exception:
+            self._broken()
+
+    def responseBody(self, data: bytes, start: int, end: int) -> None:
+        """
+        A piece of response body (C{data[start:end]}), from the shared
+        framer's C{onBody}.
+        """
+        try:
+            self._responseBody(data, start, end)
+        except Exception:
+            self._broken()
+
+    def responseCompleted(self, statuses: list[int]) -> None:
+        """
+        Follow a connection whose responses another parses (with the
+        L{ResponseFramer} given to this follower): C{statuses} are those
+        completed by the bytes just received.
+        """
+        try:
+            self._responsesFed(statuses)
+        except Exception:
+            self._broken()
+
     def _requestData(self, data: bytes) -> None:
         requests = self._requests
         if requests is None or self._lost:
@@ -399,11 +446,17 @@ class Follower:
         except HTTPError:
             self._giveUp()
             return
+        self._requestEvents(events)
+
+    def _requestEvents(self, events: list[Any]) -> None:
+        if self._lost:
+            return
         for event in events:
             if isinstance(event, RequestHead):
                 capture = self.traffic._start(self.tunnel, event, self.replayOf)
                 self.last = capture
-                self._responses.expect(event.method)
+                if not self._shared:
+                    self._responses.expect(event.method)
                 self._waiting.append(capture)
                 self._reading = capture
             elif isinstance(event, RequestEnd):
@@ -423,8 +476,13 @@ class Follower:
     def _responseData(self, data: bytes) -> None:
         if self._lost:
             return
+        self._responsesFed(self._responses.feed(data))
+
+    def _responsesFed(self, statuses: list[int]) -> None:
+        if self._lost:
+            return
         responses = self._responses
-        self._completed(responses.feed(data))
+        self._completed(statuses)
         waiting = self._waiting
         if waiting and responses.framing != "head":
             # The head of the response being read has been parsed.

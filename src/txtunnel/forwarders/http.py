@@ -174,9 +174,10 @@ class _RequestSide(StreamSide):
     def dataReceived(self, data: bytes) -> None:
         if self.rewriter is not None:
             self.rewriter.requestData(data)
-        self.watch.heartbeat.requestData(data)
+        heartbeat = self.watch.heartbeat
+        events = heartbeat.requestData(data)
         if self.watch.follower is not None:
-            self.watch.follower.requestData(data)
+            self.watch.follower.requestEvents(events, heartbeat.lost)
         self.watch.requestBytes()
         super().dataReceived(data)
 
@@ -269,9 +270,9 @@ class _ResponseSide(SocketSide):
 
     def dataReceived(self, data: bytes) -> None:
         self.watch.responseBytes()
-        self.watch.heartbeat.responseData(data)
+        completed = self.watch.heartbeat.responseData(data)
         if self.watch.follower is not None:
-            self.watch.follower.responseData(data)
+            self.watch.follower.responseCompleted(completed)
         if self.rewriter is not None:
             data = self.rewriter.responseData(data)
             if not data:
@@ -395,7 +396,10 @@ class HTTPForwarder:
         timeout = float(tunnel.options.get("response-timeout", DEFAULT_RESPONSE_TIMEOUT))
         heartbeat = SSEHeartbeat(tunnel.reactor, interval, stream.write)
         traffic = getattr(tunnel, "traffic", None)
-        follower = traffic.follow(tunnel.name) if traffic is not None else None
+        # The heartbeat parses the connection; the follower reads its events.
+        follower = traffic.follow(tunnel.name, heartbeat.responses) if traffic is not None else None
+        if follower is not None:
+            heartbeat.bodyListener = follower.responseBody
         watch = _Watch(tunnel, stream, timeout, heartbeat, follower)
         rewriter = responseRewriter(tunnel.options.get("policy"))
         verifier = tunnel.options.get("verify-webhook")
