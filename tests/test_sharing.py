@@ -18,7 +18,7 @@ import requests
 from twisted.internet import defer, reactor
 from twisted.web.server import Site
 
-from tests.conftest import Relay, RunningAgent, inThread, startAgent, startRelay, wait
+from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent, startRelay, wait
 from tests.test_gates import Headers
 from txtunnel.allow import allowed, parseAllow
 from txtunnel.errors import BindError
@@ -1032,3 +1032,81 @@ def test_shareUsage(args: list[str], error: str) -> None:
 
     with pytest.raises(usage.UsageError, match=error):
         Options().parseOptions(args)
+
+
+# -- pools
+
+
+POOL_KEY = "pool-key-0123456789abcdef"
+
+
+async def pooledShared(
+    agents: list[RunningAgent], relay: Relay, port: int, *args: str, expectReady: bool = True
+) -> RunningAgent:
+    return await startAgent(
+        agents, relay, "--http", str(port), "-s", "team", "--pool", POOL_KEY, *args, expectReady=expectReady
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_pooledTunnelLogin(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+    provider: TestProvider,
+    tmp_path: Any,
+    monkeypatch: Any,
+) -> None:
+    """
+    A pool of shared tunnels asks visitors to log in like a single shared
+    tunnel (the login gate once let every visitor of a pool through); an
+    agent with another allow-list cannot join the pool; and the creator's
+    'txtunnel share' changes the list of every member, so a visitor is
+    let in or out whichever member serves them.
+    """
+    from twisted.internet import reactor
+
+    from txtunnel.credentials import share
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    writeLogin(loginRelay, "alice@example.com")
+    a = await pooledShared(agents, loginRelay, headerEcho, "--allow", "carol@x.org")
+    b = await pooledShared(agents, loginRelay, headerEcho, "--allow", "carol@x.org")
+    url = a.address()
+    assert b.address() == url
+
+    def anonymous() -> list[requests.Response]:
+        return [requests.get(url, timeout=30, allow_redirects=False) for _ in range(4)]
+
+    for response in await inThread(anonymous):
+        assert response.status_code == 302 and "/_txtunnel/login?" in response.headers["Location"]
+    code, out, _ = await curl("-si", "-X", "POST", url)
+    assert out.startswith(b"HTTP/1.1 401"), out
+
+    stranger = await pooledShared(agents, loginRelay, headerEcho, "--allow", "mallory@evil.example", expectReady=False)
+    with pytest.raises(RuntimeError, match="allow-list .* differs from that of the pool"):
+        await stranger.agent.ready
+    open_ = await pooledShared(agents, loginRelay, headerEcho, expectReady=False)
+    with pytest.raises(RuntimeError, match="differs from that of the pool"):
+        await open_.agent.ready
+
+    provider.user = dict(BOB)
+    s = requests.Session()
+    assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [403] * 4
+    answer = await share(reactor, loginRelay.url, "team", ["bob@elsewhere.org"], [])
+    assert answer["allow"] == ["carol@x.org", "bob@elsewhere.org"]
+    from tests.test_reconnect import waitFor
+
+    both = ["carol@x.org", "bob@elsewhere.org"]
+    await waitFor(lambda: all(m.agent.tunnels[0].options["allow"] == both for m in (a, b)))
+    visits = [await inThread(browse, s, url) for _ in range(4)]
+    assert [v.status_code for v in visits] == [200] * 4
+    assert {seen(v)["x-txtunnel-email"] for v in visits} == {"bob@elsewhere.org"}
+    await share(reactor, loginRelay.url, "team", [], ["bob@elsewhere.org"])
+    await waitFor(lambda: all(m.agent.tunnels[0].options["allow"] == ["carol@x.org"] for m in (a, b)))
+    assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [403] * 4
+    # One member's own update (an agent.ini reload) reaches the other member too.
+    a.agent.tunnels[0].options["allow"] = both
+    assert a.agent.session.update(a.agent.tunnels[0])
+    await waitFor(lambda: b.agent.tunnels[0].options["allow"] == both)
+    assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [200] * 4

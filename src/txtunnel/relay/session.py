@@ -327,6 +327,10 @@ class RelaySession:
                 reply.update(op="update-refused", reason=str(e))
             else:
                 tunnel.request["allow"] = candidate["allow"]
+                pool = getattr(tunnel.binding, "pool", None)
+                if pool is not None:
+                    # Every member of a pool keeps the same list.
+                    pool.setAllow(candidate["allow"], origin=tunnel)
                 reply["allow"] = len(candidate["allow"])
                 self.log.info(
                     "tunnel {address} of agent {peer} now shared with {count} entries",
