@@ -529,13 +529,11 @@ def test_agentTunnelKeys(tmp_path: Any) -> None:
         Options(environ={}).parseOptions(["--config", str(ini)])
 
 
-@pytest.mark.slow
-@pytest_twisted.ensureDeferred
-async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+def chromiumVisit(url: str, https: bool = False) -> tuple[str, str, list[dict[str, Any]], str]:
     """
-    The whole login in headless Chromium: the browser's own redirect and
-    cookie handling ends on the shared page, with the session cookie kept
-    for the tunnel's host only, HttpOnly and SameSite=Lax.
+    Open C{url} in headless Chromium (C{*.localhost} mapped to loopback,
+    the test certificate trusted when C{https}); the page's final URL, its
+    text, the browser's cookies and the protocol it was fetched with.
     """
     import os
     import shutil
@@ -544,22 +542,30 @@ async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEch
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         pytest.skip("needs Chromium (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=os.path.realpath(executable),
+            args=["--no-sandbox", "--host-resolver-rules=MAP *.localhost 127.0.0.1, MAP localhost 127.0.0.1"],
+        )
+        try:
+            page = browser.new_context(ignore_https_errors=https).new_page()
+            page.goto(url)
+            protocol = page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+            return page.url, page.inner_text("body"), page.context.cookies(), str(protocol)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    The whole login in headless Chromium: the browser's own redirect and
+    cookie handling ends on the shared page, with the session cookie kept
+    for the tunnel's host only, HttpOnly and SameSite=Lax.
+    """
     url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
-
-    def run() -> tuple[str, str, list[dict[str, Any]]]:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=os.path.realpath(executable),
-                args=["--no-sandbox", "--host-resolver-rules=MAP *.localhost 127.0.0.1, MAP localhost 127.0.0.1"],
-            )
-            try:
-                page = browser.new_page()
-                page.goto(url + "inside?from=chromium")
-                return page.url, page.inner_text("body"), page.context.cookies()
-            finally:
-                browser.close()
-
-    final, text, jar = await inThread(run)
+    final, text, jar, _ = await inThread(chromiumVisit, url + "inside?from=chromium")
     assert final == url + "inside?from=chromium"
     assert "x-txtunnel-email=alice@example.com" in text and "path=/inside?from=chromium" in text
     (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
@@ -1110,3 +1116,120 @@ async def test_pooledTunnelLogin(
     assert a.agent.session.update(a.agent.tunnels[0])
     await waitFor(lambda: b.agent.tunnels[0].options["allow"] == both)
     assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [200] * 4
+
+
+# -- HTTP/2
+
+
+async def httpsLoginRelay(tmp_path: Any, provider: TestProvider) -> tuple[Relay, str]:
+    """
+    A relay with the test provider and an HTTPS listener (which offers
+    HTTP/2 by ALPN); its certificate's path.
+    """
+    from tests.test_http_tunnel import selfSignedCertificate
+
+    key, cert = selfSignedCertificate(tmp_path)
+    ini = tmp_path / "relay.ini"
+    ini.write_text(f"[provider:test]\nissuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\n")
+    relay = await startRelay(
+        str(tmp_path / "state"),
+        "--config",
+        str(ini),
+        "--https",
+        f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    provider.client.redirectURIs.append(f"https://localhost:{relay.relay.httpsPort}/_txtunnel/callback")
+    provider.client.redirectURIs.append(f"http://localhost:{relay.port}/_txtunnel/callback")
+    return relay, cert
+
+
+@pytest_twisted.ensureDeferred
+async def test_loginOverHTTP2(
+    tmp_path: Any, provider: TestProvider, agents: list[RunningAgent], headerEcho: int
+) -> None:
+    """
+    The relay's own pages answer over HTTP/2 as over HTTP/1.1 (they once
+    all answered 404 there, so a browser on an HTTPS relay could not log
+    in): curl logs in over h2 on the HTTPS listener from the first visit
+    to the shared page, and reaches the device-login pages; over h2c
+    (prior knowledge) on the plain listener too.
+    """
+    relay, cert = await httpsLoginRelay(tmp_path, provider)
+    try:
+        port, plain = relay.relay.httpsPort, relay.port
+        await startAgent(
+            agents, relay, "--http", str(headerEcho), "--subdomain", "secure", "--allow", "alice@example.com"
+        )
+        jar = str(tmp_path / "jar")
+        h2 = ["--http2", "--cacert", cert, "-b", jar, "-c", jar]
+        code, out, err = await curl(*h2, "-L", "-D", "-", f"https://secure.localhost:{port}/page?x=1")
+        assert code == 0, err
+        statuses = [line.split()[:2] for line in out.decode("latin-1").splitlines() if line.startswith("HTTP/")]
+        # page -> login -> provider (HTTP/1.1) -> callback -> session -> page
+        assert len(statuses) == 6, out
+        relayHops = [statuses[i] for i in (0, 1, 3, 4, 5)]
+        assert relayHops == [["HTTP/2", "302"]] * 4 + [["HTTP/2", "200"]], out
+        assert statuses[2][1] == "302"  # the provider's redirect to the callback
+        assert b"x-txtunnel-email=alice@example.com" in out and b"path=/page?x=1" in out
+        assert b"; Secure" in out
+
+        # The device-login pages: a code, its page (log in first), the poll.
+        code, out, err = await curl(*h2, "-X", "POST", f"https://localhost:{port}/_txtunnel/device/code")
+        assert code == 0, err
+        import json
+
+        start = json.loads(out)
+        assert start["verification_uri"] == f"https://localhost:{port}/_txtunnel/device"
+        code, out, err = await curl("--http2", "--cacert", cert, "-i", start["verification_uri_complete"])
+        assert out.startswith(b"HTTP/2 302") and b"/_txtunnel/login?" in out, out
+        code, out, err = await curl(*h2, "-L", start["verification_uri_complete"])
+        assert code == 0 and start["user_code"].encode() in out and b"alice@example.com" in out, out
+        code, out, err = await curl(
+            *h2,
+            "-i",
+            "-X",
+            "POST",
+            "-H",
+            f"X-Txtunnel-Device-Code: {start['device_code']}",
+            f"https://localhost:{port}/_txtunnel/device/token",
+        )
+        assert out.startswith(b"HTTP/2 400") and b"authorization_pending" in out, out
+
+        # h2c, prior knowledge, on the plain listener.
+        code, out, err = await curl(
+            "--http2-prior-knowledge",
+            "-i",
+            f"http://localhost:{plain}/_txtunnel/login?to=http%3A%2F%2Fsecure.localhost%3A{plain}%2F",
+        )
+        assert out.startswith(b"HTTP/2 302") and f"{provider.issuer}/authorize?".encode() in out, out
+        code, out, err = await curl("--http2-prior-knowledge", "-i", f"http://localhost:{plain}/_txtunnel/device")
+        assert out.startswith(b"HTTP/2 302") and b"/_txtunnel/login?" in out, out
+        code, out, err = await curl("--http2-prior-knowledge", "-i", f"http://localhost:{plain}/elsewhere")
+        assert out.startswith(b"HTTP/2 404") and b"this is a txtunnel relay" in out, out
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_chromiumHTTPS(
+    tmp_path: Any, provider: TestProvider, agents: list[RunningAgent], headerEcho: int
+) -> None:
+    """
+    The whole login in headless Chromium on the relay's HTTPS listener,
+    where the browser speaks HTTP/2 to the relay's login pages and the
+    tunnel; the session cookie is Secure.
+    """
+    relay, _ = await httpsLoginRelay(tmp_path, provider)
+    try:
+        await startAgent(
+            agents, relay, "--http", str(headerEcho), "--subdomain", "secure", "--allow", "alice@example.com"
+        )
+        url = f"https://secure.localhost:{relay.relay.httpsPort}/inside?from=chromium"
+        final, text, jar, protocol = await inThread(chromiumVisit, url, True)
+        assert final == url and protocol == "h2"
+        assert "x-txtunnel-email=alice@example.com" in text and "path=/inside?from=chromium" in text
+        (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
+        assert session["domain"] == "secure.localhost" and session["secure"] and session["httpOnly"]
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
