@@ -802,6 +802,65 @@ async def test_agentLoginToken(tmp_path: Any, provider: TestProvider, headerEcho
         await defer.maybeDeferred(relay.service.stopService)
 
 
+@pytest_twisted.ensureDeferred
+async def test_agentOutlivesItsLoginToken(
+    tmp_path: Any, provider: TestProvider, headerEcho: int, monkeypatch: Any
+) -> None:
+    """
+    An agent with a static token and a login token keeps running when the
+    login token expires (it once died on its next reconnect, 30 days after
+    'txtunnel login'): the relay lets it in on the static token, as nobody
+    in particular, and tells it why.  The agent reads the stored login
+    token again at each reconnect, so a new 'txtunnel login' counts without
+    a restart.
+    """
+    from tests.test_reconnect import dropLink, waitFor
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    ini = tmp_path / "relay.ini"
+    ini.write_text(f"[provider:test]\nissuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\n")
+    relay = await startRelay(str(tmp_path / "state"), "--config", str(ini), "--token", "static-token-123")
+    started: list[RunningAgent] = []
+    try:
+        writeLogin(relay, "alice@example.com")
+        args = ["--http", str(headerEcho), "--token", "static-token-123"]
+        agent = await startAgent(started, relay, *args, "--reconnect-initial", "0.2", "--reconnect-jitter", "0")
+
+        def relayEmail() -> Any:
+            sessions = [s for s in relay.relay.sessions if s.state == "ready"]
+            return sessions[0].email if len(sessions) == 1 else "?"
+
+        assert relayEmail() == "alice@example.com"
+        # Thirty-one days later on the relay: the stored token has expired.
+        gate = relay.relay.loginGate
+        gate.clockSkew = 31 * 86400
+        old = dropLink(agent)
+        await waitFor(lambda: agent.agent.session not in (None, old) and agent.agent.tunnels[0].address is not None)
+        assert agent.agent.failure is None
+        assert relayEmail() is None
+        # 'txtunnel login' again: the next reconnect brings the new token.
+        import json
+        import time
+
+        from txtunnel.credentials import relayBase, tokensPath
+
+        token = gate.tokens.issue("bob@elsewhere.org", 600, gate.now())
+        with open(tokensPath(), "w") as f:
+            json.dump({relayBase(relay.url): {"token": token, "email": "b", "expires": time.time() + 600}}, f)
+        old = dropLink(agent)
+        await waitFor(lambda: agent.agent.session not in (None, old) and agent.agent.tunnels[0].address is not None)
+        assert relayEmail() == "bob@elsewhere.org"
+        # Without a good static token, a bad login token is still refused.
+        gate.clockSkew = 62 * 86400
+        refused = await startAgent(started, relay, "--http", str(headerEcho), "--token", "wrong", expectReady=False)
+        with pytest.raises(RuntimeError, match="run 'txtunnel login' again .and the static token is not valid"):
+            await refused.agent.ready
+    finally:
+        for a in started:
+            await a.stop()
+        await defer.maybeDeferred(relay.service.stopService)
+
+
 # -- GitHub OAuth
 
 
