@@ -411,6 +411,54 @@ async def test_idTokenChecks(provider: TestProvider) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_providerKeyRotation(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider
+) -> None:
+    """
+    When the provider rotates its signing key, the next login still works:
+    the relay fetches the key set again once for the unknown key id (it
+    once refused every login until its cache expired an hour later).
+    Tokens with made-up key ids cannot make it fetch the set at will: at
+    most one fetch a minute, and tokens arriving during a fetch wait for
+    it.
+    """
+    import time
+
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    from txtunnel.oidc import LoginFailed, OIDCProvider
+
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    assert (await inThread(browse, requests.Session(), url)).status_code == 200
+    before = provider.jwksRequests
+    provider.rotate()
+    after = await inThread(browse, requests.Session(), url)
+    assert after.status_code == 200, after.text
+    assert seen(after)["x-txtunnel-email"] == "alice@example.com"
+    assert provider.jwksRequests == before + 1
+
+    client = OIDCProvider(reactor, "test", provider.issuer, "relay", "relay-secret")
+    now = int(time.time())
+    claims = {"iss": provider.issuer, "aud": "relay", "exp": now + 60, "iat": now, "nonce": "n", "sub": "a"}
+    good = jwt.encode({"alg": "RS256", "kid": provider.key.kid}, claims, provider.key)
+    assert (await client.verify(good, "n"))["sub"] == "a"
+    provider.rotate()
+    rotated = jwt.encode({"alg": "RS256", "kid": provider.key.kid}, claims, provider.key)
+    start = provider.jwksRequests
+    # Several at once during the rotation: one fetch, all verified.
+    results = await defer.gatherResults([defer.ensureDeferred(client.verify(rotated, "n")) for _ in range(5)])
+    assert [r["sub"] for r in results] == ["a"] * 5
+    assert provider.jwksRequests == start + 1
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "made-up"})
+    for kid in ("made-up", "made-up-2", "made-up-3"):
+        forged = jwt.encode({"alg": "RS256", "kid": kid}, claims, stranger)
+        with pytest.raises(LoginFailed, match="ID token was not valid"):
+            await client.verify(forged, "n")
+    assert provider.jwksRequests == start + 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_allowListReload(
     loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider, tmp_path: Any
 ) -> None:
