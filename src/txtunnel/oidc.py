@@ -193,7 +193,8 @@ class OIDCProvider:
         if self._refreshed is not None and now - self._refreshed < REFRESH_SECONDS:
             return None
         self._refreshed = now
-        self._refreshing = waiters = []
+        waiters: list[Deferred[Any]] = []
+        self._refreshing = waiters
         try:
             keys = await self.keys(refresh=True)
         except Exception:
