@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import pytest_twisted
@@ -180,6 +180,68 @@ async def test_domainEntryAndNotListed(
     assert after.status_code == 302 and "/_txtunnel/login?" in after.headers["Location"]
     assert allowedNow.status_code == 200
     assert seen(allowedNow)["x-txtunnel-email"] == "alice@example.com"
+
+
+def links(response: requests.Response) -> dict[str, str]:
+    """
+    The links of one of the relay's pages, by their text.
+    """
+    import html
+    import re
+
+    return {text: html.unescape(href) for href, text in re.findall(r'<a href="([^"]+)">([^<]+)</a>', response.text)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchAccounts(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider
+) -> None:
+    """
+    "Log in as someone else", on the access-denied page and on the
+    logged-out page, asks the provider to let the visitor choose an account
+    (prompt=select_account; a provider that remembers the visitor would
+    otherwise log them in as the same account again); a first login does
+    not.  The new login replaces the old session, which ends on the relay.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    provider.user = dict(BOB)
+
+    def visit() -> dict[str, Any]:
+        s = requests.Session()
+        denied = browse(s, url + "page")
+        old = s.cookies.get("txtunnel_session")
+        provider.user = dict(ALICE)
+        switched = browse(s, links(denied)["Log in as someone else"])
+        replayed = requests.get(url, cookies={"txtunnel_session": old}, timeout=30, allow_redirects=False)
+        logout = browse(s, url + "_txtunnel/logout")
+        provider.user = dict(BOB)
+        again = browse(s, links(logout)["Log in as someone else"])
+        return {"denied": denied, "switched": switched, "replayed": replayed, "logout": logout, "again": again}
+
+    got = await inThread(visit)
+    assert got["denied"].status_code == 403 and "bob@elsewhere.org" in got["denied"].text
+    assert links(got["denied"])["Log in as someone else"] == url + "_txtunnel/login?switch=1"
+    assert got["switched"].status_code == 200 and seen(got["switched"])["x-txtunnel-email"] == "alice@example.com"
+    assert got["replayed"].status_code == 302  # Bob's old session is over
+    assert got["again"].status_code == 403 and "bob@elsewhere.org" in got["again"].text
+    prompts = [q.get("prompt") for q in provider.authorizeQueries]
+    assert prompts == [None, "select_account", "select_account"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchAccountsGitHub(githubRelay: Relay, github: Any) -> None:
+    """
+    GitHub gets prompt=select_account too (its account picker) when the
+    visitor switches accounts, and not otherwise.
+    """
+    base = f"http://localhost:{githubRelay.port}/_txtunnel/login?"
+    for extra, prompt in (({}, None), ({"switch": "1"}, "select_account")):
+        query = {"to": "http://shared.localhost/", **extra}
+        response = await inThread(
+            lambda q=query: requests.get(base + urlencode(q), timeout=30, allow_redirects=False)  # type: ignore[misc]
+        )
+        assert response.status_code == 302
+        assert parse_qs(urlsplit(response.headers["Location"]).query).get("prompt") == ([prompt] if prompt else None)
 
 
 def startLogin(s: requests.Session, url: str) -> str:

@@ -207,7 +207,13 @@ class OIDCProvider:
             w.callback(keys)
         return keys
 
-    async def authorizationURL(self, redirectURI: str, state: str, nonce: str, challenge: str) -> str:
+    async def authorizationURL(
+        self, redirectURI: str, state: str, nonce: str, challenge: str, prompt: str | None = None
+    ) -> str:
+        """
+        Where to send the visitor to log in; C{prompt} (C{"select_account"}
+        when switching accounts) asks the provider to let them choose.
+        """
         metadata = await self.metadata()
         query = urlencode(
             {
@@ -219,6 +225,7 @@ class OIDCProvider:
                 "nonce": nonce,
                 "code_challenge": challenge,
                 "code_challenge_method": "S256",
+                **({"prompt": prompt} if prompt else {}),
             }
         )
         endpoint = metadata["authorization_endpoint"]
