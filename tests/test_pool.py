@@ -53,8 +53,12 @@ async def _get(relay: Relay, name: str = "web") -> bytes:
     return out
 
 
-async def _pooled(agents: list[RunningAgent], relay: Relay, port: int, *args: str) -> RunningAgent:
-    return await startAgent(agents, relay, "--http", str(port), "-s", "web", "--pool", KEY, *args)
+async def _pooled(
+    agents: list[RunningAgent], relay: Relay, port: int, *args: str, expectReady: bool = True
+) -> RunningAgent:
+    return await startAgent(
+        agents, relay, "--http", str(port), "-s", "web", "--pool", KEY, *args, expectReady=expectReady
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -134,6 +138,7 @@ class FakeMember:
     def __init__(self, name: str, streams: int, closed: bool = False) -> None:
         self.name = name
         self.session = type("S", (), {"link": FakeLink(streams, closed)})()
+        self.request: dict[str, Any] = {"op": "bind", "id": 1, "type": "http", "name": "web", "pool": KEY}
 
 
 def test_pool_picks_the_least_busy_member_round_robin() -> None:
@@ -214,3 +219,28 @@ async def test_relay_refuses_a_bad_pool_key(
     agents.append(RunningAgent(agent, service))
     with pytest.raises(RuntimeError, match=reason):
         await agent.ready
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_keeps_visitor_policy(relay: Relay, agents: list[RunningAgent], origins: list[int]) -> None:
+    """
+    A pool's visitor policy holds whichever member serves the visitor (the
+    relay's gates once saw no policy on a pool and let everyone through):
+    without the password a visitor gets 401, with it both members answer.
+    Members must agree: the same users (each agent salts its own hash, so
+    the hashes differ) join; an agent with other settings is refused.
+    """
+    await _pooled(agents, relay, origins[0], "--basic-auth", "ann:secret-1")
+    await _pooled(agents, relay, origins[1], "--basic-auth", "ann:secret-1")
+    host = f"Host: web.localhost:{relay.port}"
+    for _ in range(4):
+        code, out, _ = await curl("-si", "-H", host, f"http://127.0.0.1:{relay.port}/")
+        assert out.startswith(b"HTTP/1.1 401"), out
+    served = {
+        (await curl("-s", "-u", "ann:secret-1", "-H", host, f"http://127.0.0.1:{relay.port}/"))[1] for _ in range(6)
+    }
+    assert served == {b"A", b"B"}
+    for extra in (["--basic-auth", "bob:secret-2"], ["--basic-auth", "ann:secret-1", "--ip-deny", "10.0.0.0/8"], []):
+        odd = await _pooled(agents, relay, origins[1], *extra, expectReady=False)
+        with pytest.raises(RuntimeError, match="visitor policy differs from that of the pool already serving 'web'"):
+            await odd.agent.ready

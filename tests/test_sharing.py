@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import pytest_twisted
@@ -18,7 +18,7 @@ import requests
 from twisted.internet import defer, reactor
 from twisted.web.server import Site
 
-from tests.conftest import Relay, RunningAgent, inThread, startAgent, startRelay, wait
+from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent, startRelay, wait
 from tests.test_gates import Headers
 from txtunnel.allow import allowed, parseAllow
 from txtunnel.errors import BindError
@@ -180,6 +180,68 @@ async def test_domainEntryAndNotListed(
     assert after.status_code == 302 and "/_txtunnel/login?" in after.headers["Location"]
     assert allowedNow.status_code == 200
     assert seen(allowedNow)["x-txtunnel-email"] == "alice@example.com"
+
+
+def links(response: requests.Response) -> dict[str, str]:
+    """
+    The links of one of the relay's pages, by their text.
+    """
+    import html
+    import re
+
+    return {text: html.unescape(href) for href, text in re.findall(r'<a href="([^"]+)">([^<]+)</a>', response.text)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchAccounts(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider
+) -> None:
+    """
+    "Log in as someone else", on the access-denied page and on the
+    logged-out page, asks the provider to let the visitor choose an account
+    (prompt=select_account; a provider that remembers the visitor would
+    otherwise log them in as the same account again); a first login does
+    not.  The new login replaces the old session, which ends on the relay.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    provider.user = dict(BOB)
+
+    def visit() -> dict[str, Any]:
+        s = requests.Session()
+        denied = browse(s, url + "page")
+        old = s.cookies.get("txtunnel_session")
+        provider.user = dict(ALICE)
+        switched = browse(s, links(denied)["Log in as someone else"])
+        replayed = requests.get(url, cookies={"txtunnel_session": old}, timeout=30, allow_redirects=False)
+        logout = browse(s, url + "_txtunnel/logout")
+        provider.user = dict(BOB)
+        again = browse(s, links(logout)["Log in as someone else"])
+        return {"denied": denied, "switched": switched, "replayed": replayed, "logout": logout, "again": again}
+
+    got = await inThread(visit)
+    assert got["denied"].status_code == 403 and "bob@elsewhere.org" in got["denied"].text
+    assert links(got["denied"])["Log in as someone else"] == url + "_txtunnel/login?switch=1"
+    assert got["switched"].status_code == 200 and seen(got["switched"])["x-txtunnel-email"] == "alice@example.com"
+    assert got["replayed"].status_code == 302  # Bob's old session is over
+    assert got["again"].status_code == 403 and "bob@elsewhere.org" in got["again"].text
+    prompts = [q.get("prompt") for q in provider.authorizeQueries]
+    assert prompts == [None, "select_account", "select_account"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_switchAccountsGitHub(githubRelay: Relay, github: Any) -> None:
+    """
+    GitHub gets prompt=select_account too (its account picker) when the
+    visitor switches accounts, and not otherwise.
+    """
+    base = f"http://localhost:{githubRelay.port}/_txtunnel/login?"
+    for extra, prompt in (({}, None), ({"switch": "1"}, "select_account")):
+        query = {"to": "http://shared.localhost/", **extra}
+        response = await inThread(
+            lambda q=query: requests.get(base + urlencode(q), timeout=30, allow_redirects=False)  # type: ignore[misc]
+        )
+        assert response.status_code == 302
+        assert parse_qs(urlsplit(response.headers["Location"]).query).get("prompt") == ([prompt] if prompt else None)
 
 
 def startLogin(s: requests.Session, url: str) -> str:
@@ -411,6 +473,54 @@ async def test_idTokenChecks(provider: TestProvider) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_providerKeyRotation(
+    loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider
+) -> None:
+    """
+    When the provider rotates its signing key, the next login still works:
+    the relay fetches the key set again once for the unknown key id (it
+    once refused every login until its cache expired an hour later).
+    Tokens with made-up key ids cannot make it fetch the set at will: at
+    most one fetch a minute, and tokens arriving during a fetch wait for
+    it.
+    """
+    import time
+
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    from txtunnel.oidc import LoginFailed, OIDCProvider
+
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    assert (await inThread(browse, requests.Session(), url)).status_code == 200
+    before = provider.jwksRequests
+    provider.rotate()
+    after = await inThread(browse, requests.Session(), url)
+    assert after.status_code == 200, after.text
+    assert seen(after)["x-txtunnel-email"] == "alice@example.com"
+    assert provider.jwksRequests == before + 1
+
+    client = OIDCProvider(reactor, "test", provider.issuer, "relay", "relay-secret")
+    now = int(time.time())
+    claims = {"iss": provider.issuer, "aud": "relay", "exp": now + 60, "iat": now, "nonce": "n", "sub": "a"}
+    good = jwt.encode({"alg": "RS256", "kid": provider.key.kid}, claims, provider.key)
+    assert (await client.verify(good, "n"))["sub"] == "a"
+    provider.rotate()
+    rotated = jwt.encode({"alg": "RS256", "kid": provider.key.kid}, claims, provider.key)
+    start = provider.jwksRequests
+    # Several at once during the rotation: one fetch, all verified.
+    results = await defer.gatherResults([defer.ensureDeferred(client.verify(rotated, "n")) for _ in range(5)])
+    assert [r["sub"] for r in results] == ["a"] * 5
+    assert provider.jwksRequests == start + 1
+    stranger = RSAKey.generate_key(2048, parameters={"kid": "made-up"})
+    for kid in ("made-up", "made-up-2", "made-up-3"):
+        forged = jwt.encode({"alg": "RS256", "kid": kid}, claims, stranger)
+        with pytest.raises(LoginFailed, match="ID token was not valid"):
+            await client.verify(forged, "n")
+    assert provider.jwksRequests == start + 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_allowListReload(
     loginRelay: Relay, agents: list[RunningAgent], headerEcho: int, provider: TestProvider, tmp_path: Any
 ) -> None:
@@ -529,13 +639,11 @@ def test_agentTunnelKeys(tmp_path: Any) -> None:
         Options(environ={}).parseOptions(["--config", str(ini)])
 
 
-@pytest.mark.slow
-@pytest_twisted.ensureDeferred
-async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+def chromiumVisit(url: str, https: bool = False) -> tuple[str, str, list[dict[str, Any]], str]:
     """
-    The whole login in headless Chromium: the browser's own redirect and
-    cookie handling ends on the shared page, with the session cookie kept
-    for the tunnel's host only, HttpOnly and SameSite=Lax.
+    Open C{url} in headless Chromium (C{*.localhost} mapped to loopback,
+    the test certificate trusted when C{https}); the page's final URL, its
+    text, the browser's cookies and the protocol it was fetched with.
     """
     import os
     import shutil
@@ -544,22 +652,30 @@ async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEch
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         pytest.skip("needs Chromium (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=os.path.realpath(executable),
+            args=["--no-sandbox", "--host-resolver-rules=MAP *.localhost 127.0.0.1, MAP localhost 127.0.0.1"],
+        )
+        try:
+            page = browser.new_context(ignore_https_errors=https).new_page()
+            page.goto(url)
+            protocol = page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+            return page.url, page.inner_text("body"), page.context.cookies(), str(protocol)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    The whole login in headless Chromium: the browser's own redirect and
+    cookie handling ends on the shared page, with the session cookie kept
+    for the tunnel's host only, HttpOnly and SameSite=Lax.
+    """
     url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
-
-    def run() -> tuple[str, str, list[dict[str, Any]]]:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=os.path.realpath(executable),
-                args=["--no-sandbox", "--host-resolver-rules=MAP *.localhost 127.0.0.1, MAP localhost 127.0.0.1"],
-            )
-            try:
-                page = browser.new_page()
-                page.goto(url + "inside?from=chromium")
-                return page.url, page.inner_text("body"), page.context.cookies()
-            finally:
-                browser.close()
-
-    final, text, jar = await inThread(run)
+    final, text, jar, _ = await inThread(chromiumVisit, url + "inside?from=chromium")
     assert final == url + "inside?from=chromium"
     assert "x-txtunnel-email=alice@example.com" in text and "path=/inside?from=chromium" in text
     (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
@@ -789,6 +905,65 @@ async def test_agentLoginToken(tmp_path: Any, provider: TestProvider, headerEcho
             json.dump({relayBase(relay.url): {"token": token + "x", "email": "a", "expires": time.time() + 60}}, f)
         refused = await startAgent(started, relay, "--http", str(headerEcho), expectReady=False)
         with pytest.raises(RuntimeError, match="run 'txtunnel login' again"):
+            await refused.agent.ready
+    finally:
+        for a in started:
+            await a.stop()
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agentOutlivesItsLoginToken(
+    tmp_path: Any, provider: TestProvider, headerEcho: int, monkeypatch: Any
+) -> None:
+    """
+    An agent with a static token and a login token keeps running when the
+    login token expires (it once died on its next reconnect, 30 days after
+    'txtunnel login'): the relay lets it in on the static token, as nobody
+    in particular, and tells it why.  The agent reads the stored login
+    token again at each reconnect, so a new 'txtunnel login' counts without
+    a restart.
+    """
+    from tests.test_reconnect import dropLink, waitFor
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    ini = tmp_path / "relay.ini"
+    ini.write_text(f"[provider:test]\nissuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\n")
+    relay = await startRelay(str(tmp_path / "state"), "--config", str(ini), "--token", "static-token-123")
+    started: list[RunningAgent] = []
+    try:
+        writeLogin(relay, "alice@example.com")
+        args = ["--http", str(headerEcho), "--token", "static-token-123"]
+        agent = await startAgent(started, relay, *args, "--reconnect-initial", "0.2", "--reconnect-jitter", "0")
+
+        def relayEmail() -> Any:
+            sessions = [s for s in relay.relay.sessions if s.state == "ready"]
+            return sessions[0].email if len(sessions) == 1 else "?"
+
+        assert relayEmail() == "alice@example.com"
+        # Thirty-one days later on the relay: the stored token has expired.
+        gate = relay.relay.loginGate
+        gate.clockSkew = 31 * 86400
+        old = dropLink(agent)
+        await waitFor(lambda: agent.agent.session not in (None, old) and agent.agent.tunnels[0].address is not None)
+        assert agent.agent.failure is None
+        assert relayEmail() is None
+        # 'txtunnel login' again: the next reconnect brings the new token.
+        import json
+        import time
+
+        from txtunnel.credentials import relayBase, tokensPath
+
+        token = gate.tokens.issue("bob@elsewhere.org", 600, gate.now())
+        with open(tokensPath(), "w") as f:
+            json.dump({relayBase(relay.url): {"token": token, "email": "b", "expires": time.time() + 600}}, f)
+        old = dropLink(agent)
+        await waitFor(lambda: agent.agent.session not in (None, old) and agent.agent.tunnels[0].address is not None)
+        assert relayEmail() == "bob@elsewhere.org"
+        # Without a good static token, a bad login token is still refused.
+        gate.clockSkew = 62 * 86400
+        refused = await startAgent(started, relay, "--http", str(headerEcho), "--token", "wrong", expectReady=False)
+        with pytest.raises(RuntimeError, match="run 'txtunnel login' again .and the static token is not valid"):
             await refused.agent.ready
     finally:
         for a in started:
@@ -1032,3 +1207,198 @@ def test_shareUsage(args: list[str], error: str) -> None:
 
     with pytest.raises(usage.UsageError, match=error):
         Options().parseOptions(args)
+
+
+# -- pools
+
+
+POOL_KEY = "pool-key-0123456789abcdef"
+
+
+async def pooledShared(
+    agents: list[RunningAgent], relay: Relay, port: int, *args: str, expectReady: bool = True
+) -> RunningAgent:
+    return await startAgent(
+        agents, relay, "--http", str(port), "-s", "team", "--pool", POOL_KEY, *args, expectReady=expectReady
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_pooledTunnelLogin(
+    loginRelay: Relay,
+    agents: list[RunningAgent],
+    headerEcho: int,
+    provider: TestProvider,
+    tmp_path: Any,
+    monkeypatch: Any,
+) -> None:
+    """
+    A pool of shared tunnels asks visitors to log in like a single shared
+    tunnel (the login gate once let every visitor of a pool through); an
+    agent with another allow-list cannot join the pool; and the creator's
+    'txtunnel share' changes the list of every member, so a visitor is
+    let in or out whichever member serves them.
+    """
+    from twisted.internet import reactor
+
+    from txtunnel.credentials import share
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    writeLogin(loginRelay, "alice@example.com")
+    a = await pooledShared(agents, loginRelay, headerEcho, "--allow", "carol@x.org")
+    b = await pooledShared(agents, loginRelay, headerEcho, "--allow", "carol@x.org")
+    url = a.address()
+    assert b.address() == url
+
+    def anonymous() -> list[requests.Response]:
+        return [requests.get(url, timeout=30, allow_redirects=False) for _ in range(4)]
+
+    for response in await inThread(anonymous):
+        assert response.status_code == 302 and "/_txtunnel/login?" in response.headers["Location"]
+    code, out, _ = await curl("-si", "-X", "POST", url)
+    assert out.startswith(b"HTTP/1.1 401"), out
+
+    stranger = await pooledShared(agents, loginRelay, headerEcho, "--allow", "mallory@evil.example", expectReady=False)
+    with pytest.raises(RuntimeError, match="allow-list .* differs from that of the pool"):
+        await stranger.agent.ready
+    open_ = await pooledShared(agents, loginRelay, headerEcho, expectReady=False)
+    with pytest.raises(RuntimeError, match="differs from that of the pool"):
+        await open_.agent.ready
+
+    provider.user = dict(BOB)
+    s = requests.Session()
+    assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [403] * 4
+    answer = await share(reactor, loginRelay.url, "team", ["bob@elsewhere.org"], [])
+    assert answer["allow"] == ["carol@x.org", "bob@elsewhere.org"]
+    from tests.test_reconnect import waitFor
+
+    both = ["carol@x.org", "bob@elsewhere.org"]
+    await waitFor(lambda: all(m.agent.tunnels[0].options["allow"] == both for m in (a, b)))
+    visits = [await inThread(browse, s, url) for _ in range(4)]
+    assert [v.status_code for v in visits] == [200] * 4
+    assert {seen(v)["x-txtunnel-email"] for v in visits} == {"bob@elsewhere.org"}
+    await share(reactor, loginRelay.url, "team", [], ["bob@elsewhere.org"])
+    await waitFor(lambda: all(m.agent.tunnels[0].options["allow"] == ["carol@x.org"] for m in (a, b)))
+    assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [403] * 4
+    # One member's own update (an agent.ini reload) reaches the other member too.
+    a.agent.tunnels[0].options["allow"] = both
+    assert a.agent.session.update(a.agent.tunnels[0])
+    await waitFor(lambda: b.agent.tunnels[0].options["allow"] == both)
+    assert [(await inThread(browse, s, url)).status_code for _ in range(4)] == [200] * 4
+
+
+# -- HTTP/2
+
+
+async def httpsLoginRelay(tmp_path: Any, provider: TestProvider) -> tuple[Relay, str]:
+    """
+    A relay with the test provider and an HTTPS listener (which offers
+    HTTP/2 by ALPN); its certificate's path.
+    """
+    from tests.test_http_tunnel import selfSignedCertificate
+
+    key, cert = selfSignedCertificate(tmp_path)
+    ini = tmp_path / "relay.ini"
+    ini.write_text(f"[provider:test]\nissuer = {provider.issuer}\nclient-id = relay\nclient-secret = relay-secret\n")
+    relay = await startRelay(
+        str(tmp_path / "state"),
+        "--config",
+        str(ini),
+        "--https",
+        f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+    )
+    provider.client.redirectURIs.append(f"https://localhost:{relay.relay.httpsPort}/_txtunnel/callback")
+    provider.client.redirectURIs.append(f"http://localhost:{relay.port}/_txtunnel/callback")
+    return relay, cert
+
+
+@pytest_twisted.ensureDeferred
+async def test_loginOverHTTP2(
+    tmp_path: Any, provider: TestProvider, agents: list[RunningAgent], headerEcho: int
+) -> None:
+    """
+    The relay's own pages answer over HTTP/2 as over HTTP/1.1 (they once
+    all answered 404 there, so a browser on an HTTPS relay could not log
+    in): curl logs in over h2 on the HTTPS listener from the first visit
+    to the shared page, and reaches the device-login pages; over h2c
+    (prior knowledge) on the plain listener too.
+    """
+    relay, cert = await httpsLoginRelay(tmp_path, provider)
+    try:
+        port, plain = relay.relay.httpsPort, relay.port
+        await startAgent(
+            agents, relay, "--http", str(headerEcho), "--subdomain", "secure", "--allow", "alice@example.com"
+        )
+        jar = str(tmp_path / "jar")
+        h2 = ["--http2", "--cacert", cert, "-b", jar, "-c", jar]
+        code, out, err = await curl(*h2, "-L", "-D", "-", f"https://secure.localhost:{port}/page?x=1")
+        assert code == 0, err
+        statuses = [line.split()[:2] for line in out.decode("latin-1").splitlines() if line.startswith("HTTP/")]
+        # page -> login -> provider (HTTP/1.1) -> callback -> session -> page
+        assert len(statuses) == 6, out
+        relayHops = [statuses[i] for i in (0, 1, 3, 4, 5)]
+        assert relayHops == [["HTTP/2", "302"]] * 4 + [["HTTP/2", "200"]], out
+        assert statuses[2][1] == "302"  # the provider's redirect to the callback
+        assert b"x-txtunnel-email=alice@example.com" in out and b"path=/page?x=1" in out
+        assert b"; Secure" in out
+
+        # The device-login pages: a code, its page (log in first), the poll.
+        code, out, err = await curl(*h2, "-X", "POST", f"https://localhost:{port}/_txtunnel/device/code")
+        assert code == 0, err
+        import json
+
+        start = json.loads(out)
+        assert start["verification_uri"] == f"https://localhost:{port}/_txtunnel/device"
+        code, out, err = await curl("--http2", "--cacert", cert, "-i", start["verification_uri_complete"])
+        assert out.startswith(b"HTTP/2 302") and b"/_txtunnel/login?" in out, out
+        code, out, err = await curl(*h2, "-L", start["verification_uri_complete"])
+        assert code == 0 and start["user_code"].encode() in out and b"alice@example.com" in out, out
+        code, out, err = await curl(
+            *h2,
+            "-i",
+            "-X",
+            "POST",
+            "-H",
+            f"X-Txtunnel-Device-Code: {start['device_code']}",
+            f"https://localhost:{port}/_txtunnel/device/token",
+        )
+        assert out.startswith(b"HTTP/2 400") and b"authorization_pending" in out, out
+
+        # h2c, prior knowledge, on the plain listener.
+        code, out, err = await curl(
+            "--http2-prior-knowledge",
+            "-i",
+            f"http://localhost:{plain}/_txtunnel/login?to=http%3A%2F%2Fsecure.localhost%3A{plain}%2F",
+        )
+        assert out.startswith(b"HTTP/2 302") and f"{provider.issuer}/authorize?".encode() in out, out
+        code, out, err = await curl("--http2-prior-knowledge", "-i", f"http://localhost:{plain}/_txtunnel/device")
+        assert out.startswith(b"HTTP/2 302") and b"/_txtunnel/login?" in out, out
+        code, out, err = await curl("--http2-prior-knowledge", "-i", f"http://localhost:{plain}/elsewhere")
+        assert out.startswith(b"HTTP/2 404") and b"this is a txtunnel relay" in out, out
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_chromiumHTTPS(
+    tmp_path: Any, provider: TestProvider, agents: list[RunningAgent], headerEcho: int
+) -> None:
+    """
+    The whole login in headless Chromium on the relay's HTTPS listener,
+    where the browser speaks HTTP/2 to the relay's login pages and the
+    tunnel; the session cookie is Secure.
+    """
+    relay, _ = await httpsLoginRelay(tmp_path, provider)
+    try:
+        await startAgent(
+            agents, relay, "--http", str(headerEcho), "--subdomain", "secure", "--allow", "alice@example.com"
+        )
+        url = f"https://secure.localhost:{relay.relay.httpsPort}/inside?from=chromium"
+        final, text, jar, protocol = await inThread(chromiumVisit, url, True)
+        assert final == url and protocol == "h2"
+        assert "x-txtunnel-email=alice@example.com" in text and "path=/inside?from=chromium" in text
+        (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
+        assert session["domain"] == "secure.localhost" and session["secure"] and session["httpOnly"]
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)

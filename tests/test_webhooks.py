@@ -165,11 +165,54 @@ async def test_unsignedTunnelUnaffected(relay: Relay, agents: list[RunningAgent]
 
 
 def test_parseVerifier() -> None:
+    """
+    C{KIND:SECRET} (and C{hmac/HEADER:SECRET}) parse; anything else is a
+    clear error; the secret never shows in the verifier's repr.
+    """
     verifier = parseVerifier(f"GitHub:{SECRET}")
     assert verifier.kind == "github" and SECRET not in repr(verifier)
-    for bad in ("github", "gitlab:secret-123", "github:short", ":secret-123"):
-        with pytest.raises(ValueError):
+    assert parseVerifier(f"hmac/X-Acme-Signature:{SECRET}").header == b"x-acme-signature"
+    for bad, error in (
+        ("github", "expected KIND:SECRET"),
+        ("gitlab:secret-123", "expected KIND:SECRET"),
+        ("github:short", "at least 8"),
+        (":secret-123", "expected KIND:SECRET"),
+        (f"github/X-Sig:{SECRET}", "only the hmac scheme takes a header"),
+        (f"hmac/X Sig:{SECRET}", "not an HTTP header name"),
+        (f"hmac/Host:{SECRET}", "frames or routes"),
+        (f"hmac/:{SECRET}", "not an HTTP header name"),
+    ):
+        with pytest.raises(ValueError, match=error):
             parseVerifier(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_genericHeaderAndOddTimestamps(
+    relay: Relay, agents: list[RunningAgent], hooks: tuple[int, Hooks]
+) -> None:
+    """
+    The generic scheme reads its signature from the header named in
+    C{hmac/HEADER:SECRET}; and a Stripe timestamp of superscript digits
+    gets a 401 with the reason (it once reset the stream with a traceback).
+    """
+    from tests.conftest import inThread
+    from tests.test_http_tunnel import rawExchange
+
+    port, resource = hooks
+    await webhookAgent(agents, relay, port, "acme", f"hmac/X-Acme-Signature:{SECRET}")
+    assert (await post(relay, "acme", "-H", f"X-Acme-Signature: sha256={sign(BODY)}"))[0] == 200
+    status, text = await post(relay, "acme", "-H", f"X-Signature-256: sha256={sign(BODY)}")
+    assert status == 401 and "missing X-Acme-Signature" in text
+    status, text = await post(relay, "acme", "-H", f"X-Acme-Signature: {sign(BODY, 'wrong-secret')}")
+    assert status == 401 and "bad X-Acme-Signature" in text
+    await webhookAgent(agents, relay, port, "odd", f"stripe:{SECRET}")
+    head = (
+        f"POST /hook HTTP/1.1\r\nHost: odd.localhost:{relay.port}\r\nContent-Length: 2\r\n"
+        "Stripe-Signature: t=\xb2,v1=00\r\n\r\n{}"
+    )
+    out = await inThread(rawExchange, relay.port, head.encode("latin-1"))
+    assert out.startswith(b"HTTP/1.1 401") and b"malformed Stripe-Signature" in out, out
+    assert resource.bodies == [BODY]
 
 
 def test_hostileHeaders() -> None:
@@ -183,6 +226,15 @@ def test_hostileHeaders() -> None:
         ("stripe", ["Stripe-Signature: ,,,=,t="]),
         ("slack", ["X-Slack-Signature: v0=00", "X-Slack-Request-Timestamp: -5"]),
         ("hmac", ["X-Signature-256: sha256="]),
+        # Digits to str.isdigit() that int() refuses (they once raised).
+        ("stripe", ["Stripe-Signature: t=\xb2,v1=00"]),
+        ("stripe", ["Stripe-Signature: t=1\xb9\xb3,v1=00"]),
+        ("slack", ["X-Slack-Signature: v0=00", "X-Slack-Request-Timestamp: \xb2"]),
+        # More digits than int() reads; a timestamp far past any tolerance.
+        ("stripe", ["Stripe-Signature: t=" + "9" * 5000 + ",v1=00"]),
+        ("slack", ["X-Slack-Signature: v0=00", "X-Slack-Request-Timestamp: " + "1" * 5000]),
+        ("stripe", ["Stripe-Signature: t=+17,v1=00"]),
+        ("slack", ["X-Slack-Signature: v0=00", "X-Slack-Request-Timestamp: 1_700_000_000"]),
     ):
         verifier = parseVerifier(f"{kind}:{SECRET}")
         raw = ("POST / HTTP/1.1\r\nHost: x\r\n" + "".join(line + "\r\n" for line in lines) + "\r\n").encode("latin-1")

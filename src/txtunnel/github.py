@@ -51,7 +51,13 @@ class GitHubProvider:
     def __repr__(self) -> str:
         return f"<GitHubProvider {self.name} {self.web}>"
 
-    async def authorizationURL(self, redirectURI: str, state: str, nonce: str, challenge: str) -> str:
+    async def authorizationURL(
+        self, redirectURI: str, state: str, nonce: str, challenge: str, prompt: str | None = None
+    ) -> str:
+        """
+        Where to send the visitor to log in; C{prompt} (C{"select_account"}
+        when switching accounts) asks the provider to let them choose.
+        """
         query = {
             "client_id": self.clientID,
             "redirect_uri": redirectURI,
@@ -61,6 +67,9 @@ class GitHubProvider:
             "code_challenge_method": "S256",
             "allow_signup": "false",
         }
+        if prompt:
+            # GitHub shows its account picker for prompt=select_account.
+            query["prompt"] = prompt
         return f"{self.web}/login/oauth/authorize?" + urlencode(query)
 
     async def emails(self, code: str, verifier: str, redirectURI: str, nonce: str) -> list[str]:

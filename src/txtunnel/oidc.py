@@ -19,6 +19,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlencode
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from txtunnel.allow import isEmail
@@ -37,6 +38,11 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
 
 #: How long discovery and JWKS documents are kept before being fetched again.
 CACHE_SECONDS = 3600.0
+
+#: Seconds between fetches of a provider's JWKS for tokens signed with a
+#: key it lacks (a rotation), so tokens with made-up key ids cannot make
+#: the relay fetch it at will.
+REFRESH_SECONDS = 60.0
 
 
 class LoginFailed(Exception):
@@ -131,6 +137,10 @@ class OIDCProvider:
         self.audience = audience or clientID
         self._metadata: tuple[float, dict[str, Any]] | None = None
         self._keys: tuple[float, Any] | None = None
+        #: When the key set was last fetched for an unknown key, and who
+        #: waits for a fetch under way.
+        self._refreshed: float | None = None
+        self._refreshing: list[Deferred[Any]] | None = None
 
     def __repr__(self) -> str:
         return f"<OIDCProvider {self.name} {self.discoveryURL}>"
@@ -168,7 +178,42 @@ class OIDCProvider:
         self._keys = (now, keys)
         return keys
 
-    async def authorizationURL(self, redirectURI: str, state: str, nonce: str, challenge: str) -> str:
+    async def refreshKeys(self) -> Any:
+        """
+        The provider's key set fetched again, for a token signed with a key
+        the cached set lacks; C{None} when it was fetched so less than
+        L{REFRESH_SECONDS} ago.  Tokens arriving while a fetch is under way
+        wait for it rather than fetch again.
+        """
+        if self._refreshing is not None:
+            waiting: Deferred[Any] = Deferred()
+            self._refreshing.append(waiting)
+            return await waiting
+        now = self.reactor.seconds()
+        if self._refreshed is not None and now - self._refreshed < REFRESH_SECONDS:
+            return None
+        self._refreshed = now
+        waiters: list[Deferred[Any]] = []
+        self._refreshing = waiters
+        try:
+            keys = await self.keys(refresh=True)
+        except Exception:
+            self._refreshing = None
+            for w in waiters:
+                w.callback(None)
+            raise
+        self._refreshing = None
+        for w in waiters:
+            w.callback(keys)
+        return keys
+
+    async def authorizationURL(
+        self, redirectURI: str, state: str, nonce: str, challenge: str, prompt: str | None = None
+    ) -> str:
+        """
+        Where to send the visitor to log in; C{prompt} (C{"select_account"}
+        when switching accounts) asks the provider to let them choose.
+        """
         metadata = await self.metadata()
         query = urlencode(
             {
@@ -180,6 +225,7 @@ class OIDCProvider:
                 "nonce": nonce,
                 "code_challenge": challenge,
                 "code_challenge_method": "S256",
+                **({"prompt": prompt} if prompt else {}),
             }
         )
         endpoint = metadata["authorization_endpoint"]
@@ -250,16 +296,19 @@ class OIDCProvider:
         audience, expiry and nonce are checked.
         """
         from joserfc import jwt
-        from joserfc.errors import JoseError
+        from joserfc.errors import InvalidKeyIdError, JoseError
 
         metadata = await self.metadata()
         keys = await self.keys()
         try:
             try:
                 token = jwt.decode(idToken, keys, algorithms=ALGORITHMS)
-            except ValueError:
+            except (InvalidKeyIdError, ValueError):
                 # A key the cached set lacks: the provider may have rotated.
-                token = jwt.decode(idToken, await self.keys(refresh=True), algorithms=ALGORITHMS)
+                fresh = await self.refreshKeys()
+                if fresh is None:
+                    raise
+                token = jwt.decode(idToken, fresh, algorithms=ALGORITHMS)
             checks: dict[str, Any] = {
                 "iss": {"essential": True, "value": metadata["issuer"]},
                 "aud": {"essential": True, "value": self.audience if nonce is None else self.clientID},

@@ -23,7 +23,8 @@ C{slack}
     of C{v0:TIMESTAMP:BODY}; same tolerance.
 C{hmac}
     C{X-Signature-256: sha256=HEX} (or bare C{HEX}), HMAC-SHA256 of the body:
-    for senders of your own.
+    for senders of your own.  C{hmac/HEADER:SECRET} reads the signature
+    from C{HEADER} instead.
 """
 
 from __future__ import annotations
@@ -52,6 +53,24 @@ def _mac(secret: bytes, message: bytes) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
+#: Digits a signed timestamp may have (seconds since 1970 have 10 for
+#: centuries yet): a longer one is refused before it is read as a number.
+MAX_STAMP_DIGITS = 12
+
+#: The generic scheme's signature header, unless C{hmac/HEADER:SECRET} names another.
+GENERIC_HEADER = b"x-signature-256"
+
+
+def _stamp(text: str) -> int | None:
+    """
+    A signed timestamp: ASCII digits only (C{str.isdigit} takes C{'²'} or
+    Arabic-Indic digits too, which C{int} then refuses or reads), or C{None}.
+    """
+    if not 0 < len(text) <= MAX_STAMP_DIGITS or not all("0" <= c <= "9" for c in text):
+        return None
+    return int(text)
+
+
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.strip().lower().encode("ascii", "replace"), b.encode("ascii"))
 
@@ -64,6 +83,8 @@ class WebhookVerifier:
 
     kind: str
     secret: bytes
+    #: Where the C{hmac} scheme finds the signature (lower case).
+    header: bytes = GENERIC_HEADER
 
     def __repr__(self) -> str:
         return f"<WebhookVerifier {self.kind}>"  # never the secret
@@ -72,6 +93,8 @@ class WebhookVerifier:
         """
         C{None} if the request is signed, else why not (for the 401).
         """
+        if self.kind == "hmac":
+            return _generic(self.secret, head, body, self.header)
         return _CHECKS[self.kind](self.secret, head, body, now)
 
 
@@ -91,9 +114,11 @@ def _stripe(secret: bytes, head: RequestHead, body: bytes, now: float) -> str | 
             stamp = value
         elif key == "v1":
             signatures.append(value)
-    if stamp is None or not signatures or not stamp.isdigit():
+    seconds = _stamp(stamp) if stamp is not None else None
+    if seconds is None or not signatures:
         return "missing or malformed Stripe-Signature"
-    if abs(now - int(stamp)) > TOLERANCE:
+    assert stamp is not None
+    if abs(now - seconds) > TOLERANCE:
         return "Stripe-Signature timestamp outside the tolerance"
     expected = _mac(secret, stamp.encode("ascii") + b"." + body)
     ok = False
@@ -105,41 +130,50 @@ def _stripe(secret: bytes, head: RequestHead, body: bytes, now: float) -> str | 
 def _slack(secret: bytes, head: RequestHead, body: bytes, now: float) -> str | None:
     given = (head.header(b"x-slack-signature") or b"").decode("latin-1")
     stamp = (head.header(b"x-slack-request-timestamp") or b"").decode("latin-1").strip()
-    if not given.startswith("v0=") or not stamp.isdigit():
+    seconds = _stamp(stamp)
+    if not given.startswith("v0=") or seconds is None:
         return "missing X-Slack-Signature or X-Slack-Request-Timestamp"
-    if abs(now - int(stamp)) > TOLERANCE:
+    if abs(now - seconds) > TOLERANCE:
         return "X-Slack-Request-Timestamp outside the tolerance"
     expected = _mac(secret, b"v0:" + stamp.encode("ascii") + b":" + body)
     return None if _same(given[3:], expected) else "bad X-Slack-Signature"
 
 
-def _generic(secret: bytes, head: RequestHead, body: bytes, now: float) -> str | None:
-    given = (head.header(b"x-signature-256") or b"").decode("latin-1").strip()
+def _generic(secret: bytes, head: RequestHead, body: bytes, header: bytes = GENERIC_HEADER) -> str | None:
+    name = "-".join(part.capitalize() for part in header.decode("ascii").split("-"))
+    given = (head.header(header) or b"").decode("latin-1").strip()
     if given.startswith("sha256="):
         given = given[7:]
     if not given:
-        return "missing X-Signature-256"
-    return None if _same(given, _mac(secret, body)) else "bad X-Signature-256"
+        return f"missing {name}"
+    return None if _same(given, _mac(secret, body)) else f"bad {name}"
 
 
 _CHECKS: dict[str, Callable[[bytes, RequestHead, bytes, float], str | None]] = {
     "github": _github,
     "stripe": _stripe,
     "slack": _slack,
-    "hmac": _generic,
 }
 
 
 def parseVerifier(text: str) -> WebhookVerifier:
     """
-    C{KIND:SECRET} for C{--verify-webhook}.
+    C{KIND:SECRET} for C{--verify-webhook}; C{hmac/HEADER:SECRET} for the
+    generic scheme with its signature in C{HEADER}.
     """
+    from txtunnel.headerrules import headerName
+
     kind, sep, secret = str(text).strip().partition(":")
+    kind, slash, header = kind.partition("/")
     kind = kind.lower()
     if not sep or kind not in KINDS:
         raise ValueError(f"expected KIND:SECRET with KIND one of {', '.join(KINDS)}")
+    if slash and kind != "hmac":
+        raise ValueError("only the hmac scheme takes a header name (hmac/HEADER:SECRET)")
     if len(secret) < 8:
         raise ValueError("the webhook secret must be at least 8 characters long")
+    if slash:
+        return WebhookVerifier(kind, secret.encode("utf-8"), headerName(header).lower().encode("ascii"))
     return WebhookVerifier(kind, secret.encode("utf-8"))
 
 

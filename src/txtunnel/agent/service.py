@@ -112,6 +112,10 @@ class Agent:
         self.tunnels = tunnels
         #: A login token from 'txtunnel login' for this relay, sent in the hello.
         self.identity: str | None = None
+        #: Reads the stored login token again before each connection, so a
+        #: long-running agent picks up a renewed 'txtunnel login' (and stops
+        #: sending one that expired); C{None} keeps L{identity} as set.
+        self.identitySource: Callable[[], str | None] | None = None
         self.session: AgentSession | None = None
         self.ready: Deferred[list[AgentTunnel]] = Deferred()
         self.failure: str | None = None
@@ -138,6 +142,19 @@ class Agent:
         Where the link to the relay is now (see L{LinkState}).
         """
         return self.states.state
+
+    def loginToken(self) -> str | None:
+        """
+        The login token to send in the next hello: read again from where
+        'txtunnel login' keeps it, when the agent knows where that is.
+        """
+        if self.identitySource is not None:
+            try:
+                self.identity = self.identitySource()
+            except Exception as e:
+                self.log.warn("cannot read the stored login token: {why}", why=str(e))
+                self.identity = None
+        return self.identity
 
     def sessionStarted(self, session: AgentSession) -> None:
         self.session = session

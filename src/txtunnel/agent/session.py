@@ -67,9 +67,10 @@ class AgentSession:
             hello["token"] = agent.token
         if agent.key:
             hello["key"] = agent.key
-        if agent.identity:
+        identity = agent.loginToken()
+        if identity:
             # From 'txtunnel login': the relay records who made the tunnels.
-            hello["identity"] = agent.identity
+            hello["identity"] = identity
         link.sendControl(hello)
         agent.sessionStarted(self)
 
@@ -100,6 +101,9 @@ class AgentSession:
         if isinstance(window, int) and 1024 <= window <= (1 << 30):
             self.link.peerWindow = window
         self.log.info("connected to relay {relay}", relay=self.agent.relayURL)
+        if isinstance(message.get("identity-refused"), str):
+            # In with the static token, but not as the logged-in person.
+            self.log.warn("relay did not take the login token: {reason}", reason=message["identity-refused"][:200])
         self.agent.sessionWelcomed(self)
         for i, tunnel in enumerate(self.agent.tunnels, start=1):
             self.byId[i] = tunnel

@@ -824,10 +824,16 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     agent.linkTLS = options.get("link-tls")
     from txtunnel.credentials import LoginError, tokenFor
 
-    try:
-        agent.identity = tokenFor(options["relay"])
-    except LoginError:
-        agent.identity = None
+    relayURL = options["relay"]
+
+    def identity() -> str | None:
+        try:
+            return tokenFor(relayURL)
+        except LoginError:
+            return None
+
+    agent.identitySource = identity
+    agent.identity = identity()
     return agent
 
 

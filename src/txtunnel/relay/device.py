@@ -202,6 +202,7 @@ class DeviceFlow:
         from txtunnel.allow import parseAllow
         from txtunnel.errors import BindError
         from txtunnel.gates import validateBind
+        from txtunnel.relay.pool import Pool
 
         claims = self._claims(request)
         if claims is None:
@@ -228,8 +229,12 @@ class DeviceFlow:
                 validateBind(self.gate.relay.gates, candidate)
             except BindError as e:
                 return jsonAnswer(400, {"error": "bad_list", "reason": str(e)})
-            tunnel.request["allow"] = entries = candidate["allow"]
-            tunnel.session.link.sendControl({"op": "allow", "id": tunnel.id, "allow": entries})
+            entries = candidate["allow"]
+            if isinstance(tunnel, Pool):
+                tunnel.setAllow(entries)
+            else:
+                tunnel.request["allow"] = entries
+                tunnel.session.link.sendControl({"op": "allow", "id": tunnel.id, "allow": entries})
             self.log.info("{email} changed who {name} is shared with", email=claims["sub"], name=name)
         return jsonAnswer(200, {"tunnel": name, "allow": entries})
 

@@ -444,7 +444,8 @@ class H2EdgeProtocol(Protocol):
             self.answer(sid, Answer(400, "missing or invalid :authority"))
             return
         if kind == "apex":
-            self.answer(sid, Answer(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}"))
+            assert authority is not None
+            self._apex(sid, method, pseudo.get(b":path", b"/"), fields, authority)
             return
         tunnel = self.relay.hosts.get(name or "")
         if self.relay.draining:
@@ -489,6 +490,41 @@ class H2EdgeProtocol(Protocol):
         runGates(self.relay.gates, request).addCallback(
             self._admitted, sid, pipe, fields, authority, tunnel, request, grpc
         )
+
+    def _apex(self, sid: int, method: bytes, path: bytes, fields: Fields, authority: bytes) -> None:
+        """
+        A request for the relay's own host (its login and device-login
+        pages): the apex gates answer it, as on the HTTP/1.1 edge, or
+        nobody does.  Browsers speak HTTP/2 to an HTTPS relay, so these
+        pages must work here too.
+        """
+        notHere = Answer(404, f"this is a txtunnel relay; tunnels are served at NAME.{self.relay.domain}")
+        if not self.relay.apexGates:
+            self.answer(sid, notHere)
+            return
+        head = RequestHead(
+            method=method,
+            target=path,
+            version="2",
+            headers=tuple([(b"host", authority)] + [(n, v) for n, v in fields if not n.startswith(b":")]),
+            raw=b"",
+            upgrade=False,
+        )
+        request = VisitorRequest(
+            head=head,
+            clientIP=self.clientIP,
+            scheme=self.scheme,
+            host=authority,
+            name="",
+            tunnel=None,
+            transport=self.transport,
+        )
+
+        def answered(answer: Answer | None) -> None:
+            if not self._lost:
+                self.answer(sid, answer if answer is not None else notHere)
+
+        runGates(self.relay.apexGates, request).addCallback(answered)
 
     def _admitted(
         self,

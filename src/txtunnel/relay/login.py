@@ -22,7 +22,12 @@ logged-in visitor with a verified email on the list reaches it.  The flow:
    C{HttpOnly}, C{SameSite=Lax}, C{Secure} on HTTPS, expiring) and sends the
    visitor back to the page first asked for.
 
-C{NAME.<domain>/_txtunnel/logout} ends the session.  Requests that pass
+C{NAME.<domain>/_txtunnel/logout} ends the session.  The "access denied"
+and "logged out" pages link to C{NAME.<domain>/_txtunnel/login?switch=1},
+which starts a new login asking the provider to let the visitor pick an
+account (OpenID Connect's C{prompt=select_account}): without it a provider
+that still has the visitor logged in would hand back the same account.
+Requests that pass
 carry C{X-Txtunnel-Email} to the local service; a visitor's own copy of
 that header, and the relay's session cookie, are never forwarded.
 """
@@ -69,6 +74,12 @@ HANDOFF_SECONDS = 60
 
 #: Paths the relay answers itself.
 PREFIX = b"/_txtunnel/"
+
+#: A tunnel's link to log in with another account.
+SWITCH = "/_txtunnel/login?switch=1"
+
+#: The login link's extra query when switching accounts, or not.
+SWITCHING: dict[bool, dict[str, str]] = {True: {"switch": "1"}, False: {}}
 
 
 def page(status: int, title: str, message: str, links: list[tuple[str, str]] = (), headers: Any = ()) -> Answer:  # type: ignore[assignment]
@@ -202,7 +213,7 @@ class LoginGate:
                 200,
                 "Logged out",
                 f"You are logged out of {host}.",
-                [("Log in again", here + "/")],
+                [("Log in again", here + "/"), ("Log in as someone else", here + SWITCH)],
                 headers=[setCookie(SESSION_COOKIE, "", self._secure(request), 0)],
             )
         if session is not None:
@@ -220,9 +231,10 @@ class LoginGate:
             request.dropHeaders.add(b"authorization")
         else:
             email = None
-        if email is None:
+        switch = path == PREFIX + b"login" and query(request).get("switch") == "1"
+        if email is None or switch:
             target = here + (request.head.target.decode("latin-1") if path != PREFIX + b"login" else "/")
-            login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target})
+            login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target, **SWITCHING[switch]})
             if request.head.method in (b"GET", b"HEAD"):
                 return redirect(login)
             return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
@@ -236,8 +248,8 @@ class LoginGate:
                 403,
                 "Access denied",
                 f"You are logged in as {email}, which may not open {host}. "
-                "To use another account, log out and log in again.",
-                [("Log out", here + "/_txtunnel/logout")],
+                "To use another account, log in as someone else.",
+                [("Log in as someone else", here + SWITCH), ("Log out", here + "/_txtunnel/logout")],
             )
         request.addHeaders.append((EMAIL_HEADER, email.encode("ascii", "replace")))
         others = [
@@ -302,6 +314,10 @@ class LoginGate:
                 "This login link has expired or was used already.",
                 [("Log in again", f"{request.scheme}://{host}/")],
             )
+        previous = await self._sessionOf(request, host)
+        if previous is not None:
+            # Logged in as someone else: the old session ends on the relay too.
+            await store.takeTicket("session", previous["i"])
         expires = self.now() + self.lifetime
         sid = secrets.token_urlsafe(16)
         await store.putTicket("session", sid, {"e": ticket["email"], "h": host}, expires)
@@ -374,13 +390,14 @@ class LoginGate:
         target = self._checkTarget(params.get("to", ""))
         if target is None:
             return page(400, "Bad login link", "This login link does not name a tunnel on this relay.")
+        switch = params.get("switch") == "1"
         name = params.get("provider")
         if name is None and len(self.providers) == 1:
             name = next(iter(self.providers))
         if name is None or name not in self.providers:
             base = f"{self._base(request)}/_txtunnel/login?"
             links = [
-                (f"Log in with {p.label}", base + urlencode({"to": params["to"], "provider": key}))
+                (f"Log in with {p.label}", base + urlencode({"to": params["to"], "provider": key, **SWITCHING[switch]}))
                 for key, p in sorted(self.providers.items())
             ]
             return page(200, "Log in", f"Log in to open {target[1]}.", links)
@@ -388,8 +405,10 @@ class LoginGate:
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         verifier, challenge = pkcePair()
         redirectURI = self._base(request) + "/_txtunnel/callback"
+        # Switching accounts: the provider must offer a choice, not the account it remembers.
+        extra = {"prompt": "select_account"} if switch else {}
         try:
-            location = await provider.authorizationURL(redirectURI, state, nonce, challenge)
+            location = await provider.authorizationURL(redirectURI, state, nonce, challenge, **extra)
         except LoginFailed as e:
             self.log.warn("login provider {name} unusable: {why}", name=name, why=str(e))
             return page(502, "Login unavailable", str(e))

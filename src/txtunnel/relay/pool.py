@@ -11,6 +11,13 @@ at once and removed when its session ends.
 The key is a shared secret: the relay keeps only its hash, which becomes
 the owner of the name's claim, so an agent without the key cannot join the
 pool (or take the name while it is held).
+
+Visitor gates look at the pool as at one tunnel: L{Pool.request} is its
+oldest member's bind request, so a pool's allow-list, creator, client CA
+and policy are checked like a single tunnel's.  For that to mean one thing
+whichever member serves a visitor, an agent joins only with the same access
+settings as the pool (L{accessSettings}); a live change to the allow-list
+goes to every member (L{Pool.setAllow}).
 """
 
 from __future__ import annotations
@@ -26,11 +33,42 @@ from txtunnel.errors import BindError
 from txtunnel.interfaces import IBinding, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 
-__all__ = ["Pool", "PooledBinding", "poolOwner"]
+__all__ = ["Pool", "PooledBinding", "accessSettings", "poolOwner"]
 
 #: Shortest pool key accepted: it is a secret, so it must not be guessable.
 MIN_POOL_KEY = 16
 MAX_POOL_KEY = 256
+
+
+#: Bind request fields that say where a member is, not who may visit it:
+#: the only ones members of one pool may differ in.
+ROUTING_KEYS = frozenset({"op", "id", "type", "name", "pool"})
+
+
+def accessSettings(request: dict[str, Any]) -> dict[str, Any]:
+    """
+    What a bind request says about who may visit the tunnel: every field
+    but L{ROUTING_KEYS} (so a setting the relay learns later is compared
+    too: fail closed).  Allow-lists compare as sets; basic-auth credentials
+    by user name, since each agent salts its own hash of a password.
+    """
+    settings = {k: v for k, v in request.items() if k not in ROUTING_KEYS}
+    if isinstance(settings.get("allow"), list):
+        settings["allow"] = sorted(settings["allow"])
+    policy = settings.get("policy")
+    if isinstance(policy, dict) and isinstance(policy.get("basic-auth"), list):
+        users = sorted(c.split("$")[2] if isinstance(c, str) and c.count("$") >= 4 else c for c in policy["basic-auth"])
+        settings["policy"] = {**policy, "basic-auth": users}
+    return settings
+
+
+def _describe(key: str) -> str:
+    return {
+        "allow": "allow-list (--allow)",
+        "creator": "creator (the agent's 'txtunnel login')",
+        "policy": "visitor policy",
+        "client-ca": "client CA (--client-ca)",
+    }.get(key, repr(key))
 
 
 def poolOwner(key: Any) -> str:
@@ -55,6 +93,7 @@ class Pool:
         self.name = name
         self.owner = owner
         self.members: list[IRelayTunnel] = []
+        self._last: dict[str, Any] = {}
         #: When each member was last picked, to go round among equals.
         self._picked: dict[int, int] = {}
         self._turn = 0
@@ -62,7 +101,49 @@ class Pool:
     def admits(self, owner: str) -> bool:
         return hmac.compare_digest(self.owner.encode(), owner.encode())
 
+    @property
+    def request(self) -> dict[str, Any]:
+        """
+        The bind request visitor gates check for the pool: its oldest
+        member's, which every member agrees with (L{checkJoin}).  With no
+        member left (the pool is leaving the host table), the last one's.
+        """
+        if self.members:
+            self._last = self.members[0].request
+        return self._last
+
+    def checkJoin(self, tunnel: IRelayTunnel) -> None:
+        """
+        Refuse a member whose access settings differ from the pool's: a
+        visitor must meet the same gates whichever member serves them.
+
+        @raise BindError: naming the first setting that differs.
+        """
+        if not self.members:
+            return
+        mine, theirs = accessSettings(tunnel.request), accessSettings(self.request)
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                raise BindError(
+                    f"this agent's {_describe(key)} differs from that of the pool already serving {self.name!r}; "
+                    "every agent of a pool must be shared with the same people and have the same visitor settings"
+                )
+
+    def setAllow(self, entries: list[str], origin: IRelayTunnel | None = None) -> None:
+        """
+        Give every member the allow-list C{entries}, and tell each member's
+        agent (but C{origin}'s, which asked for it), so the members still
+        agree after their reconnects.
+        """
+        for member in self.members:
+            member.request["allow"] = list(entries)
+            if member is not origin:
+                member.session.link.sendControl(  # type: ignore[attr-defined]
+                    {"op": "allow", "id": member.id, "allow": list(entries)}  # type: ignore[attr-defined]
+                )
+
     def add(self, tunnel: IRelayTunnel) -> None:
+        self.checkJoin(tunnel)
         self.members.append(tunnel)
 
     def remove(self, tunnel: IRelayTunnel) -> None:

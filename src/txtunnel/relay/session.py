@@ -174,19 +174,28 @@ class RelaySession:
             return
         identity = message.get("identity")
         gate = self.relay.loginGate
+        badIdentity = None
         if isinstance(identity, str) and gate is not None:
             # A token from 'txtunnel login': who made this agent's tunnels.
             claims = gate.tokens.verify(identity, gate.now())
             if claims is None:
-                failures.take(self.peerHost)
-                self._refuse("auth", "the login token is invalid or expired; run 'txtunnel login' again")
-                return
-            self.email = str(claims["sub"])
+                badIdentity = "the login token is invalid or expired; run 'txtunnel login' again"
+            else:
+                self.email = str(claims["sub"])
         self.token = self.relay.matchToken(token if isinstance(token, str) else None)
         if self.email is None and self.token is None:
             failures.take(self.peerHost)
-            self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
+            if badIdentity is not None:
+                self._refuse("auth", badIdentity + (" (and the static token is not valid)" if token else ""))
+            else:
+                self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
+        if badIdentity is not None:
+            # A valid static token still lets the agent in (a long-running
+            # agent outlives its login), as nobody in particular.
+            self.log.warn(
+                "agent {peer}: {reason}; it connects with its static token", peer=self.peer, reason=badIdentity
+            )
         key = message.get("key")
         if isinstance(key, str) and 16 <= len(key) <= 256:
             # The agent's random key, hashed: whoever presents it again gets
@@ -210,6 +219,7 @@ class RelaySession:
                 "features": features,
                 "window": self.link.window,
                 "domain": self.relay.domain,
+                **({"identity-refused": badIdentity} if badIdentity is not None else {}),
             }
         )
         self.log.info("agent {peer} connected ({agent})", peer=self.peer, agent=str(message.get("agent", "?"))[:80])
@@ -331,6 +341,10 @@ class RelaySession:
                 reply.update(op="update-refused", reason=str(e))
             else:
                 tunnel.request["allow"] = candidate["allow"]
+                pool = getattr(tunnel.binding, "pool", None)
+                if pool is not None:
+                    # Every member of a pool keeps the same list.
+                    pool.setAllow(candidate["allow"], origin=tunnel)
                 reply["allow"] = len(candidate["allow"])
                 self.log.info(
                     "tunnel {address} of agent {peer} now shared with {count} entries",

@@ -134,9 +134,23 @@ class TestProvider:
         self.choices: list[str] = []
         #: Token requests answered, for tests that count them.
         self.tokenRequests = 0
+        #: Key set requests answered, and the query of each authorization
+        #: request, for tests that look at them.
+        self.jwksRequests = 0
+        self.authorizeQueries: list[dict[str, str]] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.issuer = ""
+
+    def rotate(self) -> None:
+        """
+        Sign with a new key (a new key id) from now on and publish only it,
+        as a provider rotating its keys does.
+        """
+        from joserfc.jwk import RSAKey
+
+        number = int(str(self.key.kid).rpartition("-")[2]) + 1
+        self.key = RSAKey.generate_key(2048, parameters={"kid": f"test-{number}", "use": "sig", "alg": "RS256"})
 
     @property
     def discoveryURL(self) -> str:
@@ -181,7 +195,7 @@ class TestProvider:
                 return {"iss": provider.issuer, "aud": [client.client_id], "exp": int(time.time()) + 300}
 
             def get_encode_header(self, client: Any) -> dict[str, Any]:
-                return {"alg": "RS256", "kid": "test-1"}
+                return {"alg": "RS256", "kid": provider.key.kid}
 
             def exists_nonce(self, nonce: str, request: Any) -> bool:
                 return any(c.nonce == nonce for c in provider.codes.values())
@@ -220,6 +234,7 @@ class TestProvider:
 
         @app.get("/jwks")
         def jwks() -> Any:
+            provider.jwksRequests += 1
             return jsonify(keys=[provider.key.as_dict(private=False)])
 
         @app.get("/authorize")
@@ -229,6 +244,7 @@ class TestProvider:
             from authlib.oauth2 import OAuth2Error
             from markupsafe import escape
 
+            provider.authorizeQueries.append(dict(request.args))
             user = dict(provider.user)
             if provider.choices:
                 # Several test accounts: let the person pick one.
