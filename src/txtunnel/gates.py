@@ -90,6 +90,7 @@ async def _run(
     """
     for gate in gates:
         try:
+            result: Answer | Deferred[Answer | None] | None
             if pending is not None:
                 result, pending = pending, None
             else:
