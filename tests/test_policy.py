@@ -421,6 +421,53 @@ async def test_tokens_file_and_reservations(
         assert out.startswith(b"HTTP/1.1 200"), out
 
 
+async def rawAgent(agents: list[RunningAgent], relay: Relay, name: str, *args: str) -> RunningAgent:
+    """
+    A modified agent: its tunnel asks for C{name} exactly as given, past the
+    agent's own check (which would lower-case it), as a hostile client
+    speaking the link protocol would.
+    """
+    from txtunnel.agent import tap as agentTap
+    from txtunnel.agent.service import AgentService
+
+    options = agentTap.Options(environ={})
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
+    agent = agentTap.buildAgent(options, reactor)
+    for tunnel in agent.tunnels:
+        tunnel.options["subdomain"] = name
+    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
+    service.startService()
+    running = RunningAgent(agent, service)
+    agents.append(running)
+    return running
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservation_not_bypassed_by_case(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    A name reserved as C{alice} cannot be taken by asking for C{ALICE} (or
+    C{Alice}) with another token, for HTTP or TLS tunnels: the relay
+    normalises the name before it looks up the reservation.  Alice's own
+    token may still bind it, in any case.
+    """
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-secret-token http:alice tls:alice\nbob-secret-token\n")
+    relay = await policyRelay(tmp_path, "--tokens-file", str(tokens), "--tls", "tcp:0:interface=127.0.0.1")
+    relays.append(relay)
+    for kind, name in (("http", "ALICE"), ("tls", "Alice")):
+        thief = await rawAgent(agents, relay, name, "--token", "bob-secret-token", f"--{kind}", str(origin))
+        with pytest.raises(RuntimeError, match=f"the {kind} name alice is reserved for another token"):
+            await thief.agent.ready
+        await thief.stop()
+    assert relay.relay.hosts.get("alice") is None and relay.relay.tlsHosts.get("alice") is None
+    owner = await rawAgent(agents, relay, "ALICE", "--token", "alice-secret-token", "--http", str(origin))
+    await owner.agent.ready
+    out = await get(relay, "alice", "/hello")
+    assert out.startswith(b"HTTP/1.1 200"), out
+
+
 def test_reserved_ports_not_random(tmp_path: Path) -> None:
     """
     A reserved TCP port is skipped when the relay picks a free port.

@@ -21,6 +21,7 @@ from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
 from txtunnel.link import Link, Stream
 from txtunnel.mtls import agentAllowed
+from txtunnel.names import checkName
 from txtunnel.relay.tokens import RESERVABLE, TokenEntry
 
 if TYPE_CHECKING:
@@ -284,6 +285,12 @@ class RelaySession:
             asked = message.get("port") if RESERVABLE[kind] else message.get("name")
             if isinstance(asked, (str, int)) and not isinstance(asked, bool):
                 key = str(asked)
+                if not RESERVABLE[kind]:
+                    try:
+                        # As the forwarder will claim it: "ALICE" is alice.
+                        key = checkName(key)
+                    except ValueError:
+                        pass  # the forwarder refuses it with the reason
                 holder = relay.reserved.get((kind, key))
                 if holder is not None and (self.token is None or self.token.digest != holder):
                     what = "port" if RESERVABLE[kind] else "name"
