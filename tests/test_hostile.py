@@ -239,3 +239,55 @@ def test_twistd_policy_and_no_secret_in_logs(tmp_path: Path, procs: list[Proc], 
     logs = relay.output + agent.output + thief.output
     assert "s3cret" not in logs and "pa55-w0rd" not in logs
     assert "Traceback" not in logs
+
+
+def test_bad_passwords_do_not_stall_other_tunnels(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    A flood of bad C{Authorization} headers to a tunnel listing 32 users
+    costs the relay at most one password hash each, off the reactor thread,
+    and only twenty a minute per visitor address (then 429): meanwhile
+    another tunnel answers at once and in full.  (Before, each bad header
+    hashed every entry on the reactor thread and stalled the relay.)
+    """
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("still here\n")
+    web = freePort()
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
+    procs.append(server)
+    server.waitFor("Serving HTTP")
+    relay, port = startRelay(procs, env, tmp_path / "state")
+    users = [a for i in range(32) for a in ("--basic-auth", f"user{i}:password-{i}")]
+    locked = startAgent(procs, env, port, "--http", str(web), "--subdomain", "locked", *users)
+    locked.waitFor("tunnel ready: http://locked.localhost")
+    other = startAgent(procs, env, port, "--http", str(web), "--subdomain", "other")
+    other.waitFor("tunnel ready: http://other.localhost")
+
+    url = f"http://127.0.0.1:{port}/index.html"
+    flood = subprocess.Popen(
+        ["curl", "-s", "-Z", "--parallel-max", "60", "-w", "%{http_code}\n"]
+        + ["-u", "user0:not-the-password", "-H", f"Host: locked.localhost:{port}"]
+        + [a for _ in range(60) for a in ("-o", "/dev/null", url)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        for _ in range(10):
+            result = curl("-H", f"Host: other.localhost:{port}", url)
+            assert result.stdout == b"still here\n", result.stderr
+        took = time.monotonic() - started
+        out, err = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+    # Ten requests take well under a second; before the fix, each waited
+    # behind rounds of hashing (0.7 s to 2 s each).
+    assert took < 5, took
+    codes = out.decode().split()
+    assert len(codes) == 60 and set(codes) <= {"401", "429"}, (codes, err)
+    assert codes.count("429") >= 30, codes  # twenty checks a minute from one address
+    assert "Traceback" not in relay.output, relay.output
