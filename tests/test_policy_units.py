@@ -64,7 +64,9 @@ def test_parse_rate() -> None:
     assert parseRate("10/s") == Rate(10, 1)
     assert parseRate("600/m") == Rate(600, 60)
     assert parseRate("5/m:3") == Rate(5, 60, 3)
+    # The burst is on top of the rate: eight at once, then five a minute.
     assert parseRate("5/m:3").capacity == 8
+    assert parseRate("20/s:40").capacity == 60 and parseRate("5/m").capacity == 5
     assert str(parseRate("5/m:3")) == "5/m:3"
     for off in ("", "0", "off"):
         assert parseRate(off) is None

@@ -20,6 +20,7 @@ from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
 from txtunnel.link import Link, Stream
+from txtunnel.iprules import visitorKey
 from txtunnel.mtls import agentAllowed
 from txtunnel.names import checkName
 from txtunnel.relay.tokens import RESERVABLE, TokenEntry
@@ -163,7 +164,9 @@ class RelaySession:
             return
         token = message.get("token")
         failures = self.relay.authFailures
-        wait = failures.wait(self.peerHost)
+        # One IPv4 address, or one IPv6 /64, counts as one agent address.
+        where = visitorKey(self.peerHost)
+        wait = failures.wait(where)
         if wait > 0:
             # Not "auth": an agent with a good token behind the same address
             # should keep retrying, not give up.
@@ -175,13 +178,13 @@ class RelaySession:
             # A token from 'txtunnel login': who made this agent's tunnels.
             claims = gate.tokens.verify(identity, gate.now())
             if claims is None:
-                failures.take(self.peerHost)
+                failures.take(where)
                 self._refuse("auth", "the login token is invalid or expired; run 'txtunnel login' again")
                 return
             self.email = str(claims["sub"])
         self.token = self.relay.matchToken(token if isinstance(token, str) else None)
         if self.email is None and self.token is None:
-            failures.take(self.peerHost)
+            failures.take(where)
             self._refuse("auth", "invalid or missing token" if token else "this relay requires a token (--token)")
             return
         key = message.get("key")
@@ -295,10 +298,12 @@ class RelaySession:
                 if holder is not None and (self.token is None or self.token.digest != holder):
                     what = "port" if RESERVABLE[kind] else "name"
                     raise BindError(f"the {kind} {what} {key} is reserved for another token on this relay")
+        # One IPv4 address, or one IPv6 /64, counts as one agent address.
+        where = visitorKey(self.peerHost)
         limit = relay.maxTunnelsPerIP
         if limit:
             # This bind is already among the session's tunnels.
-            held = sum(len(s.tunnels) for s in relay.sessions if s.peerHost == self.peerHost) - 1
+            held = sum(len(s.tunnels) for s in relay.sessions if visitorKey(s.peerHost) == where) - 1
             if held >= limit:
                 relay.metrics.limitRejected("tunnels-per-ip")
                 raise BindError(f"at most {limit} tunnels per agent address; this address holds {held}")
@@ -306,7 +311,7 @@ class RelaySession:
         if limiter is not None:
             if key is not None and relay.store is not None and (await relay.store.owner(kind, key)) == self.owner:
                 return
-            wait = limiter.take(self.peerHost)
+            wait = limiter.take(where)
             if wait > 0:
                 relay.metrics.limitRejected("bind-rate")
                 raise BindError(f"too many new tunnels from this address; try again in {max(1, round(wait))}s")
