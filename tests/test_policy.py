@@ -1026,4 +1026,6 @@ async def test_agent_limit_defaults(tmp_path: Path, relays: list[Relay]) -> None
         assert (await reply(got, i + 2))["op"] == "bound", got[-1]
     other.controlReceived({"op": "bind", "id": 9, "type": "http"})
     refused = await reply(got, 10)
-    assert refused["op"] == "refused" and "too many new tunnels from this address; try again in 12s" in refused["reason"]
+    assert (
+        refused["op"] == "refused" and "too many new tunnels from this address; try again in 12s" in refused["reason"]
+    )

@@ -437,7 +437,9 @@ def test_basic_auth_limits_at_bind() -> None:
         credentialsList([hashCredentials("a:b", iterations=MAX_ITERATIONS + 1)])
     credentialsList([hashCredentials("a:b", iterations=MAX_ITERATIONS)])
     with pytest.raises(ValueError, match="'alice' is listed twice"):
-        credentialsList([hashCredentials("alice:one", iterations=10_000), hashCredentials("alice:two", iterations=10_000)])
+        credentialsList(
+            [hashCredentials("alice:one", iterations=10_000), hashCredentials("alice:two", iterations=10_000)]
+        )
 
 
 def test_basic_auth_attempts_throttled_per_address() -> None:
