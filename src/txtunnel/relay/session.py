@@ -19,8 +19,8 @@ from txtunnel.errors import BindError, TooManyStreams, VisitorRefused
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
-from txtunnel.link import Link, Stream
 from txtunnel.iprules import visitorKey
+from txtunnel.link import Link, Stream
 from txtunnel.mtls import agentAllowed
 from txtunnel.names import checkName
 from txtunnel.relay.tokens import RESERVABLE, TokenEntry
