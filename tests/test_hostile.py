@@ -12,15 +12,20 @@ import hashlib
 import os
 import re
 import socket
+import ssl
 import struct
 import subprocess
 import time
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 
 from tests.test_contract import Proc, curl, env, freePort, procs, startAgent, startRelay, tool  # noqa: F401
-from txtunnel.frames import HEADER
+from txtunnel.frames import HEADER, MAX_JSON_PAYLOAD, FrameType
 
 pytestmark = [pytest.mark.contract, pytest.mark.slow]
 
@@ -120,7 +125,18 @@ def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Pr
     procs.append(server)
     server.waitFor("Serving HTTP")
 
-    relay, port = startRelay(procs, env, tmp_path / "state", "--header-timeout", "1", "--max-streams", "100")
+    https = freePort()
+    relay, port = startRelay(
+        procs,
+        env,
+        tmp_path / "state",
+        "--header-timeout",
+        "1",
+        "--max-streams",
+        "100",
+        "--https",
+        f"tcp:{https}:interface=127.0.0.1",
+    )
     good = startAgent(procs, env, port, "--http", str(web), "--subdomain", "good")
     good.waitFor("tunnel ready: http://good.localhost")
     bad = startAgent(procs, env, port, "--http", str(web), "--subdomain", "bad")
@@ -176,6 +192,50 @@ def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Pr
         assert b"\x88" in answer.split(b"\r\n\r\n", 1)[1], answer  # a close frame with a reason
         answer = fakeAgent(port, wsFrame(0x2, HEADER.pack(1, 0, 0, 0xFFFFFFFF)))  # a frame too big
         assert b"\x88" in answer.split(b"\r\n\r\n", 1)[1], answer
+
+        # An oversized control message (valid JSON, over the link's JSON limit).
+        big = b'{"op":"hello","pad":"' + b"x" * MAX_JSON_PAYLOAD + b'"}'
+        answer = fakeAgent(port, wsFrame(0x2, HEADER.pack(FrameType.CONTROL, 0, 0, len(big)) + big))
+        assert b"too large for JSON" in answer.split(b"\r\n\r\n", 1)[1], answer[-200:]
+
+        # HTTP/2 rapid reset: streams opened and cancelled at once, by the
+        # thousand: GOAWAY ENHANCE_YOUR_CALM, then closed.
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        request = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", f"bad.localhost:{port}")]
+        for _ in range(2000):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, request, end_stream=True)
+            client.reset_stream(sid)
+        answer = exchange(port, client.data_to_send(), timeout=30)
+        ends = [e for e in client.receive_data(answer) if isinstance(e, h2.events.ConnectionTerminated)]
+        assert ends and ends[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, ends
+
+        # TLS garbage on --https: bytes that are not TLS, then a ClientHello
+        # record full of junk; each connection is closed, nothing hangs.
+        for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x40" + os.urandom(64), os.urandom(4096)):
+            with socket.create_connection(("127.0.0.1", https), timeout=10) as s:
+                s.sendall(junk)
+                try:
+                    while s.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+        # A stalled handshake (half a ClientHello, then silence) is held open
+        # meanwhile: it must not keep anyone else waiting.
+        stalled = socket.create_connection(("127.0.0.1", https), timeout=10)
+        stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", https), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="bad.localhost") as tls:
+                tls.sendall(b"GET /index.html HTTP/1.1\r\nHost: bad.localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while not data.endswith(b"still here\n") and (chunk := tls.recv(65536)):
+                    data += chunk
+        assert data.split(b" ", 2)[1] == b"200" and data.endswith(b"still here\n"), data[:200]
+        stalled.close()
 
         # The bad tunnel still serves good requests too.
         result = curl("-H", f"Host: bad.localhost:{port}", f"http://127.0.0.1:{port}/index.html")
@@ -239,3 +299,55 @@ def test_twistd_policy_and_no_secret_in_logs(tmp_path: Path, procs: list[Proc], 
     logs = relay.output + agent.output + thief.output
     assert "s3cret" not in logs and "pa55-w0rd" not in logs
     assert "Traceback" not in logs
+
+
+def test_bad_passwords_do_not_stall_other_tunnels(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    A flood of bad C{Authorization} headers to a tunnel listing 32 users
+    costs the relay at most one password hash each, off the reactor thread,
+    and only twenty a minute per visitor address (then 429): meanwhile
+    another tunnel answers at once and in full.  (Before, each bad header
+    hashed every entry on the reactor thread and stalled the relay.)
+    """
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("still here\n")
+    web = freePort()
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
+    procs.append(server)
+    server.waitFor("Serving HTTP")
+    relay, port = startRelay(procs, env, tmp_path / "state")
+    users = [a for i in range(32) for a in ("--basic-auth", f"user{i}:password-{i}")]
+    locked = startAgent(procs, env, port, "--http", str(web), "--subdomain", "locked", *users)
+    locked.waitFor("tunnel ready: http://locked.localhost")
+    other = startAgent(procs, env, port, "--http", str(web), "--subdomain", "other")
+    other.waitFor("tunnel ready: http://other.localhost")
+
+    url = f"http://127.0.0.1:{port}/index.html"
+    flood = subprocess.Popen(
+        ["curl", "-s", "-Z", "--parallel-max", "60", "-w", "%{http_code}\n"]
+        + ["-u", "user0:not-the-password", "-H", f"Host: locked.localhost:{port}"]
+        + [a for _ in range(60) for a in ("-o", "/dev/null", url)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        for _ in range(10):
+            result = curl("-H", f"Host: other.localhost:{port}", url)
+            assert result.stdout == b"still here\n", result.stderr
+        took = time.monotonic() - started
+        out, err = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+    # Ten requests take well under a second; before the fix, each waited
+    # behind rounds of hashing (0.7 s to 2 s each).
+    assert took < 5, took
+    codes = out.decode().split()
+    assert len(codes) == 60 and set(codes) <= {"401", "429"}, (codes, err)
+    assert codes.count("429") >= 30, codes  # twenty checks a minute from one address
+    assert "Traceback" not in relay.output, relay.output

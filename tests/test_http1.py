@@ -620,3 +620,90 @@ def test_errorResponseIsValid(status: int, reason: str) -> None:
     assert conn.their_state is h11.MUST_CLOSE or conn.their_state is h11.DONE
     conn.receive_data(b"")
     assert isinstance(conn.next_event(), h11.ConnectionClosed)
+
+
+# -- fuzzing: arbitrary and mutated bytes
+
+
+def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    """
+    C{data} with each edit applied: (0, i, b) replaces a byte, (1, i, b)
+    inserts one, (2, i, _) deletes one, (3, i, n) repeats a slice.
+    """
+    out = bytearray(data)
+    for op, where, value in edits:
+        i = where % (len(out) + 1)
+        if op == 0 and i < len(out):
+            out[i] = value
+        elif op == 1:
+            out.insert(i, value)
+        elif op == 2 and i < len(out):
+            del out[i]
+        elif op == 3:
+            out[i:i] = out[i : i + 16] * (value % 64)
+    return bytes(out)
+
+
+def fuzzFeed(framer: RequestFramer, pieces: list[bytes]) -> list[Event]:
+    """
+    Feed C{pieces}; return the events of the calls that did not raise.
+    Anything but L{HTTPError} fails the test, and between calls the framer
+    never buffers more than a head's worth (plus the piece just given).
+    """
+    events: list[Event] = []
+    for piece in pieces:
+        try:
+            events.extend(framer.feed(piece))
+        except HTTPError as e:
+            assert 400 <= e.status < 600, e
+            break
+        assert len(framer._buf) <= MAX_HEAD + len(piece), len(framer._buf)
+    return events
+
+
+@SETTINGS
+@given(data=st.binary(max_size=2048), cuts=st.lists(st.integers(0, 2048), max_size=8))
+def test_arbitraryBytesOnlyHTTPError(data: bytes, cuts: list[int]) -> None:
+    """
+    Any bytes at all, in any pieces: the framer answers with events or an
+    L{HTTPError}, never another exception, and its buffer stays bounded.
+    """
+    fuzzFeed(RequestFramer(), splitAt(data, cuts))
+
+
+@SETTINGS
+@given(
+    reqs=st.lists(requests(), min_size=1, max_size=3),
+    edits=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    data=st.data(),
+)
+def test_mutatedRequestsOnlyHTTPError(reqs: list[Req], edits: list[tuple[int, int, int]], data: st.DataObject) -> None:
+    """
+    Valid requests followed by a mutated copy of them, in pieces: the valid
+    requests come out whole (every head and body byte, in order, before
+    anything from the mutated part), and the mutated part yields events
+    or an L{HTTPError}, nothing else.
+    """
+    wire = b"".join(r.wire for r in reqs)
+    framer = RequestFramer()
+    good = fuzzFeed(framer, splitAt(wire, data.draw(st.lists(st.integers(0, len(wire)), max_size=6))))
+    raw = b"".join(e.raw if isinstance(e, RequestHead) else e.data for e in good if not isinstance(e, RequestEnd))
+    assert raw == wire
+    assert sum(isinstance(e, RequestEnd) for e in good) == len(reqs) and framer.idle
+    bad = mutate(wire, edits)
+    fuzzFeed(framer, splitAt(bad, data.draw(st.lists(st.integers(0, len(bad)), max_size=6))))
+
+
+def test_hugeGarbageStaysBounded() -> None:
+    """
+    A megabyte without a line end is refused once the head limit is
+    passed, fed all at once or in pieces, with no more than a head's worth
+    kept in between.
+    """
+    for pieces in ([b"G" * 1_000_000], [b"G" * 1000] * 1000):
+        framer = RequestFramer()
+        with pytest.raises(HTTPError) as info:
+            for piece in pieces:
+                framer.feed(piece)
+                assert len(framer._buf) <= MAX_HEAD
+        assert info.value.status in (400, 414, 431)

@@ -421,6 +421,53 @@ async def test_tokens_file_and_reservations(
         assert out.startswith(b"HTTP/1.1 200"), out
 
 
+async def rawAgent(agents: list[RunningAgent], relay: Relay, name: str, *args: str) -> RunningAgent:
+    """
+    A modified agent: its tunnel asks for C{name} exactly as given, past the
+    agent's own check (which would lower-case it), as a hostile client
+    speaking the link protocol would.
+    """
+    from txtunnel.agent import tap as agentTap
+    from txtunnel.agent.service import AgentService
+
+    options = agentTap.Options(environ={})
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
+    agent = agentTap.buildAgent(options, reactor)
+    for tunnel in agent.tunnels:
+        tunnel.options["subdomain"] = name
+    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
+    service.startService()
+    running = RunningAgent(agent, service)
+    agents.append(running)
+    return running
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservation_not_bypassed_by_case(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    A name reserved as C{alice} cannot be taken by asking for C{ALICE} (or
+    C{Alice}) with another token, for HTTP or TLS tunnels: the relay
+    normalises the name before it looks up the reservation.  Alice's own
+    token may still bind it, in any case.
+    """
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-secret-token http:alice tls:alice\nbob-secret-token\n")
+    relay = await policyRelay(tmp_path, "--tokens-file", str(tokens), "--tls", "tcp:0:interface=127.0.0.1")
+    relays.append(relay)
+    for kind, name in (("http", "ALICE"), ("tls", "Alice")):
+        thief = await rawAgent(agents, relay, name, "--token", "bob-secret-token", f"--{kind}", str(origin))
+        with pytest.raises(RuntimeError, match=f"the {kind} name alice is reserved for another token"):
+            await thief.agent.ready
+        await thief.stop()
+    assert relay.relay.hosts.get("alice") is None and relay.relay.tlsHosts.get("alice") is None
+    owner = await rawAgent(agents, relay, "ALICE", "--token", "alice-secret-token", "--http", str(origin))
+    await owner.agent.ready
+    out = await get(relay, "alice", "/hello")
+    assert out.startswith(b"HTTP/1.1 200"), out
+
+
 def test_reserved_ports_not_random(tmp_path: Path) -> None:
     """
     A reserved TCP port is skipped when the relay picks a free port.
@@ -843,3 +890,142 @@ async def test_relay_ip_rules_cover_udp_tunnels(
     finally:
         for port in listeners:
             await defer.maybeDeferred(port.stopListening)
+
+
+# -- agent limits count an IPv6 /64 as one address
+
+
+class _Wire:
+    """
+    One side of an in-memory link: what one L{Link} sends, the other reads.
+    """
+
+    def __init__(self) -> None:
+        self.other: Any = None
+        self.closed: list[str] = []
+
+    def sendLinkBytes(self, data: bytes) -> None:
+        self.other.dataReceived(data)
+
+    def closeLink(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+def linkedSession(relay: Relay, peer: str) -> tuple[Any, list[dict[str, Any]]]:
+    """
+    A relay session for an agent at C{peer}, over a real pair of links in
+    memory; returns it and the control messages the agent side receives.
+    """
+    from txtunnel.link import Link
+    from txtunnel.relay.session import RelaySession
+
+    toAgent, toRelay = _Wire(), _Wire()
+    relayLink = Link(toAgent, role="relay", clock=reactor, peer=peer, keepalive=0)
+    agentLink = Link(toRelay, role="agent", clock=reactor, peer="relay", keepalive=0)
+    toAgent.other, toRelay.other = agentLink, relayLink
+    received: list[dict[str, Any]] = []
+    agentLink.controlReceived = received.append
+    session = RelaySession(relay.relay, relayLink, toAgent, peer)
+    return session, received
+
+
+async def reply(received: list[dict[str, Any]], count: int) -> dict[str, Any]:
+    for _ in range(200):
+        if len(received) >= count:
+            return received[count - 1]
+        await wait(0.01)
+    raise AssertionError(f"no reply {count}: {received}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_limits_count_ipv6_64_as_one(tmp_path: Path, relays: list[Relay]) -> None:
+    """
+    Tunnels per agent address, the bind rate and the failed-token throttle
+    count an IPv6 /64 as one address, like visitor limits: an agent cannot
+    step around them by changing the low bits of its address; another /64
+    is another address.
+    """
+    from txtunnel.frames import PROTOCOL_VERSION
+
+    hello = {"op": "hello", "versions": [PROTOCOL_VERSION], "token": "right-token-1234"}
+    relay = await policyRelay(tmp_path, "--token", "right-token-1234", "--max-tunnels-per-ip", "1")
+    relays.append(relay)
+    first, got1 = linkedSession(relay, "2001:db8:0:1::10")
+    first.controlReceived(hello)
+    assert (await reply(got1, 1))["op"] == "welcome"
+    first.controlReceived({"op": "bind", "id": 1, "type": "http"})
+    assert (await reply(got1, 2))["op"] == "bound", got1
+    second, got2 = linkedSession(relay, "2001:db8:0:1::20")
+    second.controlReceived(hello)
+    second.controlReceived({"op": "bind", "id": 1, "type": "http"})
+    refused = await reply(got2, 2)
+    assert refused["op"] == "refused" and "at most 1 tunnels per agent address" in refused["reason"], refused
+    third, got3 = linkedSession(relay, "2001:db8:0:2::10")
+    third.controlReceived(hello)
+    third.controlReceived({"op": "bind", "id": 1, "type": "http"})
+    assert (await reply(got3, 2))["op"] == "bound", got3
+
+    # The bind rate: one new tunnel a minute per /64.
+    rated = await policyRelay(tmp_path / "rated", "--bind-rate", "1/m")
+    relays.append(rated)
+    for peer, expected in (("2001:db8:0:5::1", "bound"), ("2001:db8:0:5::2", "refused"), ("2001:db8:0:6::1", "bound")):
+        session, got = linkedSession(rated, peer)
+        session.controlReceived({"op": "hello", "versions": [PROTOCOL_VERSION]})
+        session.controlReceived({"op": "bind", "id": 1, "type": "http"})
+        answer = await reply(got, 2)
+        assert answer["op"] == expected, (peer, answer)
+        assert expected == "bound" or "too many new tunnels from this address" in answer["reason"], answer
+
+    # Failed tokens: ten guesses from one /64, then even the right token from
+    # another address of it is told to wait; another /64 is not.
+    for i in range(10):
+        session, got = linkedSession(relay, f"2001:db8:0:9::{i + 1:x}")
+        session.controlReceived(dict(hello, token=f"guess-{i:04d}-xxxx"))
+        assert (await reply(got, 1))["code"] == "auth"
+    session, got = linkedSession(relay, "2001:db8:0:9::ff")
+    session.controlReceived(hello)
+    busy = await reply(got, 1)
+    assert busy["code"] == "busy" and "too many failed token attempts" in busy["reason"], busy
+    session, got = linkedSession(relay, "2001:db8:0:a::1")
+    session.controlReceived(hello)
+    assert (await reply(got, 1))["op"] == "welcome"
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_limit_defaults(tmp_path: Path, relays: list[Relay]) -> None:
+    """
+    A relay started with no limit options enforces the documented defaults:
+    ten tunnels per agent address, and new tunnels at 5/m:3 (five a minute
+    and three more at once: eight, then one every twelve seconds).  The ten are names held for an agent
+    that was away (taking them back is not a new tunnel), the way a
+    reconnecting agent brings back its tunnels.
+    """
+    import hashlib
+
+    from txtunnel.frames import PROTOCOL_VERSION
+
+    relay = await policyRelay(tmp_path)
+    relays.append(relay)
+    key = "agent-key-0123456789abcdef"
+    owner = "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    for i in range(10):
+        await relay.relay.store.hold("http", f"held-{i}", owner, relay.relay.wallClock() + 600)
+    session, got = linkedSession(relay, "192.0.2.1")
+    session.controlReceived({"op": "hello", "versions": [PROTOCOL_VERSION], "key": key})
+    for i in range(10):
+        session.controlReceived({"op": "bind", "id": i + 1, "type": "http", "name": f"held-{i}"})
+        assert (await reply(got, i + 2))["op"] == "bound", got[-1]
+    session.controlReceived({"op": "bind", "id": 11, "type": "http"})
+    refused = await reply(got, 12)
+    assert "at most 10 tunnels per agent address; this address holds 10" in refused["reason"], refused
+
+    other, got = linkedSession(relay, "192.0.2.2")
+    other.controlReceived({"op": "hello", "versions": [PROTOCOL_VERSION]})
+    for i in range(8):
+        other.controlReceived({"op": "bind", "id": i + 1, "type": "http"})
+        assert (await reply(got, i + 2))["op"] == "bound", got[-1]
+    other.controlReceived({"op": "bind", "id": 9, "type": "http"})
+    refused = await reply(got, 10)
+    assert (
+        refused["op"] == "refused" and "too many new tunnels from this address; try again in 12s" in refused["reason"]
+    )

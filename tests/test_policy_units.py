@@ -6,6 +6,7 @@ gate's month, and the policy options of the relay and agent.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ def test_parse_rate() -> None:
     assert parseRate("10/s") == Rate(10, 1)
     assert parseRate("600/m") == Rate(600, 60)
     assert parseRate("5/m:3") == Rate(5, 60, 3)
+    # The burst is on top of the rate: eight at once, then five a minute.
     assert parseRate("5/m:3").capacity == 8
+    assert parseRate("20/s:40").capacity == 60 and parseRate("5/m").capacity == 5
     assert str(parseRate("5/m:3")) == "5/m:3"
     for off in ("", "0", "off"):
         assert parseRate(off) is None
@@ -390,3 +393,84 @@ def test_documented_token_hash_command() -> None:
         "printf 'txtunnel-token:%s' 'my-agent-token' | sha256sum", shell=True, capture_output=True, check=True
     ).stdout
     assert out.split()[0].decode() == hashToken("my-agent-token").hex()
+
+
+# -- basic auth cost
+
+
+def test_basic_auth_derives_at_most_one_key(monkeypatch: Any) -> None:
+    """
+    However many entries a tunnel lists, a header costs at most one PBKDF2:
+    the entry of its user name, or (for an unknown user) a decoy with the
+    first entry's salt, so the time taken does not reveal which users
+    exist.  The right password still passes and a wrong one fails.
+    """
+    import hashlib
+
+    from txtunnel import basicauth
+
+    stored = [basicauth.hashCredentials(f"user{i}:pw{i}", iterations=10_000) for i in range(32)]
+    calls: list[int] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        calls.append(iterations)
+        return real(name, password, salt, iterations)
+
+    monkeypatch.setattr(basicauth.hashlib, "pbkdf2_hmac", counting)
+    for userPass, ok in (("user7:pw7", True), ("user7:bad", False), ("nobody:pw7", False), ("user31:pw31", True)):
+        calls.clear()
+        assert basicauth.checkCredentials(userPass, stored) is ok, userPass
+        assert calls == [10_000], userPass
+
+
+def test_basic_auth_limits_at_bind() -> None:
+    """
+    A bind cannot make each check expensive: iterations above
+    MAX_ITERATIONS (200,000) are refused, and so is a user listed twice
+    (each header is checked against one entry).
+    """
+    from txtunnel.basicauth import MAX_ITERATIONS, credentialsList, hashCredentials
+
+    assert MAX_ITERATIONS == 200_000
+    with pytest.raises(ValueError, match="between 10000 and 200000"):
+        credentialsList([hashCredentials("a:b", iterations=MAX_ITERATIONS + 1)])
+    credentialsList([hashCredentials("a:b", iterations=MAX_ITERATIONS)])
+    with pytest.raises(ValueError, match="'alice' is listed twice"):
+        credentialsList(
+            [hashCredentials("alice:one", iterations=10_000), hashCredentials("alice:two", iterations=10_000)]
+        )
+
+
+def test_basic_auth_attempts_throttled_per_address() -> None:
+    """
+    Password checks from one visitor address (an IPv6 /64 counts as one)
+    are limited: past twenty a minute, the gate answers 429 with
+    Retry-After without hashing; another address is still checked, and a
+    credential accepted before still passes (it is cached, no hash).
+    """
+    from txtunnel.basicauth import hashCredentials
+    from txtunnel.gates import VisitorRequest
+    from txtunnel.relay.policy import BasicAuthGate
+
+    class Tunnel:
+        request = {"type": "http", "policy": {"basic-auth": [hashCredentials("alice:secret", iterations=10_000)]}}
+
+    clock = Clock()
+    gate = BasicAuthGate(clock=clock.seconds)
+    tunnel = Tunnel()
+
+    def answer(ip: str, userPass: str) -> Any:
+        auth = base64.b64encode(userPass.encode()).decode()
+        head = parse(f"GET / HTTP/1.1\r\nHost: a.localhost\r\nAuthorization: Basic {auth}\r\n\r\n".encode())
+        return gate.check(VisitorRequest(head, ip, "http", b"a.localhost", "a", tunnel))
+
+    assert answer("2001:db8::1", "alice:secret") is None
+    for i in range(19):
+        assert answer(f"2001:db8::{i + 2:x}", "alice:wrong").status == 401
+    limited = answer("2001:db8::ffff", "alice:wrong")
+    assert limited.status == 429 and any(name == "Retry-After" for name, _ in limited.headers)
+    assert answer("2001:db8::ffff", "alice:secret") is None  # accepted before: cached
+    assert answer("2001:db8:0:1::1", "alice:wrong").status == 401  # another /64
+    clock.advance(3)
+    assert answer("2001:db8::2", "alice:wrong").status == 401

@@ -54,6 +54,7 @@ from txtunnel.h2pipe import HOP_BY_HOP, H2Pipe
 from txtunnel.http1 import STATUS_TEXT, Answer, RequestHead
 from txtunnel.link import StreamReset as LinkStreamReset
 from txtunnel.plugins import requestForwarder, wireOf
+from txtunnel.ratelimit import BucketTable, Rate
 from txtunnel.relay.edge import unavailable
 from txtunnel.responses import ResponseFramer
 
@@ -77,6 +78,10 @@ MAX_STREAMS = 100
 
 #: Largest header list a visitor may send.
 MAX_HEADER_LIST = 64 * 1024
+#: Streams a visitor may reset per second on one connection (the HTTP/2
+#: "rapid reset" attack opens and cancels streams to make the relay do
+#: work for free); past it the connection gets GOAWAY ENHANCE_YOUR_CALM.
+MAX_RESETS = Rate(100, 1, 100)
 
 
 def isGRPC(fields: Fields) -> bool:
@@ -299,6 +304,8 @@ class H2EdgeProtocol(Protocol):
         self.paused = False
         self._lost = False
         self._closeWhenIdle = False
+        self._resets = BucketTable(MAX_RESETS, lambda: float(relay.reactor.seconds()), 1)
+        self._calmed = False
 
     # -- H2Owner
 
@@ -379,6 +386,8 @@ class H2EdgeProtocol(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         for event in events:
+            if self._calmed:
+                return
             self._event(event)
         self.flush()
 
@@ -401,6 +410,8 @@ class H2EdgeProtocol(Protocol):
         elif isinstance(event, StreamReset):
             if pipe is not None:
                 pipe.h2Reset(event.error_code)
+            if self._resets.take("") > 0:
+                self._enhanceYourCalm()
         elif isinstance(event, WindowUpdated):
             targets = list(self.pipes.values()) if sid == 0 else [pipe] if pipe is not None else []
             for target in targets:
@@ -410,6 +421,20 @@ class H2EdgeProtocol(Protocol):
                 target.windowOpened()
         elif isinstance(event, ConnectionTerminated):
             self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _enhanceYourCalm(self) -> None:
+        """
+        Too many streams reset too fast: GOAWAY ENHANCE_YOUR_CALM and close,
+        before the rest of what the visitor sent is looked at.
+        """
+        self._calmed = True
+        self.log.info("HTTP/2 rapid stream resets from {client}; closing", client=self.clientIP)
+        try:
+            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+        except H2Error:
+            pass
+        self.flush()
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _drop(self, sid: int, length: int) -> None:
         """

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -414,34 +415,72 @@ class QuotaGate(_Validating):
         self.flush()
 
 
+#: Password checks one visitor address may cost the relay: twenty a
+#: minute, each at most one PBKDF2 (an accepted password is remembered and
+#: not checked again), so a flood of bad C{Authorization} headers is
+#: answered 429 cheaply.
+AUTH_ATTEMPTS = Rate(20, 60)
+
+
 @implementer(IVisitorGate)
 class BasicAuthGate(_Validating):
     """
     The tunnel's basic auth: 401 with C{WWW-Authenticate} until the visitor
     sends one of its credentials; the C{Authorization} header the relay
     checked never reaches the local service.
+
+    A header not seen accepted before costs one PBKDF2, run in the
+    reactor's thread pool when there is one (the hash releases the GIL),
+    so other tunnels are served meanwhile; and each visitor address may
+    cause only L{AUTH_ATTEMPTS} of them.
     """
 
-    def __init__(self, realm: str = "txtunnel") -> None:
+    def __init__(
+        self,
+        realm: str = "txtunnel",
+        clock: Callable[[], float] = time.monotonic,
+        reactor: Any = None,
+        attempts: Rate = AUTH_ATTEMPTS,
+    ) -> None:
         self.realm = realm
         self.cache = CredentialCache()
+        self.reactor = reactor
+        self.attempts = BucketTable(attempts, clock, 100_000)
 
-    def check(self, request: VisitorRequest) -> Answer | None:
-        credentials = list(tunnelPolicy(request).credentials)
-        if not credentials:
-            return None
-        userPass = parseAuthorization(request.head.header(b"authorization"))
-        if userPass is not None:
-            key = self.cache.key(userPass, credentials)
-            if key in self.cache or checkCredentials(userPass, credentials):
-                self.cache.add(key)
-                request.dropHeaders.add(b"authorization")
-                return None
+    def _unauthorized(self) -> Answer:
         return Answer(
             401,
             "this tunnel needs a user name and password",
             headers=[("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')],
         )
+
+    def check(self, request: VisitorRequest) -> Answer | Deferred[Answer | None] | None:
+        credentials = list(tunnelPolicy(request).credentials)
+        if not credentials:
+            return None
+        userPass = parseAuthorization(request.head.header(b"authorization"))
+        if userPass is None:
+            return self._unauthorized()
+        key = self.cache.key(userPass, credentials)
+        if key in self.cache:
+            request.dropHeaders.add(b"authorization")
+            return None
+        wait = self.attempts.take(visitorKey(request.clientIP))
+        if wait > 0:
+            return _tooMany(wait, "with a password from your address")
+
+        def checked(ok: bool) -> Answer | None:
+            if not ok:
+                return self._unauthorized()
+            self.cache.add(key)
+            request.dropHeaders.add(b"authorization")
+            return None
+
+        pool = getattr(self.reactor, "getThreadPool", None)
+        if pool is None:
+            return checked(checkCredentials(userPass, credentials))
+        d: Deferred[bool] = deferToThreadPool(self.reactor, pool(), checkCredentials, userPass, credentials)
+        return d.addCallback(checked)
 
 
 @implementer(IVisitorGate)
@@ -542,7 +581,7 @@ def policyGates(relay: Any) -> list[IVisitorGate]:
         IPGate(relay.visitorRules),
         RateGate(clock, settings.get("rate-per-ip"), settings.get("rate-per-tunnel"), settings.get("rate-total")),
         QuotaGate(relay, settings.get("quota-per-ip", 0), settings.get("quota-per-tunnel", 0)),
-        BasicAuthGate(),
+        BasicAuthGate(clock=clock, reactor=relay.reactor),
         HeaderGate(settings.get("add-header", []), settings.get("remove-header", [])),
     ]
     metrics = getattr(relay, "metrics", None)

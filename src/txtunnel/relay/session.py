@@ -19,8 +19,10 @@ from txtunnel.errors import BindError, TooManyStreams, VisitorRefused
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
+from txtunnel.iprules import visitorKey
 from txtunnel.link import Link, Stream
 from txtunnel.mtls import agentAllowed
+from txtunnel.names import checkName
 from txtunnel.relay.tokens import RESERVABLE, TokenEntry
 
 if TYPE_CHECKING:
@@ -166,7 +168,9 @@ class RelaySession:
             return
         token = message.get("token")
         failures = self.relay.authFailures
-        wait = failures.wait(self.peerHost)
+        # One IPv4 address, or one IPv6 /64, counts as one agent address.
+        where = visitorKey(self.peerHost)
+        wait = failures.wait(where)
         if wait > 0:
             # Not "auth": an agent with a good token behind the same address
             # should keep retrying, not give up.
@@ -184,7 +188,7 @@ class RelaySession:
                 self.email = str(claims["sub"])
         self.token = self.relay.matchToken(token if isinstance(token, str) else None)
         if self.email is None and self.token is None:
-            failures.take(self.peerHost)
+            failures.take(where)
             if badIdentity is not None:
                 self._refuse("auth", badIdentity + (" (and the static token is not valid)" if token else ""))
             else:
@@ -298,14 +302,22 @@ class RelaySession:
             asked = message.get("port") if RESERVABLE[kind] else message.get("name")
             if isinstance(asked, (str, int)) and not isinstance(asked, bool):
                 key = str(asked)
+                if not RESERVABLE[kind]:
+                    try:
+                        # As the forwarder will claim it: "ALICE" is alice.
+                        key = checkName(key)
+                    except ValueError:
+                        pass  # the forwarder refuses it with the reason
                 holder = relay.reserved.get((kind, key))
                 if holder is not None and (self.token is None or self.token.digest != holder):
                     what = "port" if RESERVABLE[kind] else "name"
                     raise BindError(f"the {kind} {what} {key} is reserved for another token on this relay")
+        # One IPv4 address, or one IPv6 /64, counts as one agent address.
+        where = visitorKey(self.peerHost)
         limit = relay.maxTunnelsPerIP
         if limit:
             # This bind is already among the session's tunnels.
-            held = sum(len(s.tunnels) for s in relay.sessions if s.peerHost == self.peerHost) - 1
+            held = sum(len(s.tunnels) for s in relay.sessions if visitorKey(s.peerHost) == where) - 1
             if held >= limit:
                 relay.metrics.limitRejected("tunnels-per-ip")
                 raise BindError(f"at most {limit} tunnels per agent address; this address holds {held}")
@@ -313,7 +325,7 @@ class RelaySession:
         if limiter is not None:
             if key is not None and relay.store is not None and (await relay.store.owner(kind, key)) == self.owner:
                 return
-            wait = limiter.take(self.peerHost)
+            wait = limiter.take(where)
             if wait > 0:
                 relay.metrics.limitRejected("bind-rate")
                 raise BindError(f"too many new tunnels from this address; try again in {max(1, round(wait))}s")

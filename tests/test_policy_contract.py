@@ -1,0 +1,253 @@
+"""
+Visitor policy and abuse limits as a user runs them: a twistd relay and
+twistd agents as subprocesses, curl (and a raw socket or TLS client) as the
+visitor.  Each control is shown denying what it should and allowing what
+it should; one relay is shared by several checks to keep the file quick.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_contract import Proc, curl, env, freePort, procs, startAgent, startRelay, twistd  # noqa: F401
+
+pytestmark = [pytest.mark.contract, pytest.mark.slow]
+
+#: A local service: /headers echoes the request's headers, /slow answers
+#: after a few seconds, /blob is 2,000 bytes.
+SERVICE = r"""
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(4)
+        body = {"/headers": str(self.headers).encode(), "/blob": b"b" * 2000}.get(self.path, b"ok\n")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+print("Serving", flush=True)
+server.serve_forever()
+"""
+
+
+def service(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> int:  # noqa: F811
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE)
+    port = freePort()
+    p = Proc([sys.executable, str(script), str(port)], env)
+    procs.append(p)
+    p.waitFor("Serving")
+    return port
+
+
+def visit(port: int, name: str, path: str = "/", source: str = "127.0.0.1", *args: str) -> tuple[int, bytes]:
+    """
+    curl from C{source} (any 127/8 address is this host) to tunnel C{name}:
+    the status and the whole answer.
+    """
+    result = curl(
+        "-si", "--interface", source, "-H", f"Host: {name}.localhost:{port}", *args, f"http://127.0.0.1:{port}{path}"
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split(b" ", 2)[1]), result.stdout
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_twistd_visitor_and_agent_controls(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    One twistd relay, several agents: per-tunnel and relay-wide IP rules,
+    header add/remove, per-tunnel total and per-IP rates, a reserved name
+    taken with a second token, max streams per agent, the default of ten
+    tunnels per agent address, the idle timeout and TLS 1.1 refused on
+    --https -- each refusing the bad case and passing the good one.
+    """
+    web = service(tmp_path, procs, env)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token-0001 http:alice\nbob-token-0002\n")
+    https = freePort()
+    relay, port = startRelay(
+        procs,
+        env,
+        tmp_path / "state",
+        "--tokens-file",
+        str(tokens),
+        "--ip-deny",
+        "127.0.0.3",
+        "--remove-header",
+        "X-Relay-Drop",
+        "--bind-rate",
+        "off",
+        "--max-streams",
+        "2",
+        "--idle-timeout",
+        "2",
+        "--https",
+        f"tcp:{https}:interface=127.0.0.1",
+    )
+    bob = ("--token", "bob-token-0002")
+
+    def agent(name: str, *args: str) -> Proc:
+        p = startAgent(procs, env, port, *bob, "--http", str(web), "--subdomain", name, *args)
+        p.waitFor(f"tunnel ready: http://{name}.localhost")
+        return p
+
+    agent("ipt", "--ip-deny", "127.0.0.2")
+    hdr = agent("hdr", "--add-header", "X-Added: yes", "--remove-header", "X-Secret")
+    agent("rated", "--rate", "2/h")
+    agent("perip", "--rate-per-ip", "1/h")
+
+    # IP rules: the tunnel's own deny list, then the relay's.
+    assert visit(port, "ipt", source="127.0.0.2")[0] == 403
+    assert visit(port, "ipt")[0] == 200
+    status, answer = visit(port, "hdr", source="127.0.0.3")
+    assert status == 403 and b"may not use this relay" in answer, answer
+    assert visit(port, "hdr", source="127.0.0.4")[0] == 200
+
+    # Header rules: the tunnel's and the relay's removals, the tunnel's addition.
+    extra = ("-H", "X-Secret: s", "-H", "X-Relay-Drop: d", "-H", "X-Keep: k")
+    status, answer = visit(port, "hdr", "/headers", "127.0.0.1", *extra)
+    body = answer.split(b"\r\n\r\n", 1)[1].lower()
+    assert status == 200 and b"x-added: yes" in body and b"x-keep: k" in body, body
+    assert b"x-secret" not in body and b"x-relay-drop" not in body, body
+
+    # Rates: the tunnel's total, then per visitor address.
+    assert [visit(port, "rated", source=f"127.0.0.{5 + i}")[0] for i in range(2)] == [200, 200]
+    status, answer = visit(port, "rated", source="127.0.0.8")
+    assert status == 429 and b"Retry-After:" in answer, answer
+    assert visit(port, "perip", source="127.0.0.9")[0] == 200
+    assert visit(port, "perip", source="127.0.0.9")[0] == 429
+    assert visit(port, "perip", source="127.0.0.10")[0] == 200
+
+    # A reserved name: refused to another token, bound with its own.
+    thief = startAgent(procs, env, port, *bob, "--http", str(web), "--subdomain", "alice")
+    thief.waitFor("the http name alice is reserved for another token")
+    thief.popen.wait(20)
+    owner = startAgent(procs, env, port, "--token", "alice-token-0001", "--http", str(web), "--subdomain", "alice")
+    owner.waitFor("tunnel ready: http://alice.localhost")
+    assert visit(port, "alice")[0] == 200
+
+    # Max streams per agent link (2): with two visitors held, a third at
+    # once gets 503 (which of them is a race, so all three are looked at).
+    slow = [
+        subprocess.Popen(
+            ["curl", "-si", "-H", f"Host: hdr.localhost:{port}", f"http://127.0.0.1:{port}/slow"],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    try:
+        answers = []
+        while all(p.poll() is None for p in slow):  # while both are held (4 s)
+            answers.append(visit(port, "hdr")[1])
+            if answers[-1].startswith(b"HTTP/1.1 503"):
+                break
+    finally:
+        answers += [p.communicate(timeout=30)[0] for p in slow]
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert refused and b"Retry-After: 1" in refused[0], answers
+    assert any(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+    assert visit(port, "hdr")[0] == 200
+
+    # Ten tunnels per agent address by default: five are up, so of six more one is refused.
+    config = tmp_path / "many.ini"
+    config.write_text("".join(f"[tunnel:m{i}]\ntype = http\ntarget = {web}\nsubdomain = many{i}\n" for i in range(6)))
+    many = startAgent(procs, env, port, *bob, "--config", str(config))
+    many.waitFor("at most 10 tunnels per agent address; this address holds 10")
+    assert sum(f"tunnel ready: http://many{i}." in many.output for i in range(6)) == 5, many.output
+
+    # Idle timeout (2 s): a kept-alive connection that goes quiet is closed.
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: ipt.localhost:{port}\r\n\r\n".encode())
+        data = s.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200"), data
+        started = time.monotonic()
+        while s.recv(65536):
+            pass
+        assert time.monotonic() - started < 15
+
+    # TLS 1.1 is refused on --https; TLS 1.2 is served.
+    def handshake(version: ssl.TLSVersion) -> str:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = version
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with socket.create_connection(("127.0.0.1", https), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="ipt.localhost") as tls:
+                return str(tls.version())
+
+    with pytest.raises(ssl.SSLError):
+        handshake(ssl.TLSVersion.TLSv1_1)
+    assert handshake(ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output
+    logs = relay.output + hdr.output + owner.output + many.output
+    assert "alice-token-0001" not in logs and "bob-token-0002" not in logs
+
+
+def test_twistd_quotas_survive_restart(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    A per-visitor-address quota (relay) and a per-tunnel quota (agent):
+    requests within them pass, the next gets 429 with the reset date, and
+    after a SIGTERM and a restart on the same state directory the spent
+    quotas are still spent while another address and tunnel still pass.
+    """
+    web = service(tmp_path, procs, env)
+    state = tmp_path / "state"
+    relay, port = startRelay(procs, env, state, "--quota-per-ip", "5000")
+    startAgent(procs, env, port, "--http", str(web), "--subdomain", "small", "--quota", "3000").waitFor(
+        "tunnel ready: http://small.localhost"
+    )
+    startAgent(procs, env, port, "--http", str(web), "--subdomain", "big").waitFor("tunnel ready: http://big.localhost")
+    # The tunnel's 3,000 bytes: two blobs (heads count too), then spent.
+    assert [visit(port, "small", "/blob", f"127.0.0.{2 + i}")[0] for i in range(2)] == [200, 200]
+    status, answer = visit(port, "small", "/blob", "127.0.0.4")
+    assert status == 429 and b"this tunnel's monthly bandwidth quota" in answer, answer
+    # The address's 5,000 bytes: three blobs start within it, then it is spent.
+    codes = [visit(port, "big", "/blob", "127.0.0.5")[0] for _ in range(3)]
+    assert codes == [200, 200, 200], codes
+    status, answer = visit(port, "big", "/blob", "127.0.0.5")
+    assert status == 429 and b"your address's monthly bandwidth quota" in answer, answer
+
+    relay.stop()
+    relay = twistd(
+        procs,
+        env,
+        "tunnelrelay",
+        "--http",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--state-dir",
+        str(state),
+        "--quota-per-ip",
+        "5000",
+    )
+    relay.waitFor(f"relay listening on 127.0.0.1:{port}")
+    for name in ("big", "small"):  # the agents reconnect to the same port
+        deadline = time.monotonic() + 30
+        while visit(port, name, "/", "127.0.0.6")[0] in (404, 502, 503):
+            assert time.monotonic() < deadline, relay.output
+            time.sleep(0.3)
+    status, answer = visit(port, "big", "/blob", "127.0.0.5")
+    assert status == 429 and b"your address's" in answer, answer
+    status, answer = visit(port, "small", "/blob", "127.0.0.8")
+    assert status == 429 and b"this tunnel's" in answer, answer
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output
