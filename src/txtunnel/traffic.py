@@ -25,7 +25,7 @@ import io
 import json
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -67,14 +67,18 @@ class Capture:
         self.method = head.method.decode("ascii", "replace")
         self.target = head.target.decode("utf-8", "replace")
         self.version = head.version
-        self.requestHeaders = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
+        # Header fields are kept as parsed and decoded only when shown:
+        # most captures are never looked at.
+        self._requestFields = head.headers
+        self._requestHeaders: list[tuple[str, str]] | None = None
         self.requestChunked = any(
             k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in head.headers
         )
         self.requestBody = bytearray()
         self.requestSize = 0
         self.status = 0
-        self.responseHeaders: list[tuple[str, str]] = []
+        self._responseFields: Sequence[tuple[bytes, bytes]] = ()
+        self._responseHeaders: list[tuple[str, str]] | None = None
         self.responseBody = bytearray()
         self.responseSize = 0
         self.started = started
@@ -84,6 +88,25 @@ class Capture:
         self.replayOf: int | None = None
         forwarded = head.header(b"x-forwarded-for") or b""
         self.clientIP = forwarded.split(b",")[-1].strip().decode("ascii", "replace") or "-"
+
+    @property
+    def requestHeaders(self) -> list[tuple[str, str]]:
+        if self._requestHeaders is None:
+            self._requestHeaders = _decoded(self._requestFields)
+        return self._requestHeaders
+
+    @property
+    def responseHeaders(self) -> list[tuple[str, str]]:
+        if self._responseHeaders is None:
+            self._responseHeaders = _decoded(self._responseFields)
+        return self._responseHeaders
+
+    def setResponseFields(self, fields: Sequence[tuple[bytes, bytes]]) -> None:
+        """
+        The response head's fields (names lower-cased), as parsed.
+        """
+        self._responseFields = fields
+        self._responseHeaders = None
 
     def requestContent(self) -> tuple[bytes, bool]:
         """
@@ -138,6 +161,10 @@ class Capture:
             ),
         }
         return dict(self.summary(), request=request, response=response)
+
+
+def _decoded(fields: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields]
 
 
 def _header(headers: list[tuple[str, str]], name: str) -> str:
@@ -500,8 +527,8 @@ class Follower:
 
     def _heads(self, capture: Capture) -> None:
         responses = self._responses
-        if not capture.responseHeaders and responses.headers:
-            capture.responseHeaders = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in responses.headers]
+        if not capture._responseFields and responses.headers:
+            capture.setResponseFields(responses.headers)
         if responses.status and not capture.status:
             capture.status = responses.status
 
