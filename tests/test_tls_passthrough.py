@@ -522,6 +522,66 @@ async def test_local_service_down_closes_visitor(
     assert error
 
 
+def closingTLSServer(certs: Certs) -> tuple[int, Any]:
+    """
+    A local HTTPS service in a thread that answers one request with the
+    head and the first bytes of a 1 MB body, then drops its TCP connection
+    (no close_notify): a service that dies mid-response.
+
+    @return: its port and the thread (joined by the caller).
+    """
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certs.certFile), str(certs.keyFile))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(20)
+            raw, _ = listener.accept()
+            with context.wrap_socket(raw, server_side=True) as s:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += s.recv(4096)
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npartial body")
+                s.shutdown(socket.SHUT_RDWR)  # a TCP FIN, no TLS close_notify
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_service_closing_mid_stream_closes_visitor(
+    tlsRelay: Relay, agents: list[RunningAgent], certs: Certs, tmp_path: Path
+) -> None:
+    """
+    When the local TLS service drops its connection in the middle of a
+    response, the visitor gets what was sent and then sees its own
+    connection closed promptly, not a connection left open until its
+    timeout.
+    """
+    port, server = closingTLSServer(certs)
+    await startTLSAgent(agents, tlsRelay, tmp_path, port)
+
+    def visit() -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", tlsPort(tlsRelay)), timeout=15) as raw:
+            with certs.clientContext().wrap_socket(raw, server_hostname=HOST) as s:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                got = s.recv(65536)
+                while b"partial body" not in got:
+                    got += s.recv(65536)
+                start = time.monotonic()
+                got += readAll(s)  # returns at EOF; a socket left open times out and fails
+                return got, time.monotonic() - start
+
+    got, after = await inThread(visit)
+    await inThread(server.join, 10)
+    assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"partial body")
+    assert after < 5, f"the visitor saw the close {after:.1f}s after the service dropped"
+
+
 @pytest_twisted.ensureDeferred
 async def test_names_are_claimed_and_freed(
     tlsRelay: Relay, relay: Relay, agents: list[RunningAgent], tlsOrigin: int, certs: Certs, tmp_path: Path
