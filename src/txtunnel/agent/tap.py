@@ -45,8 +45,6 @@ POLICY_KEYS = (
 TUNNEL_KEYS = (
     "type",
     "target",
-    "tls-cert",
-    "tls-key",
     "subdomain",
     "remote-port",
     "response-timeout",
@@ -61,6 +59,8 @@ TUNNEL_KEYS = (
     *POLICY_KEYS,
     "allow",
     "verify-webhook",
+    "tls-cert",
+    "tls-key",
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
