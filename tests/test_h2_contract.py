@@ -104,9 +104,7 @@ def allFourModes(channel: grpc.Channel) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert caught.value.details() == "nothing here"
 
-    assert list(channel.unary_stream("/c.S/Stream", _same, _same)(b"50", timeout=20)) == [
-        b"%d" % i for i in range(50)
-    ]
+    assert list(channel.unary_stream("/c.S/Stream", _same, _same)(b"50", timeout=20)) == [b"%d" % i for i in range(50)]
     parts = [b"a", b"b" * 100_000, b"c"]
     assert channel.stream_unary("/c.S/Collect", _same, _same)(iter(parts), timeout=20) == b"+".join(parts)
 

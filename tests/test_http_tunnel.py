@@ -434,9 +434,7 @@ class _ClosingServer:
 
 
 @pytest_twisted.ensureDeferred
-async def test_local_connection_close_closes_the_visitor_connection(
-    relay: Relay, agents: list[RunningAgent]
-) -> None:
+async def test_local_connection_close_closes_the_visitor_connection(relay: Relay, agents: list[RunningAgent]) -> None:
     """
     A local server's C{Connection: close} reaches the visitor as sent, and
     the relay keeps to it: the visitor's connection closes once that

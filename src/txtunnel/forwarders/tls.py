@@ -386,9 +386,7 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
         if stream.closed:
             return
         reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
-        TLSForwarder.log.warn(
-            "cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason
-        )
+        TLSForwarder.log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
         stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
 
     d.addCallbacks(connected, failed)
