@@ -183,12 +183,12 @@ async def test_local_service_down(plugin: Path, tmp_path: Path, agents: list[Run
             import time
 
             start = time.monotonic()
-            with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-                try:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
                     s.sendall(b"anyone there?\n")
                     got = s.recv(1024)
-                except (ConnectionResetError, BrokenPipeError):  # closed, or reset: either is a close
-                    got = b""
+            except (ConnectionResetError, BrokenPipeError):  # closed, or reset: either is a close
+                got = b""
             return got, time.monotonic() - start
 
         got, after = await inThread(visit)
