@@ -414,3 +414,98 @@ async def test_gates_see_and_rewrite_grpc_calls(
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert deny.seen[0].head.path == f"/{SERVICE}/Unary".encode()
     assert deny.seen[0].host == f"calls.localhost:{relay.port}".encode()
+
+
+#: A gRPC server in its own process, so a test can kill it outright: its
+#: C{Tick} method streams a message every 50 ms until the client leaves.
+TICKER = """
+import grpc, time
+from concurrent import futures
+def tick(request, context):
+    i = 0
+    while context.is_active():
+        yield b"%d" % i
+        i += 1
+        time.sleep(0.05)
+same = lambda b: b
+handler = grpc.method_handlers_generic_handler("t.T", {"Tick": grpc.unary_stream_rpc_method_handler(tick, same, same)})
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_killed_mid_stream_ends_the_call(relay: Relay, agents: list[RunningAgent]) -> None:
+    """
+    When the local gRPC server is killed (SIGKILL: no GOAWAY, no
+    RST_STREAM, its TCP connection just closes) in the middle of a
+    server-streaming call, the visitor's call ends promptly with
+    UNAVAILABLE or INTERNAL instead of hanging until its deadline.
+    """
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", TICKER], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int(await inThread(server.stdout.readline))
+        client = await _tunnel(relay, agents, port)
+        stream = client.channel.unary_stream("/t.T/Tick", request_serializer=_identity, response_deserializer=_identity)
+        replies = stream(b"", timeout=60)
+
+        def readSome() -> list[bytes]:
+            return [next(replies) for _ in range(5)]
+
+        def readRest() -> tuple[Any, float]:
+            start = time.monotonic()
+            try:
+                for _ in replies:
+                    pass
+            except grpc.RpcError as e:
+                return e.code(), time.monotonic() - start
+            return "ended OK", time.monotonic() - start
+
+        try:
+            assert await inThread(readSome) == [b"0", b"1", b"2", b"3", b"4"]
+            server.kill()
+            code, after = await inThread(readRest)
+        finally:
+            client.close()
+        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), code
+        assert after < 10.0, f"the call ended {after:.1f}s after the server died"
+        print(f"server killed mid-stream: {code} after {after * 1000:.0f}ms")
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_message_is_resource_exhausted(
+    relay: Relay, agents: list[RunningAgent], grpcServer: tuple[int, EchoService]
+) -> None:
+    """
+    A request message over the local server's receive limit (grpcio's
+    default, 4 MiB) crosses the tunnel and is refused by the server with
+    RESOURCE_EXHAUSTED, status and details reaching the visitor; the
+    channel still serves calls afterwards.
+    """
+    port, _ = grpcServer
+    client = await _tunnel(relay, agents, port)
+
+    def calls() -> tuple[Any, str, bytes]:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.method("unary_unary", "Unary")(b"x" * (5 * 1024 * 1024), timeout=30)
+        after = client.method("unary_unary", "Unary")(b"small", timeout=20)
+        return caught.value.code(), caught.value.details(), after
+
+    try:
+        code, details, after = await inThread(calls)
+    finally:
+        client.close()
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    assert "larger than max" in details
+    assert after == b"echo:small"

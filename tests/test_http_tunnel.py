@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from typing import Any
 
 import h11
@@ -378,3 +379,98 @@ async def test_https_listener(tmp_path: Any, agents: list[RunningAgent], origin:
         assert b"x-forwarded-proto=https" in out
     finally:
         await defer.maybeDeferred(relay.service.stopService)
+
+
+class _ClosingServer:
+    """
+    A local HTTP/1.1 server in a thread that answers each connection's
+    first request with C{Connection: close} and then keeps the socket open
+    for C{linger} seconds without reading (as some servers do before they
+    get round to closing): a next request sent to it would never be
+    answered.  It counts the connections it accepted.
+    """
+
+    def __init__(self, linger: float = 30.0) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.linger = linger
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            body = b"answer %d\n" % self.accepted
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.stop.wait(self.linger)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_connection_close_closes_the_visitor_connection(relay: Relay, agents: list[RunningAgent]) -> None:
+    """
+    A local server's C{Connection: close} reaches the visitor as sent, and
+    the relay keeps to it: the visitor's connection closes once that
+    response is complete (RFC 9112 section 9.6), instead of staying open
+    for a next request the relay would send to a server that will not
+    answer it (which hung until the server closed).  A new connection gets
+    a new answer from a new local connection.
+    """
+    server = _ClosingServer()
+    try:
+        await startAgent(agents, relay, "--http", str(server.port), "--subdomain", "closer")
+        host = f"closer.localhost:{relay.port}"
+
+        def twoRequests() -> tuple[bytes, bytes, float]:
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=15) as s:
+                s.sendall(f"GET /one HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                first = b""
+                while not first.endswith(b"answer 1\n"):
+                    first += s.recv(65536)
+                start = time.monotonic()
+                try:
+                    s.sendall(f"GET /two HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                except OSError:
+                    pass
+                rest = b""
+                try:
+                    while chunk := s.recv(65536):
+                        rest += chunk
+                except ConnectionResetError:
+                    pass
+                return first, rest, time.monotonic() - start
+
+        first, rest, after = await inThread(twoRequests)
+        assert first.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in first.lower()
+        assert rest == b"" and after < 5, (rest, after)
+        code, out, err = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/again")
+        assert out == b"answer 2\n", err
+    finally:
+        server.close()

@@ -542,7 +542,8 @@ async def test_heartbeat_from_tunnel_section(
 class Watched(Resource):
     """
     An event stream that writes one event, then either drops its connection
-    (C{?drop=1}) or goes on with a tick every 0.2 s; C{gone} fires when the
+    (C{?drop=1}), says nothing more (C{?quiet=1}), or goes on with a tick
+    every 0.2 s; C{gone} fires when the
     request has ended (the visitor left, or the connection was closed).
     """
 
@@ -557,6 +558,8 @@ class Watched(Resource):
         request.write(b"data: first\n\n")
         if request.args.get(b"drop"):
             reactor.callLater(0.1, request.transport.abortConnection)  # type: ignore[attr-defined]
+        elif request.args.get(b"quiet"):
+            pass
         else:
             # An event stream goes on writing: a visitor that has left is
             # noticed on the next write, as a closed socket is.
@@ -639,5 +642,26 @@ async def test_visitor_leaving_closes_local_connection(
     assert b"data: first" in data
     timeout = reactor.callLater(10, resource.gone.cancel)  # type: ignore[attr-defined]
     await resource.gone
+    if timeout.active():
+        timeout.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_visitor_leaving_a_quiet_event_stream(
+    relay: Relay, agents: list[RunningAgent], watched: tuple[int, Watched]
+) -> None:
+    """
+    A visitor that closes its socket on an event stream whose server then
+    says nothing (and no heartbeat for a minute) is noticed at once: the
+    relay sees only a FIN, which TCP cannot tell from a half-close until a
+    write draws a reset, but no EventSource half-closes to wait for more
+    events, so the relay ends the stream and the local request ends.
+    """
+    port, resource = watched
+    host = await startStreamAgent(agents, relay, port, "ssequiet", "--sse-heartbeat", "60")
+    data = await inThread(readEventStream, relay.port, host, "/?quiet=1", b"data: first\n\n")
+    assert b"data: first" in data
+    timeout = reactor.callLater(10, resource.gone.cancel)  # type: ignore[attr-defined]
+    await resource.gone  # a CancelledError here: the local request was still open after 10 s
     if timeout.active():
         timeout.cancel()

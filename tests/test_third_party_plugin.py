@@ -152,6 +152,59 @@ async def test_in_process_traffic(plugin: Path, tmp_path: Path, agents: list[Run
         await defer.maybeDeferred(relay.service.stopService)
 
 
+@pytest_twisted.ensureDeferred
+async def test_local_service_down(plugin: Path, tmp_path: Path, agents: list[RunningAgent]) -> None:
+    """
+    With nothing listening at the plugin tunnel's target, a visitor's
+    connection is closed at once with nothing sent, and the agent logs a
+    line naming the target and the refusal (the tutorial's C{connect}).
+    """
+    from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+    from zope.interface import provider
+
+    from tests.conftest import closedPort
+
+    events: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        events.append(formatEvent(event))
+
+    target = closedPort()
+    relay = await startRelay(str(tmp_path / "state"))
+    globalLogPublisher.addObserver(observe)
+    try:
+        config = tmp_path / "agent.ini"
+        config.write_text(f"[tunnel:shout]\ntype = upper\ntarget = {target}\n")
+        agent = await startAgent(agents, relay, "--config", str(config))
+        port = int(agent.address("shout").rsplit(":", 1)[1])
+
+        def visit() -> tuple[bytes, float]:
+            import time
+
+            start = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+                    s.sendall(b"anyone there?\n")
+                    got = s.recv(1024)
+            except (ConnectionResetError, BrokenPipeError):  # closed, or reset: either is a close
+                got = b""
+            return got, time.monotonic() - start
+
+        got, after = await inThread(visit)
+        assert got == b""
+        assert after < 5, f"the visitor waited {after:.1f}s"
+        for _ in range(100):
+            if any("unreachable" in e for e in events):
+                break
+            await _sleep(0.05)
+        [line] = [e for e in events if "unreachable" in e]
+        assert f"local service 127.0.0.1:{target} unreachable" in line and "refused" in line.lower()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await defer.maybeDeferred(relay.service.stopService)
+
+
 async def _sleep(seconds: float) -> None:
     from twisted.internet import reactor, task
 

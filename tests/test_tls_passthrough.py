@@ -522,6 +522,66 @@ async def test_local_service_down_closes_visitor(
     assert error
 
 
+def closingTLSServer(certs: Certs) -> tuple[int, Any]:
+    """
+    A local HTTPS service in a thread that answers one request with the
+    head and the first bytes of a 1 MB body, then drops its TCP connection
+    (no close_notify): a service that dies mid-response.
+
+    @return: its port and the thread (joined by the caller).
+    """
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certs.certFile), str(certs.keyFile))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(20)
+            raw, _ = listener.accept()
+            with context.wrap_socket(raw, server_side=True) as s:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += s.recv(4096)
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npartial body")
+                s.shutdown(socket.SHUT_RDWR)  # a TCP FIN, no TLS close_notify
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_service_closing_mid_stream_closes_visitor(
+    tlsRelay: Relay, agents: list[RunningAgent], certs: Certs, tmp_path: Path
+) -> None:
+    """
+    When the local TLS service drops its connection in the middle of a
+    response, the visitor gets what was sent and then sees its own
+    connection closed promptly, not a connection left open until its
+    timeout.
+    """
+    port, server = closingTLSServer(certs)
+    await startTLSAgent(agents, tlsRelay, tmp_path, port)
+
+    def visit() -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", tlsPort(tlsRelay)), timeout=15) as raw:
+            with certs.clientContext().wrap_socket(raw, server_hostname=HOST) as s:
+                s.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                got = s.recv(65536)
+                while b"partial body" not in got:
+                    got += s.recv(65536)
+                start = time.monotonic()
+                got += readAll(s)  # returns at EOF; a socket left open times out and fails
+                return got, time.monotonic() - start
+
+    got, after = await inThread(visit)
+    await inThread(server.join, 10)
+    assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"partial body")
+    assert after < 5, f"the visitor saw the close {after:.1f}s after the service dropped"
+
+
 @pytest_twisted.ensureDeferred
 async def test_names_are_claimed_and_freed(
     tlsRelay: Relay, relay: Relay, agents: list[RunningAgent], tlsOrigin: int, certs: Certs, tmp_path: Path
@@ -797,3 +857,150 @@ def waitForLog(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: fl
             break
         time.sleep(0.05)
     raise AssertionError(f"no {text!r} in {path.name}:\n{path.read_text(errors='replace')}")
+
+
+# -- the agent holds the certificate (--tls-cert / --tls-key)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_terminates_tls_for_a_plain_local_service(
+    tlsRelay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Path
+) -> None:
+    """
+    A C{tls} tunnel with C{tls-cert}/C{tls-key}: the agent ends the
+    visitor's TLS session with its own certificate (from a CA made here,
+    which the relay never sees) and speaks plain HTTP to a local service
+    that has no TLS at all; curl, trusting only that CA, gets the page.
+    A second visitor whose client does not trust the CA is refused in the
+    handshake, and the agent keeps serving.
+    """
+    from tests.pki import CA
+
+    ca = CA(tmp_path, "agent-ca")
+    cert, key = ca.server("secure", HOST, keySeparate=True)
+    assert key is not None
+    config = tmp_path / "agent-terminates.ini"
+    config.write_text(
+        f"[tunnel:web]\ntype = tls\ntarget = {origin}\nsubdomain = secure\ntls-cert = {cert}\ntls-key = {key}\n"
+    )
+    await startAgent(agents, tlsRelay, "--config", str(config))
+    port = tlsPort(tlsRelay)
+    url = f"https://{HOST}:{port}/hello"
+    code, out, err = await curl("--cacert", str(ca.path), "--resolve", f"{HOST}:{port}:127.0.0.1", url)
+    assert code == 0, err
+    assert out.startswith(b"hello from origin\npath=/hello\n")
+    assert f"host={HOST}:{port}".encode() in out  # the request reached the plain service unchanged
+    code, _, err = await curl("--resolve", f"{HOST}:{port}:127.0.0.1", url)
+    assert code == 60, err  # the system's CAs do not know the agent's
+    code, out, err = await curl("--cacert", str(ca.path), "--resolve", f"{HOST}:{port}:127.0.0.1", url)
+    assert code == 0 and out.startswith(b"hello from origin"), err
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_terminating_tls_with_service_down(
+    tlsRelay: Relay, agents: list[RunningAgent], tmp_path: Path
+) -> None:
+    """
+    With C{--tls-cert} and nothing listening at the target, the visitor's
+    connection is closed at once (no handshake), as for passthrough.
+    """
+    from tests.pki import CA
+
+    ca = CA(tmp_path, "agent-ca")
+    both, _ = ca.server("secure", HOST)
+    config = tmp_path / "down.ini"
+    config.write_text(f"[tunnel:web]\ntype = tls\ntarget = {closedPort()}\nsubdomain = secure\ntls-cert = {both}\n")
+    await startAgent(agents, tlsRelay, "--config", str(config))
+    start = time.monotonic()
+    error = await inThread(refusedHandshake, tlsPort(tlsRelay), ssl.create_default_context(cafile=str(ca.path)), HOST)
+    assert time.monotonic() - start < 5
+    assert error
+
+
+def test_tls_cert_option_errors(tmp_path: Path) -> None:
+    """
+    Bad or missing certificate files, a key without a certificate, a key
+    that is not the certificate's, and C{tls-cert} on another kind of
+    tunnel are usage errors that name the option (or the file, section and
+    key) and the file.
+    """
+    from tests.pki import CA
+    from txtunnel.agent.tap import Options
+
+    ca = CA(tmp_path, "ca")
+    cert, key = ca.server("one", HOST, keySeparate=True)
+    other, otherKey = ca.server("two", HOST, keySeparate=True)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+
+    def error(*args: str) -> str:
+        with pytest.raises(usage.UsageError) as caught:
+            Options(environ={}).parseOptions(list(args))
+        return str(caught.value)
+
+    assert "--tls-cert: " in error("--tls", "8443", "--tls-cert", str(tmp_path / "missing.pem"))
+    assert "is not a file" in error("--tls", "8443", "--tls-cert", str(tmp_path / "missing.pem"))
+    message = error("--tls", "8443", "--tls-cert", str(junk), "--tls-key", str(key))
+    assert message.startswith("--tls-cert: ") and str(junk) in message and "no PEM certificate" in message
+    message = error("--tls", "8443", "--tls-cert", str(cert))
+    assert message.startswith("--tls-cert: ") and "no unencrypted PEM private key" in message
+    message = error("--tls", "8443", "--tls-cert", str(cert), "--tls-key", str(otherKey))
+    assert "--tls-key" in message and "does not belong to the certificate" in message
+    assert error("--tls", "8443", "--tls-key", str(key)).startswith("--tls-key needs --tls-cert")
+    assert "applies to --tls tunnels" in error("--tcp", "22", "--tls-cert", str(cert), "--tls-key", str(key))
+    config = tmp_path / "agent.ini"
+    config.write_text(f"[tunnel:db]\ntype = tcp\ntarget = 5432\ntls-cert = {cert}\n")
+    assert f"{config} [tunnel:db] tls-cert: only tunnels of type = tls have one" in error("--config", str(config))
+    config.write_text(f"[tunnel:web]\ntype = tls\ntarget = 8443\ntls-cert = {junk}\ntls-key = {key}\n")
+    message = error("--config", str(config))
+    assert message.startswith(f"{config} [tunnel:web] tls-cert: ") and "no PEM certificate" in message
+    ok = Options(environ={"TXTUNNEL_TLS_CERT": str(other), "TXTUNNEL_TLS_KEY": str(otherKey)})
+    ok.parseOptions(["--tls", "8443"])
+    assert ok.tunnels[0]["options"]["tls-server"] is not None
+
+
+@pytest.mark.contract
+def test_twistd_agent_terminates_tls(tmp_path: Path) -> None:
+    """
+    C{twistd tunnelagent --tls PORT --tls-cert FILE --tls-key FILE} in
+    front of a plain HTTP server, behind C{twistd tunnelrelay --tls}: curl
+    trusting only the test's CA gets the page over HTTPS.
+    """
+    from tests.pki import CA
+    from tests.test_contract import STOPPED_BY_SIGTERM, Proc, startAgent, startRelay
+
+    ca = CA(tmp_path, "agent-ca")
+    cert, key = ca.server("secure", HOST, keySeparate=True)
+    assert key is not None
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("plain behind the agent's TLS\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TXTUNNEL_")}
+    env.update(HOME=str(tmp_path / "home"), XDG_STATE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1")
+    env["TXTUNNEL_RELAY_ADMIN"] = env["TXTUNNEL_ADMIN"] = env["TXTUNNEL_INSPECT"] = ""
+    procs: list[Proc] = []
+    try:
+        webPort = freePort()
+        web = Proc(
+            [sys.executable, "-m", "http.server", str(webPort), "--bind", "127.0.0.1", "--directory", str(www)], env
+        )
+        procs.append(web)
+        web.waitFor("Serving HTTP")
+        tlsPublic = freePort()
+        relay, port = startRelay(procs, env, tmp_path / "state", "--tls", f"tcp:{tlsPublic}:interface=127.0.0.1")
+        agent = startAgent(
+            procs, env, port, "--tls", str(webPort), "-s", "secure", "--tls-cert", str(cert), "--tls-key", str(key)
+        )
+        agent.waitFor(f"tunnel ready: tls://{HOST}:{tlsPublic} -> 127.0.0.1:{webPort}")
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "--cacert", str(ca.path),
+             "--resolve", f"{HOST}:{tlsPublic}:127.0.0.1", f"https://{HOST}:{tlsPublic}/"],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert result.stdout == b"plain behind the agent's TLS\n", result.stderr
+        for p in (agent, relay):
+            assert p.stop() in STOPPED_BY_SIGTERM
+        assert "Traceback" not in relay.output + agent.output
+    finally:
+        for p in procs:
+            p.stop()

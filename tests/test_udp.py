@@ -805,3 +805,49 @@ async def test_unbind_on_agent_stop_frees_port(
     await agent.stop()
     await until(lambda: not udpRelay.relay.udpPorts.inUse(port))
     await until(lambda: udpPortIsFree(port))
+
+
+class OversizeReplier(DatagramProtocol):
+    """
+    A local service on C{::1} (where a datagram may be up to 65,527
+    bytes) that answers C{b"big"} with one datagram over the tunnel's
+    65,507-byte limit and then a small one, and echoes anything else.
+    """
+
+    noisy = False
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        transport: Any = self.transport
+        if datagram == b"big":
+            transport.write(b"x" * (MAX_DATAGRAM + 1), addr)
+            transport.write(b"after big", addr)
+        else:
+            transport.write(datagram, addr)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_reply_from_local_service_dropped_on_agent(
+    udpRelay: Relay, agents: list[RunningAgent], listeners: list[Any], logged: list[dict[str, Any]]
+) -> None:
+    """
+    A reply from the local service over 65,507 bytes (possible over IPv6)
+    cannot reach an IPv4 visitor: the agent drops it with a log line that
+    says why (too-large), and the flow goes on: the next reply and later
+    datagrams both ways still pass.
+    """
+    try:
+        local = reactor.listenUDP(0, OversizeReplier(), interface="::1", maxPacketSize=70000)  # type: ignore[attr-defined]
+    except OSError as e:  # pragma: no cover - a host without IPv6 loopback
+        pytest.skip(f"no IPv6 loopback: {e}")
+    listeners.append(local)
+    agent = await startAgent(agents, udpRelay, "--udp", f"[::1]:{local.getHost().port}")
+    port = publicPort(agent)
+    client = UDPClient()
+    listenUDP(listeners, client)
+    client.transport.write(b"big", ("127.0.0.1", port))  # type: ignore[union-attr]
+    assert await client.recv() == b"after big"
+    client.transport.write(b"still here", ("127.0.0.1", port))  # type: ignore[union-attr]
+    assert await client.recv() == b"still here"
+    lines = [formatEvent(e) for e in logged]
+    dropped = [line for line in lines if "too-large=1" in line]
+    assert dropped and "dropped 1 datagram(s)" in dropped[0] and "agent" in dropped[0], lines

@@ -42,14 +42,14 @@ class WSOrigin:
     (close codes, fragments, request headers) goes to L{events}.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, maxSize: int = 2 * BIG) -> None:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.server: Server = serve(
             self.handle,
             "127.0.0.1",
             0,
             process_request=self.processRequest,
-            max_size=2 * BIG,
+            max_size=maxSize,
             ping_interval=None,
             close_timeout=2,
         )
@@ -106,6 +106,11 @@ class WSOrigin:
                 time.sleep(delay)
                 ws.send("late answer")
                 ws.recv()
+            elif path == "/drop":
+                # Cut the TCP connection mid-socket, with no close frame.
+                ws.recv()
+                ws.socket.shutdown(socket.SHUT_RDWR)
+                ws.socket.close()
             elif path == "/hold":
                 self.events.put(("holding", path))
                 ws.recv()
@@ -421,6 +426,63 @@ async def test_local_service_down_gives_502(relay: Relay, agents: list[RunningAg
     status, body = await inThread(client)
     assert status == 502
     assert f"127.0.0.1:{port} refused the connection".encode() in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_over_servers_max_size_closes_1009(relay: Relay, agents: list[RunningAgent]) -> None:
+    """
+    A message larger than the local server's C{max_size} (1 MiB here)
+    crosses the tunnel whole; the server closes with 1009 (message too
+    big) and the visitor receives that code and reason, not a dropped connection,
+    while smaller messages before it were echoed.
+    """
+    small = WSOrigin(maxSize=MiB)
+    try:
+        await startWSAgent(agents, relay, small.port, "limited")
+
+        def client() -> tuple[Any, int | None, str | None]:
+            with wsConnect(relay, "limited", "/echo", compression=None) as ws:
+                ws.send(b"x" * 1000)
+                first = ws.recv(timeout=10)
+                ws.send(os.urandom(2 * MiB))
+                with pytest.raises(ConnectionClosed) as caught:
+                    ws.recv(timeout=20)
+                rcvd = caught.value.rcvd
+                return first, rcvd.code if rcvd else None, rcvd.reason if rcvd else None
+
+        first, code, reason = await inThread(client)
+        assert first == b"x" * 1000
+        assert code == 1009, (code, reason)
+        assert reason and "exceeds limit" in reason  # the reason the server gave, untouched
+    finally:
+        await threads.deferToThread(small.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_server_drops_mid_socket(relay: Relay, agents: list[RunningAgent], wsOrigin: WSOrigin) -> None:
+    """
+    A local server that cuts its TCP connection mid-socket, with no close
+    frame, is seen by the visitor as an abnormal close (1006) promptly,
+    not as a socket that stays open.
+    """
+    await startWSAgent(agents, relay, wsOrigin.port, "dropper")
+
+    def client() -> tuple[str, float]:
+        with wsConnect(relay, "dropper", "/drop") as ws:
+            ws.send("go")
+            start = time.monotonic()
+            try:
+                ws.recv(timeout=20)
+            except ConnectionClosed as e:
+                assert e.rcvd is None  # no close frame: 1006 on the visitor's side
+                return type(e).__name__, time.monotonic() - start
+            except TimeoutError:
+                return "timeout", time.monotonic() - start
+            return "message", time.monotonic() - start
+
+    outcome, after = await inThread(client)
+    assert outcome == "ConnectionClosedError"
+    assert after < 5.0, after
 
 
 @pytest.mark.parametrize("how", ["stop", "drop"])

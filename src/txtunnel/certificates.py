@@ -240,14 +240,20 @@ class DevelopmentCA:
         os.replace(certPath + ".new", certPath)
         return cls(key, cert, certPath, domain), True
 
-    def issue(self, *names: str) -> ServerCertificate:
+    def issue(self, *names: str, loopback: bool = False) -> ServerCertificate:
         """
         A server certificate for C{names} (the first is its subject).
+
+        @param loopback: also name the loopback addresses (for the
+            C{localhost} domain certificate only).  A tunnel's own
+            certificate has DNS names only: BoringSSL (grpcio, for one)
+            refuses any leaf with an IP address name under a CA with IP
+            name constraints ("unsupported name constraint type").
         """
         now = datetime.datetime.now(datetime.timezone.utc)
         key = ec.generate_private_key(ec.SECP256R1())
         alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-        if self.domain == "localhost":
+        if loopback and self.domain == "localhost":
             alt += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
         leaf = (
             x509.CertificateBuilder()
@@ -271,7 +277,7 @@ class DevelopmentCA:
         wildcard, every name under it.
         """
         if "." not in self.domain:
-            return self.issue(self.domain)
+            return self.issue(self.domain, loopback=True)
         return self.issue(f"*.{self.domain}", self.domain)
 
     def certificateFor(self, name: str) -> ServerCertificate | None:

@@ -263,6 +263,21 @@ class H2Pipe(Protocol):
         """
         self.h2Reset(ErrorCodes.CANCEL)
 
+    def h2Lost(self, reason: str) -> None:
+        """
+        The HTTP/2 peer's connection was lost in the middle of this stream
+        (a local service killed, its socket closed): reset the link stream
+        as an internal error, which the far side passes on as
+        C{RST_STREAM INTERNAL_ERROR} (gRPC: C{INTERNAL}), not as a
+        cancellation nobody asked for.
+        """
+        self._dead = True
+        if self.stream is None:
+            self._early = []
+            self._finish()
+            return
+        self.stream.reset("internal-error", reason)
+
     def windowOpened(self) -> None:
         self.pump()
 

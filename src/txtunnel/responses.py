@@ -65,6 +65,9 @@ class ResponseFramer:
         when unset.
     @ivar onHead: if set, called with C{(status, headers)} as each response
         head (interim ones included) is parsed, before any of its body.
+    @ivar closing: a final response said the server ends the connection
+        after it (C{Connection: close}, or HTTP/1.0 without keep-alive);
+        once set it stays set, since no response follows that one.
     """
 
     def __init__(self) -> None:
@@ -78,6 +81,7 @@ class ResponseFramer:
         self._chunks: ChunkScanner | None = None
         self._status = 0
         self.started = False
+        self.closing = False
 
     @property
     def outstanding(self) -> int:
@@ -228,6 +232,8 @@ class ResponseFramer:
         if self.onHead is not None:
             self.onHead(status, collector.headers)
         method = self._methods[0]
+        if status >= 200 and not parser.should_keep_alive():
+            self.closing = True
         if 100 <= status < 200:
             if status == 101:
                 self._state = _RAW

@@ -59,6 +59,8 @@ TUNNEL_KEYS = (
     *POLICY_KEYS,
     "allow",
     "verify-webhook",
+    "tls-cert",
+    "tls-key",
 )
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
@@ -294,6 +296,8 @@ class Options(ConfigOptions):
         ("cert", None, optionalFile),
         ("client-ca", None, clientCA),
         ("key", None, optionalFile),
+        ("tls-cert", None, optionalFile),
+        ("tls-key", None, optionalFile),
         ("admin", DEFAULT_ADMIN, endpoint),
         ("admin-token", None, adminToken),
         ("inspect", DEFAULT_INSPECT, endpoint),
@@ -366,6 +370,14 @@ class Options(ConfigOptions):
             "Expose the server-sent events (text/event-stream) service at TARGET, with the --sse-heartbeat "
             "(an --http tunnel carries event streams too).",
         ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "For a --tls tunnel: the agent ends the visitors' TLS itself with this certificate chain "
+            "(PEM, leaf first) and speaks plain TCP to the local service; the relay still sees only ciphertext.",
+        ],
+        ["tls-key", None, None, "The private key (PEM) of --tls-cert. [default: in the --tls-cert file]"],
         ["subdomain", "s", None, "Name to ask for: the tunnel is served at NAME.<relay domain>. [default: random]"],
         ["remote-port", "p", None, "Public port to ask for, for a TCP or UDP tunnel. [default: any free one]"],
         [
@@ -624,7 +636,7 @@ class Options(ConfigOptions):
             if key not in self.defaulted:
                 common[key] = self[key]
         if not given:
-            for key in ("subdomain", "remote-port", "client-ca", "allow", "verify-webhook"):
+            for key in ("subdomain", "remote-port", "client-ca", "allow", "verify-webhook", "tls-cert", "tls-key"):
                 if self[key] and key not in self.defaulted:
                     raise ConfigError(
                         f"--{key} applies to the tunnel given with --http, --tcp, --udp or --tls; "
@@ -662,6 +674,11 @@ class Options(ConfigOptions):
                 if kind != "http":
                     raise ConfigError(f"--verify-webhook applies to HTTP tunnels, not --{kind}")
                 options["verify-webhook"] = self["verify-webhook"]
+            if self["tls-cert"] or self["tls-key"]:
+                if kind != "tls":
+                    flag = "--tls-cert" if self["tls-cert"] else "--tls-key"
+                    raise ConfigError(f"{flag} applies to --tls tunnels (the agent ends their TLS), not --{kind}")
+                options["tls-server"] = _tlsServer(self["tls-cert"], self["tls-key"], "--tls-cert", "--tls-key")
             self.tunnels.append(
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
@@ -695,6 +712,20 @@ class Options(ConfigOptions):
                 for key in ("allow", "verify-webhook"):
                     if kind != "http" and key in values:
                         raise ConfigError(f"{where} {key}: only tunnels of type = http have one")
+                files: dict[str, str | None] = {}
+                for key in ("tls-cert", "tls-key"):
+                    if key not in values:
+                        continue
+                    if kind != "tls":
+                        raise ConfigError(f"{where} {key}: only tunnels of type = tls have one")
+                    try:
+                        files[key] = optionalFile(values[key])
+                    except ValueError as e:
+                        raise ConfigError(f"{where} {key}: {e}") from None
+                if files.get("tls-cert") or files.get("tls-key"):
+                    options["tls-server"] = _tlsServer(
+                        files.get("tls-cert"), files.get("tls-key"), f"{where} tls-cert", f"{where} tls-key"
+                    )
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
@@ -748,6 +779,27 @@ class Options(ConfigOptions):
         names = [t["name"] for t in self.tunnels]
         if len(set(names)) != len(names):
             raise ConfigError(f"two tunnels share a name: {', '.join(sorted(names))}")
+
+
+def _tlsServer(cert: str | None, key: str | None, certWhere: str, keyWhere: str) -> Any:
+    """
+    The agent's TLS server settings for a C{tls} tunnel from C{cert} and
+    C{key} (paths), read now so a bad file stops start-up with an error
+    that names the option (C{certWhere}, C{keyWhere}) and the file.
+    """
+    from txtunnel.certificates import CertificateError
+    from txtunnel.forwarders.tls import terminatingOptions
+
+    if cert is None:
+        raise ConfigError(f"{keyWhere} needs {certWhere.rsplit(' ', 1)[-1]}: the certificate that goes with the key")
+    try:
+        return terminatingOptions(cert, key)
+    except CertificateError as e:
+        message = str(e)
+        aboutKey = key is not None and key in message
+        aboutCert = cert in message
+        where = f"{certWhere} and {keyWhere}" if aboutKey and aboutCert else keyWhere if aboutKey else certWhere
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def reloadAllowLists(agent: Any, path: str) -> list[str]:

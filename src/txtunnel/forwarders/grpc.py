@@ -164,24 +164,28 @@ class H2ClientProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._failed(f"the local service at {self.target} closed the connection without answering")
+        self._failed(f"the local service at {self.target} closed the connection", unanswered=" without answering")
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, unanswered: str = "") -> None:
         """
         The connection is unusable: a call not yet answered is answered
         UNAVAILABLE (as a client connecting directly would report); one
-        under way is reset.
+        under way is reset as an internal error (the visitor's gRPC client
+        reports C{INTERNAL}, not C{CANCELLED}).
         """
         pipe = self.pipe
         if pipe is None or pipe.finished:
             return
         stream = pipe.stream
         if not self._responded and stream is not None and not stream.closed:
+            message += unanswered
             self.log.warn("{message}", message=message)
             _unavailable(stream, message)
             pipe._finish()
         else:
-            pipe.h2Closed()
+            message += " in the middle of a call"
+            self.log.warn("{message}", message=message)
+            pipe.h2Lost(message)
 
 
 def _unavailable(stream: Stream, message: str) -> None:

@@ -9,6 +9,12 @@ included; the TLS session is between the visitor and the local service (or
 whatever the agent connects to), which holds the certificate and key.  The
 relay never has them and sees only ciphertext.
 
+Or the agent holds them (C{--tls-cert FILE --tls-key FILE}): then the agent
+ends the visitor's TLS session itself (L{terminatingOptions},
+L{terminateTLS}) and speaks plain TCP to the local service, which needs no
+certificate at all.  The relay is no wiser either way: it still routes by
+SNI and splices ciphertext.
+
 Relay half: L{TLSForwarder.bind} claims the name (namespace C{"tls"} in the
 store, C{relay.tlsHosts} for routing); L{TLSRouterFactory} is the listener
 the relay starts for C{--tls ENDPOINT}.  Agent half: a TCP connection to the
@@ -19,11 +25,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,13 +53,24 @@ from txtunnel.sni import (
 )
 from txtunnel.splice import SocketSide, setNoDelay, splice
 
-__all__ = ["TLSBinding", "TLSForwarder", "TLSRouter", "TLSRouterFactory", "tlsURL"]
+__all__ = [
+    "TLSBinding",
+    "TLSForwarder",
+    "TLSRouter",
+    "TLSRouterFactory",
+    "terminateTLS",
+    "terminatingOptions",
+    "tlsURL",
+]
 
 #: The TLS alert for a visitor the relay's IP rules refuse.
 ACCESS_DENIED = 49
 
 #: Seconds a visitor has to send a complete ClientHello.
 DEFAULT_HELLO_TIMEOUT = 10.0
+
+#: Seconds the agent waits for the local service to accept a connection.
+CONNECT_TIMEOUT = 10.0
 
 
 def tlsURL(relay: IRelay, name: str) -> str:
@@ -224,4 +245,148 @@ class TLSForwarder:
         return TLSBinding(relay, tunnel, name)
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
-        connectOrReset(tunnel, stream)
+        server = tunnel.options.get("tls-server")
+        if server is not None:
+            terminateTLS(tunnel, stream, server)
+        else:
+            connectOrReset(tunnel, stream)
+
+
+# -- the agent ends TLS itself (--tls-cert / --tls-key)
+
+
+def terminatingOptions(certPath: str, keyPath: str | None) -> ssl.CertificateOptions:
+    """
+    The TLS server settings for an agent that holds its tunnel's
+    certificate: the chain in C{certPath} (leaf first) and its key in
+    C{keyPath} (or in C{certPath} too), TLS 1.2 or later, the relay's
+    cipher list.  Read at start-up, so a bad file is a usage error.
+
+    ALPN offers C{http/1.1} only: a client offering C{h2} would otherwise
+    speak HTTP/2 to a local service that may not; clients that offer no
+    ALPN are unaffected.
+
+    @raise txtunnel.certificates.CertificateError: naming the file and
+        what is wrong with it.
+    """
+    from txtunnel.certificates import loadServerCertificate
+    from txtunnel.tlscontext import MODERN_CIPHERS
+
+    certificate = loadServerCertificate(certPath, keyPath, requireName=False)
+    return ssl.CertificateOptions(
+        privateKey=certificate.key,
+        certificate=certificate.chain[0],  # type: ignore[arg-type]
+        extraCertChain=list(certificate.chain[1:]),  # type: ignore[arg-type]
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
+        acceptableProtocols=[b"http/1.1"],
+        enableSessions=True,
+    )
+
+
+@implementer(IHalfCloseableProtocol)
+class _LocalPlain(Protocol):
+    """
+    The agent's plain TCP connection to the local service, for one visitor
+    whose TLS session the agent ends: what the service sends is encrypted
+    onto the stream.
+    """
+
+    def __init__(self) -> None:
+        #: The TLS layer on the stream (the visitor's side), once attached.
+        self.tls: Any = None
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+
+    def readConnectionLost(self) -> None:
+        # TLS has no half-close that Twisted carries: close_notify, then close.
+        if self.tls is not None:
+            self.tls.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = True
+        if self.tls is not None:
+            if reason.check(ConnectionDone):
+                self.tls.loseConnection()
+            else:
+                self.tls.abortConnection()
+
+
+class _VisitorPlain(Protocol):
+    """
+    The visitor's decrypted bytes, inside the TLS layer on the stream: they
+    go to the local service; each side is the other's producer.
+    """
+
+    log = Logger()
+
+    def __init__(self, local: _LocalPlain, name: str) -> None:
+        self.local = local
+        self.name = name
+
+    def connectionMade(self) -> None:
+        local = self.local
+        local.tls = self.transport
+        self.transport.registerProducer(local.transport, True)  # type: ignore[union-attr]
+        local.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.local.lost:
+            self.local.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        local = self.local
+        if not reason.check(ConnectionDone):
+            self.log.info(
+                "TLS tunnel {tunnel}: visitor connection ended: {why}", tunnel=self.name, why=reason.getErrorMessage()
+            )
+        if not local.lost and local.transport is not None:
+            local.transport.loseConnection()
+
+
+def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOptions) -> None:
+    """
+    Agent half of a C{tls} tunnel with C{--tls-cert}: connect to the local
+    service in clear, then end the visitor's TLS session on C{stream} with
+    C{server}'s certificate.  The stream waits, paused, while the local
+    connection is made; if the service cannot be reached it is reset with
+    the reason, as for passthrough.
+    """
+    host, port = tunnel.target
+    endpoint: Any
+    if isIPAddress(host):
+        endpoint = TCP4ClientEndpoint(tunnel.reactor, host, port, timeout=CONNECT_TIMEOUT)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(tunnel.reactor, host, port, timeout=CONNECT_TIMEOUT)
+    else:
+        endpoint = HostnameEndpoint(tunnel.reactor, host, port, timeout=CONNECT_TIMEOUT)
+    local = _LocalPlain()
+    factory = Factory.forProtocol(lambda: local)
+    factory.noisy = False
+    d = endpoint.connect(factory)
+
+    def connected(protocol: _LocalPlain) -> None:
+        if stream.closed:
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        setNoDelay(protocol.transport)
+        inner = Factory.forProtocol(lambda: _VisitorPlain(local, tunnel.name))
+        tls = TLSMemoryBIOFactory(server, False, inner)
+        tls.noisy = False
+        stream.attach(tls.buildProtocol(stream.getPeer()))
+        stream.resumeProducing()
+
+    def failed(f: Failure) -> None:
+        if stream.closed:
+            return
+        reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
+        TLSForwarder.log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
+        stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
+
+    d.addCallbacks(connected, failed)

@@ -658,7 +658,20 @@ class EdgeProtocol(Protocol):
     # -- events from the stream
 
     def _responseDone(self, responder: _ToVisitor, status: int) -> None:
-        if responder is not self._responder or responder.framer.outstanding:
+        if responder is not self._responder:
+            return
+        if responder.framer.closing:
+            # The local server said it closes after this response, and the
+            # visitor got that head as it was: so the relay closes too
+            # (RFC 9112 section 9.6), rather than send the next request to
+            # a server that will not answer it.  Requests pipelined after
+            # it are not answered; the visitor retries them.
+            self._queue.clear()
+            self._failed = True
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if responder.framer.outstanding:
             return
         if self._waiting:
             self._waiting = False
@@ -783,6 +796,16 @@ class EdgeProtocol(Protocol):
                 self._stream.loseWriteConnection()
             else:
                 self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self._busy and self._responder is not None and _isEventStream(self._responder.framer):
+            # TCP cannot tell a visitor that closed its socket from one that
+            # only half-closed until a write draws a reset, and a quiet event
+            # stream writes nothing for long.  No EventSource half-closes to
+            # wait for more events, so this visitor has left: end the
+            # stream, and with it the local request.
+            self.log.debug("{client} left an event stream", client=self.clientIP)
+            self._queue.clear()
+            self._closeStream()
+            self.transport.loseConnection()  # type: ignore[union-attr]
         elif self._queue or self._busy:
             pass  # answered when the outstanding responses are complete
         elif not self._framer.idle and not self._failed:
@@ -804,6 +827,19 @@ class EdgeProtocol(Protocol):
             return
         self._queue.clear()
         self._closeStream()
+
+
+def _isEventStream(framer: ResponseFramer) -> bool:
+    """
+    Whether the response C{framer} is reading the body of is an event
+    stream (C{text/event-stream}).
+    """
+    if not framer.started or framer.framing not in ("length", "chunked", "close"):
+        return False
+    for name, value in framer.headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 class EdgeFactory(Factory):
