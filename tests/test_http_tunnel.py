@@ -390,9 +390,10 @@ class _ClosingServer:
     answered.  It counts the connections it accepted.
     """
 
-    def __init__(self, linger: float = 30.0) -> None:
+    def __init__(self, linger: float = 30.0, closeHeader: bool = True) -> None:
         import threading
 
+        self.closeHeader = closeHeader
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.accepted = 0
@@ -424,7 +425,8 @@ class _ClosingServer:
                     return
                 head += data
             body = b"answer %d\n" % self.accepted
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            close = b"Connection: close\r\n" if self.closeHeader else b""
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), close, body))
             self.stop.wait(self.linger)
 
     def close(self) -> None:
@@ -472,5 +474,40 @@ async def test_local_connection_close_closes_the_visitor_connection(relay: Relay
         assert rest == b"" and after < 5, (rest, after)
         code, out, err = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/again")
         assert out == b"answer 2\n", err
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "request_line, extra",
+    [("HTTP/1.1", "Connection: close\r\n"), ("HTTP/1.0", ""), ("HTTP/1.1", "Connection: keep-alive, Close\r\n")],
+)
+@pytest_twisted.ensureDeferred
+async def test_visitor_connection_close_closes_after_the_answer(
+    relay: Relay, agents: list[RunningAgent], request_line: str, extra: str
+) -> None:
+    """
+    A visitor that says it sends nothing more (C{Connection: close}, or
+    HTTP/1.0 without C{keep-alive}) gets its answer and then the end of the
+    connection, even from a local server that keeps its side open: a
+    client reading to the end of the connection must not hang.
+    """
+    server = _ClosingServer(closeHeader=False)
+    try:
+        await startAgent(agents, relay, "--http", str(server.port), "--subdomain", "keeper")
+        host = f"keeper.localhost:{relay.port}"
+
+        def oneRequest() -> tuple[bytes, float]:
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=15) as s:
+                start = time.monotonic()
+                s.sendall(f"GET /one {request_line}\r\nHost: {host}\r\n{extra}\r\n".encode())
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+                return got, time.monotonic() - start
+
+        got, took = await inThread(oneRequest)
+        assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"answer 1\n"), got
+        assert took < 5, took
     finally:
         server.close()

@@ -79,6 +79,21 @@ class RequestHead:
     def path(self) -> bytes:
         return self.target.split(b"?", 1)[0]
 
+    @property
+    def keepAlive(self) -> bool:
+        """
+        Whether the client means to send more requests on this connection
+        (RFC 9112 section 9.3): not after C{Connection: close}, nor from an
+        HTTP/1.0 client that did not ask for C{keep-alive}.
+        """
+        tokens: set[bytes] = set()
+        for key, value in self.headers:
+            if key.lower() == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+        if b"close" in tokens:
+            return False
+        return self.version != "1.0" or b"keep-alive" in tokens
+
     def withForwarded(
         self,
         clientIP: str,

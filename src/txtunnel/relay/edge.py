@@ -561,6 +561,10 @@ class EdgeProtocol(Protocol):
             # ends, so does the connection.
             self._raw = True
         self._responder.framer.expect(head.method)
+        if not head.keepAlive and not head.upgrade:
+            # The visitor sends nothing more: close once this is answered,
+            # whether or not the local server closes its side.
+            self._closeWhenIdle = True
         host = head.header(b"host") or b""
         passed = self._passed
         if passed is not None and passed[0] is head:
