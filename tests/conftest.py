@@ -282,3 +282,24 @@ def _isolateEnvironment(monkeypatch: Any, tmp_path: Any) -> None:
             monkeypatch.delenv(key)
     # Agent keys and relay state go to the test's own directory, not ~.
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+def needBrowser(what: str) -> None:
+    """
+    Skip without Chromium or Playwright -- but fail under CI (C{CI} set),
+    where a missing browser must not pass as a skipped test.
+    """
+    import shutil
+
+    missing = []
+    if not (shutil.which("chromium") or os.path.exists("/usr/bin/chromium")):
+        missing.append("chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright")
+    if missing:
+        why = f"{what} needs {' and '.join(missing)} (apt-get install chromium; pip install playwright)"
+        if os.environ.get("CI"):
+            pytest.fail(why + " (CI is set, so this is not skipped)")
+        pytest.skip(why)

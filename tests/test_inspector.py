@@ -7,7 +7,6 @@ headless Chromium with Playwright.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import urllib.error
@@ -23,7 +22,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent, wait
+from tests.conftest import Relay, RunningAgent, curl, inThread, needBrowser, startAgent, wait
 
 INSPECT = "tcp:0:interface=127.0.0.1"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -298,25 +297,6 @@ def _browse(base: str, visit: str, host: str, shot: Path) -> dict[str, Any]:
             browser.close()
 
 
-def _needBrowser() -> None:
-    """
-    Skip without Chromium or Playwright -- but fail under CI (C{CI} set),
-    where a missing browser must not pass as a skipped test.
-    """
-    missing = []
-    if not (shutil.which("chromium") or os.path.exists("/usr/bin/chromium")):
-        missing.append("chromium")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("playwright")
-    if missing:
-        why = f"the inspector's browser test needs {' and '.join(missing)}"
-        if os.environ.get("CI"):
-            pytest.fail(why + " (CI is set, so this is not skipped)")
-        pytest.skip(why)
-
-
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_inspector_in_chromium(relay: Relay, agents: list[RunningAgent], counting: tuple[int, Counting]) -> None:
@@ -326,7 +306,7 @@ async def test_inspector_in_chromium(relay: Relay, agents: list[RunningAgent], c
     pick the right rows, and an edited replay reaches the origin with the
     new path.  Saves test-artifacts/inspector.png.
     """
-    _needBrowser()
+    needBrowser("the inspector's browser test")
     port, origin = counting
     agent, base = await inspected(agents, relay, port, "browser")
     shot = ARTIFACTS / "inspector.png"

@@ -18,7 +18,7 @@ import requests
 from twisted.internet import defer, reactor
 from twisted.web.server import Site
 
-from tests.conftest import Relay, RunningAgent, curl, inThread, startAgent, startRelay, wait
+from tests.conftest import Relay, RunningAgent, curl, inThread, needBrowser, startAgent, startRelay, wait
 from tests.test_gates import Headers
 from txtunnel.allow import allowed, parseAllow
 from txtunnel.errors import BindError
@@ -648,10 +648,10 @@ def chromiumVisit(url: str, https: bool = False) -> tuple[str, str, list[dict[st
     import os
     import shutil
 
-    playwright = pytest.importorskip("playwright.sync_api")
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.skip("needs Chromium (apt-get install chromium)")
+    needBrowser("the shared-tunnel browser test")
+    import playwright.sync_api as playwright
+
+    executable = shutil.which("chromium") or "/usr/bin/chromium"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=os.path.realpath(executable),
