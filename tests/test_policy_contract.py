@@ -251,3 +251,38 @@ def test_twistd_quotas_survive_restart(tmp_path: Path, procs: list[Proc], env: d
     assert status == 429 and b"this tunnel's" in answer, answer
     relay.stop()
     assert "Traceback" not in relay.output, relay.output
+
+
+def test_twistd_quota_covers_tcp_tunnels(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    The per-address quota counts a visitor's TCP tunnel bytes and HTTP
+    tunnel bytes together, so a free tier cannot be stepped around with a
+    TCP tunnel: curl through a TCP tunnel passes within it, and once the
+    address has spent it (partly over HTTP) its next TCP connection is
+    closed with a log line naming the address and the quota; another
+    address still passes.
+    """
+    web = service(tmp_path, procs, env)
+    low = freePort()
+    relay, port = startRelay(procs, env, tmp_path / "state", "--quota-per-ip", "5000", "--tcp-ports", f"{low}-{low}")
+    tcp = startAgent(procs, env, port, "--tcp", str(web))
+    tcpPort = int(tcp.waitFor(r"tunnel ready: tcp://127\.0\.0\.1:(\d+)").group(1))
+    startAgent(procs, env, port, "--http", str(web), "--subdomain", "web").waitFor("tunnel ready: http://web.localhost")
+
+    def overTCP(source: str) -> subprocess.CompletedProcess[bytes]:
+        return curl("-si", "--interface", source, f"http://127.0.0.1:{tcpPort}/blob")
+
+    for _ in range(2):  # about 2,200 bytes each, both ways
+        result = overTCP("127.0.0.2")
+        assert result.returncode == 0 and result.stdout.endswith(b"b" * 2000), result
+    assert visit(port, "web", "/blob", "127.0.0.2")[0] == 200  # began within the quota; now spent
+    refused = overTCP("127.0.0.2")
+    assert refused.returncode != 0 and not refused.stdout, refused
+    result = overTCP("127.0.0.3")
+    assert result.returncode == 0 and result.stdout.endswith(b"b" * 2000), result
+    relay.waitFor(
+        f"TCP visitor 127.0.0.2 refused on port {tcpPort}: the monthly bandwidth quota of 4.9 KiB of address"
+        r" 127\.0\.0\.2 is spent; it resets on"
+    )
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output

@@ -31,7 +31,7 @@ from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.ratelimit import BucketTable, Rate
 from txtunnel.relay.edge import EdgeFactory
 from txtunnel.relay.hosts import HostTable
-from txtunnel.relay.policy import policyGates
+from txtunnel.relay.policy import policyGates, quotaGate
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.relay.tokens import TokenEntry, hashToken, loadTokensFile
@@ -93,6 +93,8 @@ class Relay:
         #: The relay's policy (IP rules, rates, quotas, basic auth, header
         #: rules) first, then client certificates.
         self.gates: list[IVisitorGate] = [*policyGates(self), ClientCertificateGate()]
+        #: The bandwidth quotas, which also meter TCP, UDP and TLS streams.
+        self.quota = quotaGate(self.gates)
         #: Streams one agent's link may carry at once.
         self.maxStreams = int(settings.get("max-streams", 1000))
         #: Tunnels the agents of one IP address may hold at once.
