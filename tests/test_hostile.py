@@ -461,3 +461,45 @@ def test_no_secret_in_json_or_debug_logs(tmp_path: Path, procs: list[Proc], env:
     for what, secret in [*secrets.items(), ("authorization", basic), *(("cookie", c) for c in cookies)]:
         assert secret not in logs, f"the {what} appears in the logs"
     assert "Traceback" not in logs
+
+
+def test_stalled_tls_handshakes_are_cut_off(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    With the idle timeout off, a visitor on --https that connects and sends
+    nothing, sends half a ClientHello, or a whole one and then nothing, is
+    still closed by the handshake deadline (--header-timeout, 2 s here)
+    with a log line; a real HTTPS request after them is served.
+    """
+    https = freePort()
+    relay, port = startRelay(
+        procs, env, tmp_path / "state", "--https", f"tcp:{https}:interface=127.0.0.1", "--idle-timeout", "0",
+        "--header-timeout", "2",
+    )  # fmt: skip
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    client = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="nobody.localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = out.read()
+
+    def stall(data: bytes) -> float:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", https), timeout=60) as s:
+            s.sendall(data)
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+        return time.monotonic() - started
+
+    for data in (b"", hello[:40], hello):
+        took = stall(data)
+        assert 1.5 < took < 30, (data[:10], took)
+    relay.waitFor(r"closing TLS connection from 127\.0\.0\.1: no TLS handshake within 2s \(--header-timeout\)")
+    result = curl("-k", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{https}/")
+    assert result.stdout == b"404", result
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output
