@@ -425,7 +425,7 @@ def test_no_secret_in_json_or_debug_logs(tmp_path: Path, procs: list[Proc], env:
               "-v", "--log-format", "json"], env),
     ]  # fmt: skip
     procs.extend(agents)
-    for agent, name in zip(agents, ("team", "shared", "hook")):
+    for agent, name in zip(agents[:3], ("team", "shared", "hook"), strict=True):
         agent.waitFor(f"tunnel ready: http://{name}.localhost")
     agents[3].waitFor("invalid or missing token")
 
@@ -438,7 +438,15 @@ def test_no_secret_in_json_or_debug_logs(tmp_path: Path, procs: list[Proc], env:
     assert status("-u", "alice:not-the-password", *team) == 401
     body = b'{"zen": "hello"}'
     signature = "sha256=" + hmac.new(secrets["webhook"].encode(), body, hashlib.sha256).hexdigest()
-    hook = ["-X", "POST", "--data-binary", body.decode(), "-H", f"Host: hook.localhost:{port}", f"http://127.0.0.1:{port}/"]
+    hook = [
+        "-X",
+        "POST",
+        "--data-binary",
+        body.decode(),
+        "-H",
+        f"Host: hook.localhost:{port}",
+        f"http://127.0.0.1:{port}/",
+    ]
     assert status("-H", f"X-Hub-Signature-256: {signature}", *hook) not in (401, 403)
     assert status("-H", "X-Hub-Signature-256: sha256=" + "0" * 64, *hook) == 401
     jar = tmp_path / "alice"

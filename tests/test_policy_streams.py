@@ -189,3 +189,73 @@ async def test_tls_tunnel_quota_per_tunnel(
         " of tls tunnel metered is spent" in line
         for line in logged
     ), logged[-5:]
+
+
+# -- agents' links over plain HTTP
+
+
+@pytest_twisted.ensureDeferred
+async def test_links_over_https_refuses_plain_links(
+    tmp_path: Path, relays: list[Relay], agents: list[RunningAgent], echoServer: int, logged: list[str]
+) -> None:
+    """
+    With --links-over https an agent's WebSocket upgrade on the plain HTTP
+    listener gets 403 with a reason pointing at wss://, and an agent given
+    ws:// is refused with it; the same agent over wss:// links, and plain
+    HTTP visitors are still served.  With the default (any) ws:// links.
+    """
+    from tests.conftest import curl
+
+    relay = await startRelay(str(tmp_path / "s"), "--links-over", "https", "--https", "tcp:0:interface=127.0.0.1")
+    relays.append(relay)
+    upgrade = (
+        "-si", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
+        "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", f"Host: localhost:{relay.port}",
+        f"http://127.0.0.1:{relay.port}/_txtunnel",
+    )  # fmt: skip
+    code, out, err = await curl(*upgrade)
+    assert code == 0, err
+    assert out.startswith(b"HTTP/1.1 403") and b"connect with --relay wss://" in out, out
+    refused = await startAgent(agents, relay, "--tcp", str(echoServer), expectReady=False)
+    for _ in range(200):  # the relay says why (the agent keeps retrying: the operator may fix it)
+        if sum("403: this relay takes agent links over TLS only" in line for line in logged) >= 2:
+            break
+        await wait(0.05)
+    assert sum("403: this relay takes agent links over TLS only" in line for line in logged) >= 2, logged[-10:]
+    assert any("for localhost (no agent links here: --links-over https)" in line for line in logged), logged[-20:]
+    wss = f"wss://localhost:{relay.relay.httpsPort}"
+    linked = await startAgent(agents, relay, "--relay", wss, "--insecure", "--tcp", str(echoServer))
+    assert linked.address().startswith("tcp://")
+    assert not refused.agent.ready.called
+
+    plain = await startRelay(str(tmp_path / "s2"))
+    relays.append(plain)
+    assert (await startAgent(agents, plain, "--tcp", str(echoServer))).address().startswith("tcp://")
+
+
+def test_links_over_option_sources_and_errors(tmp_path: Path) -> None:
+    """
+    --links-over comes from the command line, TXTUNNEL_RELAY_LINKS_OVER or
+    the [relay] links-over key, defaults to any, and refuses a bad value or
+    https on a relay with no TLS listener (no agent could link), naming why.
+    """
+    from twisted.python import usage
+
+    from txtunnel.relay import tap
+
+    def parse(args: list[str], environ: dict[str, str] | None = None) -> str:
+        options = tap.Options(environ=environ or {})
+        options.parseOptions(["--state-dir", str(tmp_path / "s"), *args])
+        return str(options["links-over"])
+
+    https = ["--https", "tcp:0:interface=127.0.0.1"]
+    assert parse([]) == "any"
+    assert parse(["--links-over", "https", *https]) == "https"
+    assert parse(https, {"TXTUNNEL_RELAY_LINKS_OVER": "https"}) == "https"
+    ini = tmp_path / "relay.ini"
+    ini.write_text("[relay]\nlinks-over = https\n")
+    assert parse(["--config", str(ini), *https]) == "https"
+    with pytest.raises(usage.UsageError, match="is not https or any"):
+        parse(["--links-over", "tls"])
+    with pytest.raises(usage.UsageError, match="--links-over https needs --https"):
+        parse(["--links-over", "https"])

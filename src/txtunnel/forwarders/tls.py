@@ -139,7 +139,9 @@ class TLSRouter(SocketSide):
         try:
             stream = tunnel.openStream({"peer": self.peerHost, "sni": name}, None)
         except StreamRefused as e:
-            self._refuse(f"{name!r}: {e}", ACCESS_DENIED if isinstance(e, VisitorRefused | QuotaSpent) else INTERNAL_ERROR)
+            self._refuse(
+                f"{name!r}: {e}", ACCESS_DENIED if isinstance(e, VisitorRefused | QuotaSpent) else INTERNAL_ERROR
+            )
             return
         except Exception as e:  # the agent's link went away just now
             self._refuse(f"the agent of {name!r} is not connected ({e})", INTERNAL_ERROR)

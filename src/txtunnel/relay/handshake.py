@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_hostile -*-
 """
-TLS for the relay's HTTPS listeners with a deadline on the handshake.
+TLS on the relay's HTTPS listeners: a deadline on the handshake, and
+agents' links refused over plain HTTP when the relay says so.
 
 The edge's timeouts see only decrypted bytes, so a visitor that opens a
 connection and sends nothing, or half a ClientHello, or a ClientHello and
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-__all__ = ["HandshakeTimeoutTLSFactory"]
+__all__ = ["HandshakeTimeoutTLSFactory", "plainLinkRefusal"]
 
 
 class _TimedHandshake(BufferingTLSTransport):
@@ -48,9 +50,9 @@ class _TimedHandshake(BufferingTLSTransport):
             timeout=timeout,
         )
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         call = self._handshakeCall
         if call is not None and call.active():
             call.cancel()
@@ -70,3 +72,14 @@ class HandshakeTimeoutTLSFactory(TLSMemoryBIOFactory):
         super().__init__(contextFactory, False, wrappedFactory)
         self.clock = clock
         self.handshakeTimeout = handshakeTimeout
+
+
+def plainLinkRefusal(relay: Any, transport: Any) -> str | None:
+    """
+    Why an agent's link upgrade on C{transport} is refused, or C{None}: with
+    C{--links-over https} a link must come over TLS, as the agent's token
+    and every visitor's traffic would otherwise cross the network in clear.
+    """
+    if getattr(relay, "settings", {}).get("links-over", "any") != "https" or ISSLTransport.providedBy(transport):
+        return None
+    return "this relay takes agent links over TLS only: connect with --relay wss://HOST (its --https listener)"

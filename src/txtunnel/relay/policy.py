@@ -21,10 +21,10 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.python.failure import Failure
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.basicauth import CredentialCache, checkCredentials, credentialsList, parseAuthorization
@@ -404,7 +404,9 @@ class QuotaGate(_Validating):
             used = self._usedNow(period, quotaKind, key)
             if used is not None and used >= limit:
                 day = time.strftime("%Y-%m-%d", time.gmtime(monthEnd(now)))
-                return f"the monthly bandwidth quota of {formatSize(limit)} of {what} is spent; it resets on {day} (UTC)"
+                return (
+                    f"the monthly bandwidth quota of {formatSize(limit)} of {what} is spent; it resets on {day} (UTC)"
+                )
         return None
 
     def _streamKeys(self, kind: str, tunnel: str, peer: str) -> list[tuple[str, str, int, str]]:

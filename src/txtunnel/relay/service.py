@@ -417,9 +417,13 @@ class RelayService(MultiService):
             if port is tlsListening:
                 continue
             host = port.getHost()
+            scheme = "wss" if _edgeScheme(port) == "https" else "ws"
             self.log.info(
-                "relay listening on {host}:{port} for {domain} (agents connect to {scheme}://{host}:{port}/_txtunnel)",
-                scheme="wss" if _edgeScheme(port) == "https" else "ws",
+                "relay listening on {host}:{port} for {domain} (agents connect to {scheme}://{host}:{port}/_txtunnel)"
+                if isinstance(getattr(port, "factory", None), HandshakeTimeoutTLSFactory)
+                or settings.get("links-over", "any") != "https"
+                else "relay listening on {host}:{port} for {domain} (no agent links here: --links-over https)",
+                scheme=scheme,
                 host=getattr(host, "host", "?"),
                 port=getattr(host, "port", "?"),
                 domain=relay.domain,
