@@ -351,3 +351,163 @@ def test_bad_passwords_do_not_stall_other_tunnels(tmp_path: Path, procs: list[Pr
     assert len(codes) == 60 and set(codes) <= {"401", "429"}, (codes, err)
     assert codes.count("429") >= 30, codes  # twenty checks a minute from one address
     assert "Traceback" not in relay.output, relay.output
+
+
+def test_no_secret_in_json_or_debug_logs(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    Every kind of secret used the way it is meant to be, with the most
+    talkative logging: C{txtunnel relay -v --log-format json} (an agent
+    token file, an OIDC client secret, an admin token), C{txtunnel http -v
+    --log-format json} agents (a token, a basic-auth password, an
+    allow-list whose visitor gets a session cookie) and a twistd agent
+    with C{--logger txtunnel.logs.jsonLogObserver} (a webhook secret).
+    Each is used, right and wrong, and none of them -- nor the session
+    cookies the relay set, nor the Authorization header -- appears in any
+    process's output.
+    """
+    import hmac
+
+    from tests.test_sharing_contract import browser
+
+    secrets = {
+        "token": "agent-t0ken-s3cret",
+        "client": "oidc-cl13nt-s3cret",
+        "admin": "adm1n-t0ken-s3cret",
+        "password": "ba-pa55w0rd-s3cret",
+        "webhook": "wh00k-s3cret-value",
+    }
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("private page\n")
+    web = freePort()
+    server = Proc(
+        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
+    )
+    procs.append(server)
+    server.waitFor("Serving HTTP")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{secrets['token']}\n")
+    port, admin, providerPort = freePort(), freePort(), freePort()
+    (tmp_path / "relay.ini").write_text(
+        f"[relay]\nhttp = tcp:{port}:interface=127.0.0.1\nstate-dir = {tmp_path / 'state'}\n"
+        f"tokens-file = {tokens}\nadmin-token = {secrets['admin']}\n\n"
+        f"[provider:local]\nissuer = http://127.0.0.1:{providerPort}\nclient-id = relay\n"
+        f"client-secret = {secrets['client']}\n"
+    )
+    relay = Proc(
+        [tool("txtunnel"), "relay", "--config", str(tmp_path / "relay.ini"), "--admin", f"tcp:{admin}:interface=127.0.0.1",
+         "-v", "--log-format", "json"],
+        env,
+    )  # fmt: skip
+    procs.append(relay)
+    callback = relay.waitFor(r"callback (http://localhost:\d+/_txtunnel/callback)").group(1)
+    relay.waitFor(f"relay listening on 127.0.0.1:{port}")
+    provider = Proc(
+        [
+            tool("python3"), "-m", "txtunnel.testing.oidc", "--port", str(providerPort), "--email", "alice@example.com",
+            "--client-id", "relay", "--client-secret", secrets["client"], "--redirect-uri", callback,
+        ],
+        env,
+    )  # fmt: skip
+    procs.append(provider)
+    provider.waitFor("OpenID Connect test provider at")
+    relayURL = f"ws://localhost:{port}"
+    common = ["--relay", relayURL, "--token", secrets["token"], "-v", "--log-format", "json"]
+    agents = [
+        Proc([tool("txtunnel"), "http", str(web), "--subdomain", "team", "--basic-auth", f"alice:{secrets['password']}",
+              *common], env),
+        Proc([tool("txtunnel"), "http", str(web), "--subdomain", "shared", "--allow", "alice@example.com", *common],
+             env),
+        Proc([tool("twistd"), "-n", "--pidfile=", "--logger", "txtunnel.logs.jsonLogObserver", "tunnelagent",
+              "--relay", relayURL, "--token", secrets["token"], "--http", str(web), "--subdomain", "hook",
+              "--verify-webhook", f"github:{secrets['webhook']}"], env),
+        Proc([tool("txtunnel"), "http", str(web), "--relay", relayURL, "--token", "wrong-" + secrets["token"],
+              "-v", "--log-format", "json"], env),
+    ]  # fmt: skip
+    procs.extend(agents)
+    for agent, name in zip(agents[:3], ("team", "shared", "hook"), strict=True):
+        agent.waitFor(f"tunnel ready: http://{name}.localhost")
+    agents[3].waitFor("invalid or missing token")
+
+    def status(*args: str) -> int:
+        result = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", *args)
+        return int(result.stdout)
+
+    team = ["-H", f"Host: team.localhost:{port}", f"http://127.0.0.1:{port}/index.html"]
+    assert status("-u", f"alice:{secrets['password']}", *team) == 200
+    assert status("-u", "alice:not-the-password", *team) == 401
+    body = b'{"zen": "hello"}'
+    signature = "sha256=" + hmac.new(secrets["webhook"].encode(), body, hashlib.sha256).hexdigest()
+    hook = [
+        "-X",
+        "POST",
+        "--data-binary",
+        body.decode(),
+        "-H",
+        f"Host: hook.localhost:{port}",
+        f"http://127.0.0.1:{port}/",
+    ]
+    assert status("-H", f"X-Hub-Signature-256: {signature}", *hook) not in (401, 403)
+    assert status("-H", "X-Hub-Signature-256: sha256=" + "0" * 64, *hook) == 401
+    jar = tmp_path / "alice"
+    Path(str(jar) + ".provider").write_text(f"http://127.0.0.1:{providerPort}")
+    assert browser(jar, f"http://shared.localhost:{port}/", "alice@example.com") == "private page\n"
+    cookies = [line.split("\t")[-1] for line in jar.read_text().splitlines() if line.count("\t") >= 6]
+    assert cookies and all(len(c) >= 16 for c in cookies), cookies
+    adminURL = f"http://127.0.0.1:{admin}/stats"
+    assert status("-H", f"Authorization: Bearer {secrets['admin']}", adminURL) == 200
+    assert status("-H", "Authorization: Bearer wrong", adminURL) == 401
+
+    for p in (*agents, relay, provider):
+        p.stop()
+    debug = [line for line in relay.output.splitlines() if '"level": "debug"' in line]
+    assert debug, "the relay logged no debug events with -v"
+    for p in (relay, agents[0], agents[2]):  # txtunnel --log-format json, twistd --logger jsonLogObserver
+        assert all(line.startswith("{") for line in p.output.splitlines() if line.strip()), p.output[:500]
+    logs = "\n".join(p.output for p in (relay, *agents))
+    basic = base64.b64encode(f"alice:{secrets['password']}".encode()).decode()
+    for what, secret in [*secrets.items(), ("authorization", basic), *(("cookie", c) for c in cookies)]:
+        assert secret not in logs, f"the {what} appears in the logs"
+    assert "Traceback" not in logs
+
+
+def test_stalled_tls_handshakes_are_cut_off(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    With the idle timeout off, a visitor on --https that connects and sends
+    nothing, sends half a ClientHello, or a whole one and then nothing, is
+    still closed by the handshake deadline (--header-timeout, 2 s here)
+    with a log line; a real HTTPS request after them is served.
+    """
+    https = freePort()
+    relay, port = startRelay(
+        procs, env, tmp_path / "state", "--https", f"tcp:{https}:interface=127.0.0.1", "--idle-timeout", "0",
+        "--header-timeout", "2",
+    )  # fmt: skip
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    client = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="nobody.localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = out.read()
+
+    def stall(data: bytes) -> float:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", https), timeout=60) as s:
+            s.sendall(data)
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+        return time.monotonic() - started
+
+    for data in (b"", hello[:40], hello):
+        took = stall(data)
+        assert 1.5 < took < 30, (data[:10], took)
+    relay.waitFor(r"closing TLS connection from 127\.0\.0\.1: no TLS handshake within 2s \(--header-timeout\)")
+    result = curl("-k", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{https}/")
+    assert result.stdout == b"404", result
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output

@@ -251,3 +251,148 @@ def test_twistd_quotas_survive_restart(tmp_path: Path, procs: list[Proc], env: d
     assert status == 429 and b"this tunnel's" in answer, answer
     relay.stop()
     assert "Traceback" not in relay.output, relay.output
+
+
+def test_twistd_quota_covers_tcp_tunnels(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    The per-address quota counts a visitor's TCP tunnel bytes and HTTP
+    tunnel bytes together, so a free tier cannot be stepped around with a
+    TCP tunnel: curl through a TCP tunnel passes within it, and once the
+    address has spent it (partly over HTTP) its next TCP connection is
+    closed with a log line naming the address and the quota; another
+    address still passes.
+    """
+    web = service(tmp_path, procs, env)
+    low = freePort()
+    relay, port = startRelay(procs, env, tmp_path / "state", "--quota-per-ip", "5000", "--tcp-ports", f"{low}-{low}")
+    tcp = startAgent(procs, env, port, "--tcp", str(web))
+    tcpPort = int(tcp.waitFor(r"tunnel ready: tcp://127\.0\.0\.1:(\d+)").group(1))
+    startAgent(procs, env, port, "--http", str(web), "--subdomain", "web").waitFor("tunnel ready: http://web.localhost")
+
+    def overTCP(source: str) -> subprocess.CompletedProcess[bytes]:
+        return curl("-si", "--interface", source, f"http://127.0.0.1:{tcpPort}/blob")
+
+    for _ in range(2):  # about 2,200 bytes each, both ways
+        result = overTCP("127.0.0.2")
+        assert result.returncode == 0 and result.stdout.endswith(b"b" * 2000), result
+    assert visit(port, "web", "/blob", "127.0.0.2")[0] == 200  # began within the quota; now spent
+    refused = overTCP("127.0.0.2")
+    assert refused.returncode != 0 and not refused.stdout, refused
+    result = overTCP("127.0.0.3")
+    assert result.returncode == 0 and result.stdout.endswith(b"b" * 2000), result
+    relay.waitFor(
+        f"TCP visitor 127.0.0.2 refused on port {tcpPort}: the monthly bandwidth quota of 4.9 KiB of address"
+        r" 127\.0\.0\.2 is spent; it resets on"
+    )
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output
+
+
+def test_twistd_sni_certificates_and_visitor_client_ca(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    --https with two certificates: curl (and Python's ssl, to read which
+    certificate was served) gets the wildcard one for a tunnel under the
+    domain and its own for a name that has one, each verifying against the
+    CA.  A tunnel bound with --client-ca answers curl only with a client
+    certificate from that CA (403 without one, or with another CA's), and
+    the open tunnel beside it asks for none.
+    """
+    from tests.pki import CA
+
+    domain = "example.test"
+    relayCA = CA(tmp_path, "relay")
+    wild, _ = relayCA.server("wild", f"*.{domain}")
+    own, _ = relayCA.server("own", f"special.{domain}")
+    visitorCA, otherCA = CA(tmp_path, "visitors"), CA(tmp_path, "other")
+    visitor, visitorKey = visitorCA.client("visitor", "alice")
+    stranger, strangerKey = otherCA.client("stranger", "mallory")
+    web = service(tmp_path, procs, env)
+    https = freePort()
+    relay, port = startRelay(
+        procs, env, tmp_path / "state", "--domain", domain, "--https", f"tcp:{https}:interface=127.0.0.1",
+        "--https-cert", str(wild), "--https-cert", str(own),
+    )  # fmt: skip
+    for name, extra in (("locked", ("--client-ca", str(visitorCA.path))), ("special", ())):
+        startAgent(procs, env, port, "--http", str(web), "--subdomain", name, *extra).waitFor(
+            f"tunnel ready: http://{name}.{domain}"
+        )
+
+    def served(name: str) -> str:
+        ctx = ssl.create_default_context(cafile=str(relayCA.path))
+        with socket.create_connection(("127.0.0.1", https), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=f"{name}.{domain}") as tls:
+                cert = tls.getpeercert()
+        assert cert is not None
+        return str(dict(pair[0] for pair in cert["subject"])["commonName"])
+
+    assert served("locked") == f"*.{domain}"
+    assert served("special") == f"special.{domain}"
+
+    def get(name: str, *args: str) -> tuple[int, bytes]:
+        result = curl(
+            "--cacert", str(relayCA.path), "--resolve", f"{name}.{domain}:{https}:127.0.0.1",
+            "-o", "-", "-w", "\n%{http_code}", *args, f"https://{name}.{domain}:{https}/",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        body, _, status = result.stdout.rpartition(b"\n")
+        return int(status), body
+
+    assert get("locked", "--cert", str(visitor), "--key", str(visitorKey)) == (200, b"ok\n")
+    status, body = get("locked")
+    assert status == 403 and b"none was presented" in body, body
+    status, body = get("locked", "--cert", str(stranger), "--key", str(strangerKey))
+    assert status == 403 and b"not from this tunnel's CA" in body, body
+    assert get("special") == (200, b"ok\n")
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output
+
+
+def hasIPv6Loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not hasIPv6Loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_twistd_ipv6_visitors(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    A relay listening on [::1] only: an agent links over ws://[::1], and
+    curl visiting over IPv6 meets a tunnel's IPv6 deny and allow lists
+    (CIDR) and a per-address rate, each refusing and passing as it should;
+    a relay-wide IPv6 deny list of another network lets ::1 through.
+    """
+    web = service(tmp_path, procs, env)
+    port = freePort()
+    relay = twistd(
+        procs, env, "tunnelrelay", "--http", rf"tcp6:{port}:interface=\:\:1", "--state-dir", str(tmp_path / "state"),
+        "--ip-deny", "2001:db8::/32", "--bind-rate", "off",
+    )  # fmt: skip
+    relay.waitFor(f"relay listening on .*{port}")
+    for name, extra in (
+        ("denied", ("--ip-deny", "::1/128")),
+        ("allowed", ("--ip-allow", "::/127")),
+        ("others", ("--ip-allow", "fd00::/8")),
+        ("rated", ("--rate-per-ip", "1/h")),
+    ):
+        agent = twistd(
+            procs, env, "tunnelagent", "--relay", f"ws://[::1]:{port}", "--http", str(web), "--subdomain", name, *extra
+        )
+        agent.waitFor(f"tunnel ready: http://{name}.localhost")
+
+    def visit6(name: str) -> tuple[int, bytes]:
+        result = curl("-si", "-H", f"Host: {name}.localhost:{port}", f"http://[::1]:{port}/")
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout.split(b" ", 2)[1]), result.stdout
+
+    status, answer = visit6("denied")
+    assert status == 403 and b"may not use this tunnel" in answer, answer
+    assert visit6("allowed")[0] == 200
+    assert visit6("others")[0] == 403
+    assert visit6("rated")[0] == 200
+    status, answer = visit6("rated")
+    assert status == 429 and b"Retry-After:" in answer, answer
+    relay.stop()
+    assert "Traceback" not in relay.output, relay.output

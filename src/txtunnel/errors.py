@@ -4,7 +4,7 @@ Errors that carry a message meant for a person.
 
 from __future__ import annotations
 
-__all__ = ["BindError", "ConfigError", "StreamRefused", "TooManyStreams", "VisitorRefused"]
+__all__ = ["BindError", "ConfigError", "QuotaSpent", "StreamRefused", "TooManyStreams", "VisitorRefused"]
 
 
 class BindError(Exception):
@@ -45,3 +45,13 @@ class VisitorRefused(StreamRefused):
     """
 
     status = 403
+
+
+class QuotaSpent(StreamRefused):
+    """
+    A monthly bandwidth quota of the visitor's address or of the tunnel
+    (C{--quota-per-ip}, C{--quota-per-tunnel}) is spent: a TCP, UDP or TLS
+    visitor gets no stream until it resets, as an HTTP one gets a 429.
+    """
+
+    status = 429

@@ -139,6 +139,10 @@ class Stream:
         #: flow ends only when idle): a drain on shutdown does not wait for
         #: them.  See L{Link.finiteStreams}.
         self.endless = False
+        #: Called with the size of every payload chunk written or received:
+        #: the relay meters TCP, UDP and TLS visitors' bytes against their
+        #: bandwidth quotas with it (HTTP is metered by the edge).
+        self.meter: Callable[[int], object] | None = None
 
     # -- wiring
 
@@ -158,6 +162,8 @@ class Stream:
             self._out.append(bytes(data))
             self._outBytes += len(data)
             self.bytesSent += len(data)
+            if self.meter is not None:
+                self.meter(len(data))
             self._flush()
 
     def writeSequence(self, data: Any) -> None:
@@ -304,6 +310,8 @@ class Stream:
             return
         self._recvAvailable -= len(data)
         self.bytesReceived += len(data)
+        if self.meter is not None:
+            self.meter(len(data))
         if self.disconnecting:
             self._consumed += len(data)
             self._grantCredit()

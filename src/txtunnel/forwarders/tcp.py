@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimPort, connectOrReset
+from txtunnel.errors import QuotaSpent
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 from txtunnel.splice import SocketSide
@@ -28,6 +29,8 @@ class _VisitorSide(SocketSide):
     A public TCP connection: opens its stream as soon as it is accepted.
     """
 
+    log = Logger()
+
     def __init__(self, tunnel: IRelayTunnel) -> None:
         self.tunnel = tunnel
         self.lost = False
@@ -36,8 +39,15 @@ class _VisitorSide(SocketSide):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         try:
             self.stream = self.tunnel.openStream({"peer": getattr(peer, "host", "?")}, None)
-        except Exception:
-            # No link, too many streams, or an address the relay refuses.
+        except Exception as e:
+            # No link, too many streams, an address the relay refuses or a spent quota.
+            if isinstance(e, QuotaSpent):
+                self.log.info(
+                    "TCP visitor {client_ip} refused on port {port}: {reason}",
+                    client_ip=getattr(peer, "host", "?"),
+                    port=getattr(self.transport.getHost(), "port", "?"),  # type: ignore[union-attr]
+                    reason=str(e),
+                )
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         super().connectionMade()

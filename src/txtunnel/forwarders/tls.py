@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, connectOrReset, nameRequest
-from txtunnel.errors import BindError, StreamRefused, VisitorRefused
+from txtunnel.errors import BindError, QuotaSpent, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 from txtunnel.sni import (
@@ -160,7 +160,9 @@ class TLSRouter(SocketSide):
         try:
             stream = tunnel.openStream({"peer": self.peerHost, "sni": name}, None)
         except StreamRefused as e:
-            self._refuse(f"{name!r}: {e}", ACCESS_DENIED if isinstance(e, VisitorRefused) else INTERNAL_ERROR)
+            self._refuse(
+                f"{name!r}: {e}", ACCESS_DENIED if isinstance(e, VisitorRefused | QuotaSpent) else INTERNAL_ERROR
+            )
             return
         except Exception as e:  # the agent's link went away just now
             self._refuse(f"the agent of {name!r} is not connected ({e})", INTERNAL_ERROR)

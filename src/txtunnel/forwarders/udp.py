@@ -66,7 +66,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimPort
-from txtunnel.errors import BindError, StreamRefused, VisitorRefused
+from txtunnel.errors import BindError, QuotaSpent, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 
@@ -557,7 +557,9 @@ class _PublicPort(DatagramProtocol):
             self.tunnel.openStream({"peer": key[0], "port": key[1]}, flow)
         except StreamRefused as e:
             del self.flows[key]
-            self.drops.count("refused" if isinstance(e, VisitorRefused) else "stream-limit")
+            self.drops.count(
+                "refused" if isinstance(e, VisitorRefused) else "quota" if isinstance(e, QuotaSpent) else "stream-limit"
+            )
             self.log.debug("no stream for UDP flow {flow}: {error}", flow=flow.label, error=str(e))
             return None
         except ConnectionLost as e:

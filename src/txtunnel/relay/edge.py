@@ -38,6 +38,7 @@ from txtunnel.http1 import (
 )
 from txtunnel.link import Stream, StreamReset
 from txtunnel.plugins import requestForwarder
+from txtunnel.relay.handshake import plainLinkRefusal
 from txtunnel.responses import ResponseFramer
 from txtunnel.splice import setNoDelay
 from txtunnel.wslink import LINK_PATH
@@ -451,6 +452,9 @@ class EdgeProtocol(Protocol):
                 return ("fail", self._notHere())
             if not head.upgrade:
                 return ("fail", _Fail(426, "agents connect here with a WebSocket upgrade"))
+            refusal = plainLinkRefusal(self.relay, self.transport)
+            if refusal is not None:
+                return ("fail", _Fail(403, refusal))
             return ("wait", None) if self._busy else ("link", None)
         tunnel = self.relay.hosts.get(name or "")
         if self.relay.draining:

@@ -24,10 +24,11 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.basicauth import CredentialCache, checkCredentials, credentialsList, parseAuthorization
-from txtunnel.errors import BindError
+from txtunnel.errors import BindError, QuotaSpent
 from txtunnel.gates import VisitorRequest
 from txtunnel.headerrules import headerAdds, headerNames
 from txtunnel.http1 import Answer
@@ -42,9 +43,11 @@ __all__ = [
     "PolicyGate",
     "QuotaGate",
     "RateGate",
+    "StreamMeter",
     "TunnelPolicy",
     "parseSize",
     "policyGates",
+    "quotaGate",
     "tunnelPolicy",
 ]
 
@@ -369,6 +372,67 @@ class QuotaGate(_Validating):
         request.meters.append(lambda n: self.count(keys, n))
         return None
 
+    def _usedNow(self, period: str, kind: str, key: str) -> int | None:
+        """
+        What L{_used} says, without waiting: from the cache, or from a
+        store that answers at once (SQLite does); C{None} while an
+        asynchronous store is still being asked (the answer is cached for
+        the next look).
+        """
+        k = (period, kind, key)
+        stored = self._stored.get(k)
+        if stored is None:
+            got: list[Any] = []
+            ensureDeferred(self._used(period, kind, key)).addBoth(got.append)
+            if not got:
+                return None
+            if isinstance(got[0], Failure):
+                log.failure("reading quota counts failed", got[0])
+                return None
+            return int(got[0])
+        return stored + self._pending.get(k, 0)
+
+    def spent(self, kind: str, tunnel: str, peer: str) -> str | None:
+        """
+        Why a new C{kind} (C{tcp}, C{udp}, C{tls}) visitor from C{peer} to
+        C{tunnel} gets no stream, naming the address or tunnel and the
+        quota; C{None} when neither quota is spent.
+        """
+        now = self._now()
+        period = monthOf(now)
+        for quotaKind, key, limit, what in self._streamKeys(kind, tunnel, peer):
+            used = self._usedNow(period, quotaKind, key)
+            if used is not None and used >= limit:
+                day = time.strftime("%Y-%m-%d", time.gmtime(monthEnd(now)))
+                return (
+                    f"the monthly bandwidth quota of {formatSize(limit)} of {what} is spent; it resets on {day} (UTC)"
+                )
+        return None
+
+    def _streamKeys(self, kind: str, tunnel: str, peer: str) -> list[tuple[str, str, int, str]]:
+        keys = []
+        if self.perIP:
+            keys.append(("ip", visitorKey(peer), self.perIP, f"address {peer}"))
+        if self.perTunnel:
+            # Named by kind: TCP port 8000 and UDP port 8000 are two tunnels.
+            keys.append(("tunnel", f"{kind}:{tunnel}", self.perTunnel, f"{kind} tunnel {tunnel}"))
+        return keys
+
+    def streamMeter(self, kind: str, tunnel: str, peer: str) -> StreamMeter | None:
+        """
+        Quotas for a TCP, UDP or TLS visitor's stream, which has no HTTP
+        request to refuse: L{QuotaSpent} now if one is spent, else a meter
+        for the stream's bytes (both ways) that calls its C{cut} with the
+        reason once one runs out -- a connection that would otherwise
+        carry a month's traffic is closed then, not when it ends.  C{None}
+        when the relay has no quota.
+        """
+        reason = self.spent(kind, tunnel, peer)
+        if reason is not None:
+            raise QuotaSpent(reason)
+        keys = self._streamKeys(kind, tunnel, peer)
+        return StreamMeter(self, kind, tunnel, peer, keys) if keys else None
+
     def count(self, keys: list[tuple[str, str]], n: int) -> None:
         """
         Add C{n} bytes to each of C{keys} (C{(kind, key)}) this month.
@@ -413,6 +477,55 @@ class QuotaGate(_Validating):
             self._loop.stop()
         self._loop = None
         self.flush()
+
+
+class StreamMeter:
+    """
+    Counts one TCP, UDP or TLS stream's bytes toward its quotas and cuts it
+    (once, from the reactor, not from inside the write that crossed the
+    line) when one is spent.
+    """
+
+    def __init__(
+        self,
+        gate: QuotaGate,
+        kind: str,
+        tunnel: str,
+        peer: str,
+        keys: list[tuple[str, str, int, str]],
+    ) -> None:
+        self.gate = gate
+        self.kind = kind
+        self.tunnel = tunnel
+        self.peer = peer
+        self.keys = [(k, key) for k, key, _, _ in keys]
+        #: Called with the reason when a quota runs out (set by the opener).
+        self.cut: Callable[[str], object] = lambda reason: None
+        self.cutting = False
+
+    def __call__(self, n: int) -> None:
+        gate = self.gate
+        gate.count(self.keys, n)
+        if self.cutting:
+            return
+        reason = gate.spent(self.kind, self.tunnel, self.peer)
+        if reason is not None:
+            self.cutting = True
+            gate.relay.reactor.callLater(0, self.cut, reason)
+
+
+def quotaGate(gates: Sequence[Any]) -> QuotaGate | None:
+    """
+    The L{QuotaGate} among the relay's gates (inside its L{PolicyGate}),
+    for the streams of TCP, UDP and TLS tunnels to be metered by.
+    """
+    for gate in gates:
+        if isinstance(gate, QuotaGate):
+            return gate
+        found = quotaGate(getattr(gate, "gates", ()))
+        if found is not None:
+            return found
+    return None
 
 
 #: Password checks one visitor address may cost the relay: twenty a

@@ -16,7 +16,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from txtunnel.admin import AdminSite, IAdminSubject
@@ -29,9 +28,10 @@ from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
 from txtunnel.metrics import RelayMetrics, _now
 from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.ratelimit import BucketTable, Rate
-from txtunnel.relay.edge import EdgeFactory
+from txtunnel.relay.edge import DEFAULT_HEADER_TIMEOUT, EdgeFactory
+from txtunnel.relay.handshake import HandshakeTimeoutTLSFactory
 from txtunnel.relay.hosts import HostTable
-from txtunnel.relay.policy import policyGates
+from txtunnel.relay.policy import policyGates, quotaGate
 from txtunnel.relay.ports import PortPool
 from txtunnel.relay.session import RelaySession
 from txtunnel.relay.tokens import TokenEntry, hashToken, loadTokensFile
@@ -93,6 +93,8 @@ class Relay:
         #: The relay's policy (IP rules, rates, quotas, basic auth, header
         #: rules) first, then client certificates.
         self.gates: list[IVisitorGate] = [*policyGates(self), ClientCertificateGate()]
+        #: The bandwidth quotas, which also meter TCP, UDP and TLS streams.
+        self.quota = quotaGate(self.gates)
         #: Streams one agent's link may carry at once.
         self.maxStreams = int(settings.get("max-streams", 1000))
         #: Tunnels the agents of one IP address may hold at once.
@@ -351,6 +353,8 @@ class RelayService(MultiService):
         settings = relay.settings
         if not relay._tokens:
             self.log.warn("no --token given: any agent can open tunnels on this relay (fine for development only)")
+        # A TLS handshake is the start of a request: it has the head's time.
+        handshakeTimeout = float(settings.get("header-timeout", DEFAULT_HEADER_TIMEOUT))
         if settings["http"]:
             endpoint, certFile, keyFile, chainFile = splitHTTPSEndpoint(settings["http"])
             httpFactory: Any = EdgeFactory(relay, "http")
@@ -358,13 +362,17 @@ class RelayService(MultiService):
                 # An ssl: endpoint given to --http: TLS as on --https (ALPN
                 # included, which curl and browsers need), served as before.
                 certificate = loadServerCertificate(certFile, keyFile, chainFile)
-                httpFactory = TLSMemoryBIOFactory(ServerTLS([certificate], relay.alpnProtocols), False, httpFactory)
+                httpFactory = HandshakeTimeoutTLSFactory(
+                    ServerTLS([certificate], relay.alpnProtocols), httpFactory, relay.reactor, handshakeTimeout
+                )
             port = yield listenWithFallback(relay.reactor, endpoint, httpFactory, self.httpDefaulted, "HTTP")
             self.listening.append(port)
             relay.httpPort = getattr(port.getHost(), "port", None)
         if settings["https"]:
             relay.serverTLS = self._serverTLS()
-            tlsFactory = TLSMemoryBIOFactory(relay.serverTLS, False, EdgeFactory(relay, "https"))
+            tlsFactory = HandshakeTimeoutTLSFactory(
+                relay.serverTLS, EdgeFactory(relay, "https"), relay.reactor, handshakeTimeout
+            )
             port = yield listenWithFallback(
                 relay.reactor, settings.get("https-endpoint") or settings["https"], tlsFactory, False, "HTTPS"
             )
@@ -409,9 +417,13 @@ class RelayService(MultiService):
             if port is tlsListening:
                 continue
             host = port.getHost()
+            scheme = "wss" if _edgeScheme(port) == "https" else "ws"
             self.log.info(
-                "relay listening on {host}:{port} for {domain} (agents connect to {scheme}://{host}:{port}/_txtunnel)",
-                scheme="wss" if _edgeScheme(port) == "https" else "ws",
+                "relay listening on {host}:{port} for {domain} (agents connect to {scheme}://{host}:{port}/_txtunnel)"
+                if isinstance(getattr(port, "factory", None), HandshakeTimeoutTLSFactory)
+                or settings.get("links-over", "any") != "https"
+                else "relay listening on {host}:{port} for {domain} (no agent links here: --links-over https)",
+                scheme=scheme,
                 host=getattr(host, "host", "?"),
                 port=getattr(host, "port", "?"),
                 domain=relay.domain,

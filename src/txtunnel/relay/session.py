@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.access import logConnection
-from txtunnel.errors import BindError, TooManyStreams, VisitorRefused
+from txtunnel.errors import BindError, QuotaSpent, TooManyStreams, VisitorRefused
 from txtunnel.frames import PROTOCOL_VERSION
 from txtunnel.gates import validateBind
 from txtunnel.interfaces import IBinding, IRelayTunnel
@@ -26,6 +26,7 @@ from txtunnel.names import checkName
 from txtunnel.relay.tokens import RESERVABLE, TokenEntry
 
 if TYPE_CHECKING:
+    from txtunnel.relay.policy import StreamMeter
     from txtunnel.relay.service import Relay
 
 __all__ = ["FEATURES", "RelaySession", "RelayTunnel"]
@@ -63,14 +64,49 @@ class RelayTunnel:
         if limit and len(link.streams) >= limit:
             relay.metrics.limitRejected("max-streams")
             raise TooManyStreams(f"the tunnel's agent is carrying its limit of {limit} connections; try again shortly")
-        stream = link.openStream(dict(header, tunnel=self.id), protocol)
-        relay.metrics.streamOpened(self.type)
         address = self.binding.address if self.binding is not None else "-"
         # The relay's name for the tunnel, as HTTP access events have it: the TLS name, the TCP or UDP port.
         claim = getattr(self.binding, "claim", None)
         name = str(claim[1]) if claim else address
+        meter = self._meter(name, str(header.get("peer", "")))
+        stream = link.openStream(dict(header, tunnel=self.id), protocol)
+        if meter is not None:
+            meter.cut = lambda reason: self._cut(stream, reason)
+            stream.meter = meter
+        relay.metrics.streamOpened(self.type)
         self.session.opened[stream.id] = (relay.reactor.seconds(), self.type, address, name)
         return stream
+
+    def _meter(self, name: str, peer: str) -> StreamMeter | None:
+        """
+        The quota meter for a TCP, UDP or TLS visitor's stream (HTTP ones
+        are metered per request by the edge's gates).
+
+        @raise QuotaSpent: when the visitor's or the tunnel's is spent.
+        """
+        relay = self.session.relay
+        quota = relay.quota
+        if quota is None or self.type not in ("tcp", "udp", "tls"):
+            return None
+        try:
+            return quota.streamMeter(self.type, name, peer)
+        except QuotaSpent:
+            relay.metrics.limitRejected("quota")
+            raise
+
+    def _cut(self, stream: Stream, reason: str) -> None:
+        if stream.closed:
+            return
+        relay = self.session.relay
+        relay.metrics.limitRejected("quota")
+        self.session.log.info(
+            "closing {kind} visitor {client_ip} of tunnel {tunnel}: {reason}",
+            kind=self.type,
+            client_ip=stream.header.get("peer", "?"),
+            tunnel=self.binding.address if self.binding is not None else "-",
+            reason=reason,
+        )
+        stream.reset("quota", reason)
 
     def __repr__(self) -> str:
         return f"<RelayTunnel {self.type}#{self.id} of {self.session.peer}>"

@@ -111,6 +111,16 @@ def count(text: str) -> int:
     return value
 
 
+def linksOver(text: str) -> str:
+    """
+    C{https} (agents' links only over TLS: C{wss://}) or C{any}.
+    """
+    value = str(text).strip().lower()
+    if value not in ("https", "any"):
+        raise ValueError(f"{text!r} is not https or any")
+    return value
+
+
 def sessionLifetime(text: str) -> float:
     value = positiveFloat(text)
     if not 60 <= value <= 90 * 86400:
@@ -230,6 +240,7 @@ class Options(ConfigOptions):
         ("idle-timeout", 60.0, positiveFloat),
         ("drain-timeout", 30.0, positiveFloat),
         ("session-lifetime", 43200.0, sessionLifetime),
+        ("links-over", "any", linksOver),
     )
     optParameters = [
         ["config", "c", None, "INI file with a [relay] section (keys named like these options)."],
@@ -288,7 +299,7 @@ class Options(ConfigOptions):
             "quota-per-tunnel",
             None,
             None,
-            "Bytes each HTTP tunnel may move per calendar month, e.g. 1GiB. [default: off]",
+            "Bytes each tunnel (HTTP, TCP, UDP or TLS) may move per calendar month, e.g. 1GiB. [default: off]",
         ],
         [
             "max-streams",
@@ -320,6 +331,13 @@ class Options(ConfigOptions):
             None,
             None,
             "Seconds a visitor's login to a shared tunnel lasts. [default: 43200]",
+        ],
+        [
+            "links-over",
+            None,
+            None,
+            "https: agents may link only over TLS (wss://), a plain ws:// link gets 403; any: ws:// too. "
+            "[default: any]",
         ],
         [
             "keepalive",
@@ -461,6 +479,12 @@ class Options(ConfigOptions):
         cas = [ca for path in self["agent-ca"] for ca in readCertificateAuthorities(path, "agent CA file")]
         if cas and not self["https"]:
             raise ValueError("--agent-ca needs --https: agents present client certificates over wss:// only")
+        if (
+            self["links-over"] == "https"
+            and not self["https"]
+            and not (self["http"] and splitHTTPSEndpoint(self["http"])[1])
+        ):
+            raise ValueError("--links-over https needs --https (or an ssl: --http): agents could not link at all")
         #: CAs agents' client certificates must chain to.
         self["agent-cas"] = cas
 
