@@ -222,6 +222,10 @@ async def test_links_over_https_refuses_plain_links(
             break
         await wait(0.05)
     assert sum("403: this relay takes agent links over TLS only" in line for line in logged) >= 2, logged[-10:]
+    # ... and so does the agent: its log names the relay's reason, not just "403 Forbidden".
+    assert any(
+        "agent link connecting -> reconnecting" in line and "connect with --relay wss://HOST" in line for line in logged
+    ), logged[-10:]
     assert any("for localhost (no agent links here: --links-over https)" in line for line in logged), logged[-20:]
     wss = f"wss://localhost:{relay.relay.httpsPort}"
     linked = await startAgent(agents, relay, "--relay", wss, "--insecure", "--tcp", str(echoServer))

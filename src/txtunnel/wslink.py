@@ -193,6 +193,22 @@ class LinkClientProtocol(_LinkCarrierMixin, WebSocketClientProtocol):  # type: i
         link = self._startLink(self.factory.url)
         self.session = self.factory.sessionFactory(link, self)
 
+    def failHandshake(self, reason: str) -> None:
+        """
+        A refused upgrade names the relay's reason (the body of its answer,
+        marked C{X-Txtunnel-Error}), not only the status: an agent told
+        "403 Forbidden" cannot know it should use C{wss://}.
+        """
+        headers = getattr(self, "http_headers", None) or {}
+        data = getattr(self, "data", b"")
+        end = data.find(b"\r\n\r\n") if headers.get("x-txtunnel-error") else -1
+        if end >= 0:
+            words = data[end + 4 : end + 4 + 500].decode("utf-8", "replace").strip()
+            words = "".join(c for c in words if c.isprintable())
+            if words:
+                reason = f"{reason} ({words})"
+        super().failHandshake(reason)
+
     def connectionLost(self, reason: Failure = _DONE) -> None:
         # A connection that ends before the link is up (a TLS handshake
         # that failed verification, say) is reported with its reason, which

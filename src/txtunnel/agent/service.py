@@ -247,6 +247,10 @@ class _WatchedEndpoint:
         self.agent = agent
         self.onFailure = onFailure
 
+    def __repr__(self) -> str:
+        # Twisted's ClientService names the endpoint in its retry lines.
+        return f"<relay {getattr(self.agent, 'relayURL', self.endpoint)}>"
+
     def connect(self, factory: Any) -> Deferred[Any]:
         self.agent.states.event("attempt")
         d = self.endpoint.connect(factory)
