@@ -396,3 +396,28 @@ def test_twistd_ipv6_visitors(tmp_path: Path, procs: list[Proc], env: dict[str, 
     assert status == 429 and b"Retry-After:" in answer, answer
     relay.stop()
     assert "Traceback" not in relay.output, relay.output
+
+
+def test_twistd_bind_rate_default(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    """
+    A relay started with no limit options holds new tunnels from one
+    address to the default rate (5/m:3: eight at once): an agent asking
+    for nine is given eight, and told why the ninth was refused.
+    """
+    web = service(tmp_path, procs, env)
+    relay, port = startRelay(procs, env, tmp_path / "state")
+    ini = tmp_path / "agent.ini"
+    ini.write_text(
+        f"[agent]\nrelay = ws://127.0.0.1:{port}\n\n"
+        + "".join(f"[tunnel:t{i}]\ntype = http\ntarget = {web}\nsubdomain = rate{i}\n\n" for i in range(9))
+    )
+    agent = startAgent(procs, env, port, "--config", str(ini))
+    agent.waitFor("too many new tunnels from this address; try again in")
+    for _ in range(100):
+        if sum("tunnel ready: http://rate" in line for line in list(agent.lines)) >= 8:
+            break
+        time.sleep(0.05)
+    ready = [line for line in list(agent.lines) if "tunnel ready: http://rate" in line]
+    assert len(ready) == 8, ready
+    served = [visit(port, f"rate{i}")[0] for i in range(9)]
+    assert sorted(served) == [200] * 8 + [404], served
