@@ -38,9 +38,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, connectOrReset, nameRequest
+from txtunnel.config import optionalFile
 from txtunnel.errors import BindError, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.plugins import Setting
 from txtunnel.sni import (
     DECODE_ERROR,
     DEFAULT_LIMIT,
@@ -232,6 +234,15 @@ class TLSForwarder:
 
     name = "tls"
     description = "TLS passthrough at NAME.<domain> on the relay's TLS port, routed by SNI"
+    settings = (
+        Setting(
+            "tls-cert",
+            optionalFile,
+            None,
+            "The agent ends the visitors' TLS itself with this certificate chain (PEM, leaf first).",
+        ),
+        Setting("tls-key", optionalFile, None, "The private key (PEM) of tls-cert. [default: in the tls-cert file]"),
+    )
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
@@ -243,6 +254,16 @@ class TLSForwarder:
             raise BindError("this relay has no TLS passthrough listener (its operator can add one with --tls)")
         name = yield claimName(relay, relay.tlsHosts, "tls", tunnel, "TLS name")
         return TLSBinding(relay, tunnel, name)
+
+    def checkSettings(self, options: dict[str, Any], where: Any) -> None:
+        """
+        Read C{tls-cert} and C{tls-key} now, into the one C{tls-server}
+        option, so a bad file stops start-up with an error that names the
+        key and the file.
+        """
+        cert, key = options.pop("tls-cert", None), options.pop("tls-key", None)
+        if cert or key:
+            options["tls-server"] = serverOptions(cert, key, where("tls-cert"), where("tls-key"))
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
         server = tunnel.options.get("tls-server")
@@ -282,6 +303,27 @@ def terminatingOptions(certPath: str, keyPath: str | None) -> ssl.CertificateOpt
         acceptableProtocols=[b"http/1.1"],
         enableSessions=True,
     )
+
+
+def serverOptions(cert: str | None, key: str | None, certWhere: str, keyWhere: str) -> ssl.CertificateOptions:
+    """
+    L{terminatingOptions} for the files C{cert} and C{key}, with errors
+    that say where each was given (C{certWhere}, C{keyWhere}).
+
+    @raise ValueError: with the whole message.
+    """
+    from txtunnel.certificates import CertificateError
+
+    if cert is None:
+        raise ValueError(f"{keyWhere} needs {certWhere.rsplit(' ', 1)[-1]}: the certificate that goes with the key")
+    try:
+        return terminatingOptions(cert, key)
+    except CertificateError as e:
+        message = str(e)
+        aboutKey = key is not None and key in message
+        aboutCert = cert in message
+        where = f"{certWhere} and {keyWhere}" if aboutKey and aboutCert else keyWhere if aboutKey else certWhere
+        raise ValueError(f"{where}: {message}") from None
 
 
 @implementer(IHalfCloseableProtocol)

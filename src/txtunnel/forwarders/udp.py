@@ -69,6 +69,7 @@ from txtunnel.claims import claimPort
 from txtunnel.errors import BindError, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.plugins import Setting
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -93,6 +94,21 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 
 #: The longest idle timeout an agent may ask for (a day).
 MAX_IDLE_TIMEOUT = 86400.0
+
+
+def parseIdleTimeout(text: str) -> float:
+    """
+    Seconds a UDP flow may stay silent: more than 0 (a flow must be able to
+    end, or its socket would be held for ever) and at most a day.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_IDLE_TIMEOUT:
+        raise ValueError(f"{text!r} must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} seconds")
+    return value
+
 
 #: Flows one tunnel may hold at once, on the relay and on the agent; bounds
 #: sockets and streams per tunnel against a flood of spoofed sources.
@@ -764,6 +780,14 @@ class UDPForwarder:
 
     name = "udp"
     description = "UDP datagrams on a public port of the relay"
+    settings = (
+        Setting(
+            "udp-idle-timeout",
+            parseIdleTimeout,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds a UDP flow may be silent before it is closed and its socket freed.",
+        ),
+    )
     log = Logger()
 
     def __init__(self, maxFlows: int = MAX_FLOWS) -> None:
