@@ -128,7 +128,9 @@ def settingsOf(forwarder: Any, reserved: frozenset[str] = frozenset()) -> dict[s
     for setting in declared:
         key = getattr(setting, "key", None)
         if not isinstance(key, str) or not _KEY.match(key) or not callable(getattr(setting, "coerce", None)):
-            raise ValueError(f"forwarder {name!r} declares a setting that is not a txtunnel.plugins.Setting: {setting!r}")
+            raise ValueError(
+                f"forwarder {name!r} declares a setting that is not a txtunnel.plugins.Setting: {setting!r}"
+            )
         if key in reserved:
             raise ValueError(f"forwarder {name!r} declares the setting {key!r}, which every tunnel has already")
         if key in found:
