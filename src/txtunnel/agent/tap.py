@@ -700,7 +700,7 @@ class Options(ConfigOptions):
                             options[key] = coerce(values[key])
                         except ValueError as e:
                             raise ConfigError(f"{where} {key}: {e}") from None
-                self._typeSettings(forwarder, declared, values, options, lambda key, where=where: f"{where} {key}")
+                self._typeSettings(forwarder, declared, values, options, _keyIn(where))
                 policy = dict(commonPolicy) if kind == "http" else {}
                 for key in POLICY_KEYS:
                     if key not in values:
@@ -783,6 +783,13 @@ def settingsOf(forwarder: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: {e}") from None
     except Exception as e:  # an import error in a plugin's implementation, say
         raise ConfigError(f"{where}: the forwarder cannot be loaded: {e!r}") from None
+
+
+def _keyIn(where: str) -> Callable[[str], str]:
+    """
+    How a key of the section at C{where} is named in errors.
+    """
+    return lambda key: f"{where} {key}"
 
 
 def _notAKey(known: dict[str, Any], kind: str, key: str, declared: dict[str, Any]) -> str:

@@ -384,6 +384,9 @@ class _VisitorPlain(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         local = self.local
+        # The TLS layer is gone with the visitor: the local side must not
+        # close it again (an abort then fails inside Twisted's TLS).
+        local.tls = None
         if not reason.check(ConnectionDone):
             self.log.info(
                 "TLS tunnel {tunnel}: visitor connection ended: {why}", tunnel=self.name, why=reason.getErrorMessage()
@@ -398,9 +401,16 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
     service in clear, then end the visitor's TLS session on C{stream} with
     C{server}'s certificate.  The stream waits, paused, while the local
     connection is made; if the service cannot be reached it is reset with
-    the reason, as for passthrough.
+    the reason, as for passthrough, and the tunnel's circuit breaker is
+    asked first and told how it went, as for passthrough too
+    (L{txtunnel.claims.connectOrReset}).
     """
     host, port = tunnel.target
+    breaker = getattr(tunnel, "breaker", None)
+    if breaker is not None and not breaker.allow():
+        wait = max(1, round(breaker.retryAfter()))
+        stream.reset("refused", f"local service {host}:{port} is failing; not trying it for {wait}s (circuit open)")
+        return
     endpoint: Any
     if isIPAddress(host):
         endpoint = TCP4ClientEndpoint(tunnel.reactor, host, port, timeout=CONNECT_TIMEOUT)
@@ -414,6 +424,8 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
     d = endpoint.connect(factory)
 
     def connected(protocol: _LocalPlain) -> None:
+        if breaker is not None:
+            breaker.success()
         if stream.closed:
             protocol.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -429,6 +441,8 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
             return
         reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
         TLSForwarder.log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
+        if breaker is not None:
+            breaker.failure(reason)
         stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
 
     d.addCallbacks(connected, failed)
