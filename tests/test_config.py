@@ -233,6 +233,79 @@ def test_agent_ini_errors(tmp_path: Path, text: str, words: str) -> None:
     assert words in str(e.value)
 
 
+def test_builtin_types_declare_their_own_keys() -> None:
+    """
+    The built-in forwarders declare their type-specific keys through the
+    public C{settings} (nothing the core lists for them), and no built-in
+    declares a key every tunnel has.
+    """
+    from txtunnel.plugins import forwarders, settingsOf
+
+    known = forwarders()
+    declared = {name: set(settingsOf(f, frozenset(agentTap.TUNNEL_KEYS))) for name, f in known.items()}
+    assert declared["udp"] == {"udp-idle-timeout"}
+    assert declared["http"] == {"sse-heartbeat", "verify-webhook"}
+    assert declared["sse"] == {"sse-heartbeat"}
+    assert declared["tls"] == {"tls-cert", "tls-key"}
+    assert declared["tcp"] == declared["websocket"] == declared["grpc"] == set()
+    keys = {key for keys in declared.values() for key in keys}
+    assert not keys & set(agentTap.TUNNEL_KEYS)
+    assert all(s.doc for f in known.values() for s in settingsOf(f).values())
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (
+            "[tunnel:a]\ntype = websocket\ntarget = 80\nsse-heartbeat = 3\n",
+            "agent.ini [tunnel:a] sse-heartbeat: only tunnels of type = http or sse have one",
+        ),
+        (
+            "[tunnel:a]\ntype = sse\ntarget = 80\nverify-webhook = github:0123456789\n",
+            "agent.ini [tunnel:a] verify-webhook: only tunnels of type = http have one",
+        ),
+        ("[tunnel:a]\ntype = sse\ntarget = 80\nsse-heartbeat = soon\n", "agent.ini [tunnel:a] sse-heartbeat: 'soon'"),
+        (
+            "[tunnel:a]\ntype = tcp\ntarget = 80\ncolour = 1\n",
+            "agent.ini [tunnel:a] colour: unknown key; expected one of type, target, subdomain, remote-port,"
+            " response-timeout, breaker-failures, breaker-cooldown, health-check, health-interval",
+        ),
+        (
+            "[tunnel:a]\ntype = udp\ntarget = 80\ncolour = 1\n",
+            "health-check, health-interval, udp-idle-timeout",
+        ),
+    ],
+)
+def test_keys_are_per_type(tmp_path: Path, text: str, words: str) -> None:
+    """
+    A key is taken only by the types that declare it; the error for any
+    other names the types that have it, or lists the keys of this type.
+    """
+    ini = tmp_path / "agent.ini"
+    ini.write_text(text)
+    with pytest.raises(usage.UsageError) as e:
+        agentOptions(["--config", str(ini)])
+    assert words in str(e.value)
+
+
+def test_agent_wide_defaults_of_type_settings(tmp_path: Path) -> None:
+    """
+    An agent-wide value (C{TXTUNNEL_SSE_HEARTBEAT}) is the default of the
+    setting for the types that declare it and is not given to the others;
+    a section's own value wins.
+    """
+    ini = tmp_path / "agent.ini"
+    ini.write_text(
+        "[tunnel:web]\ntype = http\ntarget = 80\n\n[tunnel:events]\ntype = sse\ntarget = 81\nsse-heartbeat = 2\n\n"
+        "[tunnel:ws]\ntype = websocket\ntarget = 82\n"
+    )
+    options = agentOptions(["--config", str(ini)], {"TXTUNNEL_SSE_HEARTBEAT": "7"})
+    byName = {t["name"]: t["options"] for t in options.tunnels}
+    assert byName["web"]["sse-heartbeat"] == 7.0
+    assert byName["events"]["sse-heartbeat"] == 2.0
+    assert "sse-heartbeat" not in byName["ws"]
+
+
 def test_agent_environment() -> None:
     """
     TXTUNNEL_RELAY, TXTUNNEL_TOKEN and TXTUNNEL_HTTP configure an agent.

@@ -13,6 +13,7 @@ import socket
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,133 @@ async def test_local_service_down(plugin: Path, tmp_path: Path, agents: list[Run
         await defer.maybeDeferred(relay.service.stopService)
 
 
+def agentOptions(*args: str) -> Any:
+    from txtunnel.agent.tap import Options
+
+    options = Options(environ={})
+    options.parseOptions(list(args))
+    return options
+
+
+def configError(config: Path) -> str:
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError) as e:
+        agentOptions("--config", str(config))
+    return str(e.value)
+
+
+def test_plugin_setting_parses(plugin: Path, tmp_path: Path) -> None:
+    """
+    The plugin's own key, C{greeting}, is taken in an C{upper} section and
+    coerced by the plugin's function into C{tunnel.options}; a section
+    without it gets nothing (the declared default is C{None}).
+    """
+    config = tmp_path / "agent.ini"
+    config.write_text(
+        "[tunnel:shout]\ntype = upper\ntarget = 7000\ngreeting =   hi there  \n\n"
+        "[tunnel:quiet]\ntype = upper\ntarget = 7001\nremote-port = 20001\n"
+    )
+    byName = {t["name"]: t for t in agentOptions("--config", str(config)).tunnels}
+    assert byName["shout"]["options"] == {"response-timeout": 120.0, "greeting": "hi there"}
+    assert byName["quiet"]["options"] == {"response-timeout": 120.0, "remote-port": 20001}
+
+
+def test_plugin_setting_errors(plugin: Path, tmp_path: Path) -> None:
+    """
+    A bad value of the plugin's key gives the plugin's message after the
+    file, section and key; the key on a tunnel of another type is refused
+    naming the type that has it; a key nobody declares lists what an
+    C{upper} tunnel takes, its own key included and the http-only ones not.
+    """
+    config = tmp_path / "agent.ini"
+    config.write_text(f"[tunnel:shout]\ntype = upper\ntarget = 7000\ngreeting = {'x' * 81}\n")
+    message = configError(config)
+    assert message.startswith(f"{config} [tunnel:shout] greeting: 'xxx")
+    assert "is not a line of at most 80 printable ASCII characters" in message
+    config.write_text("[tunnel:db]\ntype = tcp\ntarget = 5432\ngreeting = hello\n")
+    assert configError(config) == f"{config} [tunnel:db] greeting: only tunnels of type = upper have one"
+    config.write_text("[tunnel:shout]\ntype = upper\ntarget = 7000\ncolour = red\n")
+    message = configError(config)
+    assert message.startswith(f"{config} [tunnel:shout] colour: unknown key; expected one of type, target, ")
+    assert message.endswith(", greeting")
+    assert "basic-auth" not in message and "udp-idle-timeout" not in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_plugin_setting_reaches_connect(
+    plugin: Path, tmp_path: Path, agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    The greeting set in agent.ini reaches the plugin's C{connect} through
+    C{tunnel.options}: every visitor reads it before the upper-cased echo.
+    """
+    relay = await startRelay(str(tmp_path / "state"))
+    try:
+        config = tmp_path / "agent.ini"
+        config.write_text(f"[tunnel:shout]\ntype = upper\ntarget = {echoServer}\ngreeting = WELCOME\n")
+        agent = await startAgent(agents, relay, "--config", str(config))
+        port = int(agent.address("shout").rsplit(":", 1)[1])
+        assert await inThread(echoThrough, port, b"hello\n") == b"WELCOME\nHELLO\n"
+        assert await inThread(echoThrough, port, b"again\n") == b"WELCOME\nAGAIN\n"
+        await agent.stop()
+    finally:
+        await defer.maybeDeferred(relay.service.stopService)
+
+
+def test_broken_setting_declarations(tmp_path: Path) -> None:
+    """
+    A plugin whose declaration is wrong (a key every tunnel has already, a
+    key twice, something that is not a setting) is refused naming the
+    forwarder, at config time, instead of silently shadowing the core.
+    """
+    from txtunnel.agent.tap import TUNNEL_KEYS
+    from txtunnel.plugins import Setting, settingsOf
+
+    class Declares:
+        name = "odd"
+
+        def __init__(self, *settings: Any) -> None:
+            self.settings = settings
+
+    reserved = frozenset(TUNNEL_KEYS)
+    with pytest.raises(ValueError, match="'odd' declares the setting 'subdomain', which every tunnel has already"):
+        settingsOf(Declares(Setting("subdomain", str)), reserved)
+    with pytest.raises(ValueError, match="'odd' declares the setting 'x' twice"):
+        settingsOf(Declares(Setting("x", str), Setting("x", int)), reserved)
+    with pytest.raises(ValueError, match="'odd' declares a setting that is not a txtunnel.plugins.Setting"):
+        settingsOf(Declares(("x", str)), reserved)
+    with pytest.raises(ValueError, match="not a txtunnel.plugins.Setting"):
+        settingsOf(Declares(Setting("Bad Key", str)), reserved)
+    assert settingsOf(Declares(), reserved) == {}
+
+
+def test_help_imports_no_implementation(plugin: Path) -> None:
+    """
+    Discovery and the agent's C{--help} import no forwarder implementation,
+    the plugin's or a built-in's: settings are read only when a
+    configuration is.
+    """
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from txtunnel.plugins import forwarders\n"
+        "from txtunnel.agent.tap import Options\n"
+        "assert 'upper' in forwarders()\n"
+        "try:\n"
+        "    Options(environ={}).parseOptions(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('txupper.', 'txtunnel.forwarders.'))), file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TXTUNNEL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(plugin), str(ROOT / "src")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
 async def _sleep(seconds: float) -> None:
     from twisted.internet import reactor, task
 
@@ -260,12 +388,23 @@ def test_twistd_relay_and_agent_find_the_plugin(tmp_path: Path) -> None:
         config = tmp_path / "agent.ini"
         config.write_text(
             f"[agent]\nrelay = ws://127.0.0.1:{httpPort}\n\n[tunnel:shout]\ntype = upper\ntarget = {echo.getsockname()[1]}\n"
+            f"\n[tunnel:greeted]\ntype = upper\ntarget = {echo.getsockname()[1]}\ngreeting = VIA TWISTD\n"
         )
         agent = Proc([tool("twistd"), "-n", "--pidfile=", "tunnelagent", "--config", str(config)], env=env)
         procs.append(agent)
-        match = agent.waitFor(r"tunnel ready: upper://127\.0\.0\.1:(\d+)")
-        port = int(match.group(1))
-        assert low <= port <= high
+        agent.waitFor(r"tunnel ready: upper://127\.0\.0\.1:(\d+)")
+        ready = re.compile(r"tunnel ready: upper://127\.0\.0\.1:(\d+)")
+        for _ in range(400):
+            ports = [int(m.group(1)) for line in list(agent.lines) if (m := ready.search(line))]
+            if len(ports) == 2:
+                break
+            time.sleep(0.05)
+        assert len(ports) == 2, agent.output
+        assert all(low <= p <= high for p in ports)
+        # One tunnel has the plugin's own setting (greeting), the other not.
+        replies = {p: echoThrough(p, b"which?\n") for p in ports}
+        assert sorted(replies.values()) == [b"VIA TWISTD\nWHICH?\n", b"WHICH?\n"]
+        [port] = [p for p in ports if replies[p] == b"WHICH?\n"]
         assert echoThrough(port, b"through twistd\n") == b"THROUGH TWISTD\n"
         data = os.urandom(256 * 1024)
         assert echoThrough(port, data) == data.upper()

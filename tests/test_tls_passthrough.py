@@ -917,6 +917,55 @@ async def test_agent_terminating_tls_with_service_down(
     assert error
 
 
+@pytest_twisted.ensureDeferred
+async def test_agent_terminating_tls_uses_the_circuit_breaker(
+    tlsRelay: Relay, agents: list[RunningAgent], tmp_path: Path
+) -> None:
+    """
+    The agent-terminated path counts failures to reach the local service
+    in the tunnel's circuit breaker, as passthrough does: after
+    C{breaker-failures} refusals the circuit opens, and the next visitor is
+    turned away without a connection attempt.
+    """
+    from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+    from zope.interface import provider
+
+    from tests.pki import CA
+    from txtunnel.agent.breaker import BreakerState
+
+    ca = CA(tmp_path, "agent-ca")
+    both, _ = ca.server("secure", HOST)
+    config = tmp_path / "down.ini"
+    config.write_text(
+        f"[tunnel:web]\ntype = tls\ntarget = {closedPort()}\nsubdomain = secure\ntls-cert = {both}\n"
+        "breaker-failures = 2\nbreaker-cooldown = 600\n"
+    )
+    running = await startAgent(agents, tlsRelay, "--config", str(config))
+    [tunnel] = running.agent.tunnels
+    context = ssl.create_default_context(cafile=str(ca.path))
+    events: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(2):
+            assert await inThread(refusedHandshake, tlsPort(tlsRelay), context, HOST)
+        for _ in range(200):
+            if tunnel.breaker.state is BreakerState.OPEN:
+                break
+            await _sleep(0.05)
+        assert tunnel.breaker.state is BreakerState.OPEN
+        tries = sum("cannot reach local service" in e for e in events)
+        assert tries == 2
+        assert await inThread(refusedHandshake, tlsPort(tlsRelay), context, HOST)
+        assert sum("cannot reach local service" in e for e in events) == tries
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
 def test_tls_cert_option_errors(tmp_path: Path) -> None:
     """
     Bad or missing certificate files, a key without a certificate, a key

@@ -434,6 +434,29 @@ def test_oversize_datagram_from_remote_dropped() -> None:
     assert any("too-large=1" in formatEvent(e) for e in events)
 
 
+def test_drop_log_says_the_real_reason() -> None:
+    """
+    The drop line explains the reasons counted, and only those: datagrams
+    dropped for being too large are not blamed on backpressure, a backlog
+    is.
+    """
+    h = Harness()
+    addr = ("192.0.2.1", 1000)
+    with capturedLogs() as events:
+        h.fromRemote(b"x" * (MAX_DATAGRAM + 1), ("2001:db8::1", 5))
+    [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert "the relay dropped 1 datagram(s) (too-large=1)" in line
+    assert "over 65,507 bytes" in line and "backpressure" not in line
+    h.clock.advance(60)
+    h.fromRemote(b"first", addr)
+    h.links.relay.pauseProducing()
+    with capturedLogs() as events:
+        h.public.datagramReceived(b"one", addr)
+        h.public.datagramReceived(b"two", addr)
+    [line] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert "(backlog=1)" in line and "no backpressure" in line and "65,507" not in line
+
+
 def test_forwarder_provides_interface() -> None:
     """
     The forwarder provides IForwarder and asks for its options in the bind.

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigOptions",
     "adminToken",
     "boolean",
+    "optionalFile",
     "parseTarget",
     "positiveFloat",
     "portNumber",
@@ -71,6 +72,19 @@ def positiveFloat(text: str) -> float:
     if value < 0:
         raise ValueError(f"{text!r} must not be negative")
     return value
+
+
+def optionalFile(text: str) -> str | None:
+    """
+    The absolute path of an existing file, or C{None} for an empty value.
+    """
+    text = str(text).strip()
+    if not text:
+        return None
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    return path
 
 
 def boolean(text: Any) -> bool:

@@ -161,6 +161,19 @@ class IForwarder(Interface):
        edge should come as HTTP/2 messages (L{txtunnel.h2messages}, as
        gRPC needs); otherwise (the default, C{"http/1.1"}) they come as
        HTTP/1.1 bytes.
+     - C{settings}: a sequence of L{txtunnel.plugins.Setting} (key, coerce
+       function, default, one-line doc): the C{[tunnel:NAME]} keys a
+       tunnel of this type takes besides the ones every tunnel has
+       (C{type}, C{target}, C{subdomain}, ...).  The agent refuses any
+       other key; a coerced value is C{tunnel.options[key]}.  Without it
+       the type has only the shared keys.
+     - C{checkSettings(options, where) -> None}: called once per tunnel of
+       this type when the agent reads its configuration, after every
+       setting is coerced, with the tunnel's options C{dict} (which it may
+       change: e.g. read two files named by two settings into one value)
+       and C{where(key)}, how the user wrote C{key} (C{"--tls-cert"},
+       C{"agent.ini [tunnel:web] tls-cert"}); raises C{ValueError} with a
+       whole message (that names the keys with C{where}) to refuse.
     """
 
     name = Attribute("The name agents use to ask for it, e.g. C{'tcp'}; a C{str}.")

@@ -1,13 +1,16 @@
 # -*- test-case-name: tests.test_relay_agent,tests.test_third_party_plugin,tests.test_streaming -*-
 """
-Finding forwarders: every L{IForwarder} plugin on C{sys.path}, and the one
-that handles a request to an C{http} tunnel (L{requestForwarder}).
+Finding forwarders: every L{IForwarder} plugin on C{sys.path}, the one
+that handles a request to an C{http} tunnel (L{requestForwarder}), and the
+tunnel settings a forwarder declares (L{Setting}, L{settingsOf}).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
@@ -17,7 +20,7 @@ from zope.interface import implementer
 
 from txtunnel.interfaces import IForwarder
 
-__all__ = ["LazyForwarder", "forwarderNamed", "forwarders", "requestForwarder", "wireOf"]
+__all__ = ["LazyForwarder", "Setting", "forwarderNamed", "forwarders", "requestForwarder", "settingsOf", "wireOf"]
 
 log = Logger()
 
@@ -75,6 +78,65 @@ def wireOf(forwarder: Any) -> str:
     """
     wire = getattr(forwarder, "wire", None)
     return "h2" if wire == "h2" else "http/1.1"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """
+    One C{[tunnel:NAME]} key that a forwarder declares in its optional
+    C{settings} (see L{IForwarder}), so that a tunnel type can have
+    settings of its own without the core knowing them by name.
+
+    @ivar key: the key, lower-case letters, digits and C{-}
+        (e.g. C{"udp-idle-timeout"}); the coerced value is
+        C{tunnel.options[key]} on the agent.
+    @ivar coerce: turns the text from the config file into the value;
+        raises C{ValueError} with a message saying what was expected, which
+        the agent shows after the file, section and key.
+    @ivar default: the value a tunnel gets when the key is not given;
+        C{None} puts nothing in C{tunnel.options} (the forwarder then uses
+        its own default, e.g. C{tunnel.options.get(key, 15.0)}).
+    @ivar doc: one line for help text and docs.
+    """
+
+    key: str
+    coerce: Callable[[str], Any]
+    default: Any = None
+    doc: str = ""
+
+
+#: What a setting's key may look like: the spelling of INI keys and options.
+_KEY = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*\Z")
+
+
+def settingsOf(forwarder: Any, reserved: frozenset[str] = frozenset()) -> dict[str, Setting]:
+    """
+    The settings a forwarder declares (its optional C{settings}), by key,
+    checked: a forwarder with a malformed declaration, two settings with
+    one key, or a key in C{reserved} (those of the core, shared by every
+    tunnel type) is a mistake of the plugin, reported rather than guessed at.
+
+    Reading C{settings} of a L{LazyForwarder} imports the implementation:
+    the agent does it when it reads its configuration, never at plugin
+    discovery.
+
+    @raise ValueError: naming the forwarder and what is wrong.
+    """
+    name = getattr(forwarder, "name", "?")
+    declared = getattr(forwarder, "settings", None) or ()
+    found: dict[str, Setting] = {}
+    for setting in declared:
+        key = getattr(setting, "key", None)
+        if not isinstance(key, str) or not _KEY.match(key) or not callable(getattr(setting, "coerce", None)):
+            raise ValueError(
+                f"forwarder {name!r} declares a setting that is not a txtunnel.plugins.Setting: {setting!r}"
+            )
+        if key in reserved:
+            raise ValueError(f"forwarder {name!r} declares the setting {key!r}, which every tunnel has already")
+        if key in found:
+            raise ValueError(f"forwarder {name!r} declares the setting {key!r} twice")
+        found[key] = setting
+    return found
 
 
 def requestForwarder(known: Mapping[str, Any], tunnelType: str, head: Any) -> Any:
@@ -160,6 +222,23 @@ class LazyForwarder:
             found = getattr(self._load(), "handlesRequest", None)
             claims = self._claims = found if found is not None else _claimsNothing
         return bool(claims(head))
+
+    @property
+    def settings(self) -> Any:
+        """
+        The implementation's C{settings} (see L{Setting}); reading it
+        imports the implementation, so only the agent's configuration
+        parsing does.
+        """
+        return getattr(self._load(), "settings", ())
+
+    def checkSettings(self, options: dict[str, Any], where: Callable[[str], str]) -> None:
+        """
+        The implementation's C{checkSettings}, if it has one.
+        """
+        check = getattr(self._load(), "checkSettings", None)
+        if check is not None:
+            check(options, where)
 
     @property
     def wire(self) -> str:

@@ -6,13 +6,14 @@ C{twistd tunnelagent}: options and service maker for the agent.
 from __future__ import annotations
 
 import configparser
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from txtunnel.basicauth import hashCredentials
-from txtunnel.config import ConfigOptions, adminToken, boolean, parseTarget, portNumber, positiveFloat
+from txtunnel.config import ConfigOptions, adminToken, boolean, optionalFile, parseTarget, portNumber, positiveFloat
 from txtunnel.errors import ConfigError
 from txtunnel.exitstatus import exitWithStatus
 from txtunnel.headerrules import headerAdds, headerNames
@@ -41,15 +42,14 @@ POLICY_KEYS = (
     "rate",
     "quota",
 )
-#: Keys a [tunnel:NAME] section may have.
+#: Keys every [tunnel:NAME] section may have, whatever its type; a type's
+#: own keys are the settings its forwarder declares (L{txtunnel.plugins.Setting}).
 TUNNEL_KEYS = (
     "type",
     "target",
     "subdomain",
     "remote-port",
     "response-timeout",
-    "udp-idle-timeout",
-    "sse-heartbeat",
     "client-ca",
     "pool",
     "breaker-failures",
@@ -58,10 +58,13 @@ TUNNEL_KEYS = (
     "health-interval",
     *POLICY_KEYS,
     "allow",
-    "verify-webhook",
-    "tls-cert",
-    "tls-key",
 )
+#: Of those, the ones the relay enforces for C{http} tunnels only.
+HTTP_ONLY_KEYS = frozenset({"client-ca", "pool", *POLICY_KEYS, "allow"})
+#: Options of the agent that give a value, for the one tunnel of the command
+#: line or as the default of [tunnel:NAME] sections, to the forwarder
+#: setting of the same name (of the built-in udp, http, sse and tls).
+TYPE_OPTIONS = frozenset({"udp-idle-timeout", "sse-heartbeat", "tls-cert", "tls-key", "verify-webhook"})
 
 #: The tunnel kinds that have their own command-line option (--http TARGET, ...).
 KINDS = ("http", "tcp", "udp", "tls", "grpc", "websocket", "sse")
@@ -77,18 +80,6 @@ def relayURL(text: str) -> str:
     text = str(text).strip()
     relayEndpointString(text)
     return text
-
-
-def optionalFile(text: str) -> str | None:
-    import os
-
-    text = str(text).strip()
-    if not text:
-        return None
-    path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is not a file")
-    return path
 
 
 def clientCA(text: str) -> str | None:
@@ -134,18 +125,12 @@ def remotePort(text: str) -> int | None:
 
 def idleTimeout(text: str) -> float:
     """
-    Seconds a UDP flow may stay silent: more than 0 (a flow must be able to
-    end, or its socket would be held for ever) and at most a day.
+    C{--udp-idle-timeout}: the C{udp} forwarder's own setting, imported
+    only when given so that C{--help} stays quick.
     """
-    from txtunnel.forwarders.udp import MAX_IDLE_TIMEOUT
+    from txtunnel.forwarders.udp import parseIdleTimeout
 
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= MAX_IDLE_TIMEOUT:
-        raise ValueError(f"{text!r} must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} seconds")
-    return value
+    return parseIdleTimeout(text)
 
 
 def basicAuthList(text: str) -> list[str]:
@@ -658,27 +643,21 @@ class Options(ConfigOptions):
                 options["remote-port"] = self["remote-port"]
             if self["pool"]:
                 options["pool"] = self["pool"]
-            if kind == "udp":
-                options["udp-idle-timeout"] = self["udp-idle-timeout"]
             if self["client-ca"]:
                 if kind != "http":
                     raise ConfigError("--client-ca applies to --http tunnels (the relay checks it on its HTTPS edge)")
                 options["client-ca"] = self["client-ca"]
-            if kind in ("http", "sse") and "sse-heartbeat" not in self.defaulted:
-                options["sse-heartbeat"] = self["sse-heartbeat"]
             if self["allow"]:
                 if kind != "http":
                     raise ConfigError(f"--allow applies to HTTP tunnels (visitors log in with a browser), not --{kind}")
                 options["allow"] = self["allow"]
-            if self["verify-webhook"]:
-                if kind != "http":
-                    raise ConfigError(f"--verify-webhook applies to HTTP tunnels, not --{kind}")
-                options["verify-webhook"] = self["verify-webhook"]
-            if self["tls-cert"] or self["tls-key"]:
-                if kind != "tls":
-                    flag = "--tls-cert" if self["tls-cert"] else "--tls-key"
-                    raise ConfigError(f"{flag} applies to --tls tunnels (the agent ends their TLS), not --{kind}")
-                options["tls-server"] = _tlsServer(self["tls-cert"], self["tls-key"], "--tls-cert", "--tls-key")
+            if self["verify-webhook"] and kind != "http":
+                raise ConfigError(f"--verify-webhook applies to HTTP tunnels, not --{kind}")
+            if (self["tls-cert"] or self["tls-key"]) and kind != "tls":
+                flag = "--tls-cert" if self["tls-cert"] else "--tls-key"
+                raise ConfigError(f"{flag} applies to --tls tunnels (the agent ends their TLS), not --{kind}")
+            forwarder = known[kind]
+            self._typeSettings(forwarder, settingsOf(forwarder, f"--{kind}"), {}, options, lambda key: f"--{key}")
             self.tunnels.append(
                 {"name": self["subdomain"] or kind, "type": kind, "target": parseTarget(self[kind]), "options": options}
             )
@@ -690,48 +669,24 @@ class Options(ConfigOptions):
                 name = section.split(":", 1)[1]
                 where = f"{path} [{section}]"
                 values = dict(parser.items(section))
-                for key in values:
-                    if key not in TUNNEL_KEYS:
-                        raise ConfigError(f"{where} {key}: unknown key; expected one of {', '.join(TUNNEL_KEYS)}")
                 kind = values.get("type", "").strip()
                 if kind not in known:
                     raise ConfigError(f"{where} type: expected one of {', '.join(sorted(known))}, got {kind!r}")
+                forwarder = known[kind]
+                declared = settingsOf(forwarder, f"{where} type: {kind}")
+                for key in values:
+                    if key not in TUNNEL_KEYS and key not in declared:
+                        raise ConfigError(f"{where} {key}: {_notAKey(known, kind, key, declared)}")
                 if "target" not in values:
                     raise ConfigError(f"{where} target: missing; expected PORT or HOST:PORT")
                 options = dict(common)
-                if kind == "udp":
-                    options["udp-idle-timeout"] = self["udp-idle-timeout"]
-                elif "udp-idle-timeout" in values:
-                    raise ConfigError(f"{where} udp-idle-timeout: only tunnels of type = udp have one")
-                if kind in ("http", "sse") and "sse-heartbeat" not in self.defaulted:
-                    options["sse-heartbeat"] = self["sse-heartbeat"]
-                elif kind not in ("http", "sse") and "sse-heartbeat" in values:
-                    raise ConfigError(f"{where} sse-heartbeat: only tunnels of type = http or sse have one")
-                if kind != "http" and "client-ca" in values:
-                    raise ConfigError(f"{where} client-ca: only tunnels of type = http have one")
-                for key in ("allow", "verify-webhook"):
+                for key in ("client-ca", "allow"):
                     if kind != "http" and key in values:
                         raise ConfigError(f"{where} {key}: only tunnels of type = http have one")
-                files: dict[str, str | None] = {}
-                for key in ("tls-cert", "tls-key"):
-                    if key not in values:
-                        continue
-                    if kind != "tls":
-                        raise ConfigError(f"{where} {key}: only tunnels of type = tls have one")
-                    try:
-                        files[key] = optionalFile(values[key])
-                    except ValueError as e:
-                        raise ConfigError(f"{where} {key}: {e}") from None
-                if files.get("tls-cert") or files.get("tls-key"):
-                    options["tls-server"] = _tlsServer(
-                        files.get("tls-cert"), files.get("tls-key"), f"{where} tls-cert", f"{where} tls-key"
-                    )
                 for key, coerce in (
                     ("subdomain", subdomain),
                     ("remote-port", remotePort),
                     ("response-timeout", positiveFloat),
-                    ("udp-idle-timeout", idleTimeout),
-                    ("sse-heartbeat", positiveFloat),
                     ("client-ca", clientCA),
                     ("pool", poolKey),
                     ("breaker-failures", attemptCount),
@@ -739,13 +694,13 @@ class Options(ConfigOptions):
                     ("health-check", healthCheck),
                     ("health-interval", moreThanZero),
                     ("allow", allowList),
-                    ("verify-webhook", webhookVerifier),
                 ):
                     if key in values:
                         try:
                             options[key] = coerce(values[key])
                         except ValueError as e:
                             raise ConfigError(f"{where} {key}: {e}") from None
+                self._typeSettings(forwarder, declared, values, options, _keyIn(where))
                 policy = dict(commonPolicy) if kind == "http" else {}
                 for key in POLICY_KEYS:
                     if key not in values:
@@ -780,26 +735,81 @@ class Options(ConfigOptions):
         if len(set(names)) != len(names):
             raise ConfigError(f"two tunnels share a name: {', '.join(sorted(names))}")
 
+    def _typeSettings(
+        self,
+        forwarder: Any,
+        declared: dict[str, Any],
+        values: dict[str, str],
+        options: dict[str, Any],
+        where: Callable[[str], str],
+    ) -> None:
+        """
+        Put the settings C{forwarder} declares into a tunnel's C{options}:
+        each from the tunnel's section (C{values}), else from the agent's
+        option of that name (L{TYPE_OPTIONS}: command line, environment or
+        C{[agent]}) when given, else its default unless that is C{None}; then
+        the forwarder's optional C{checkSettings}.  C{where(key)} says where
+        a key was given, for errors.
+        """
+        for key, setting in declared.items():
+            if key in values:
+                try:
+                    options[key] = setting.coerce(values[key])
+                except ValueError as e:
+                    raise ConfigError(f"{where(key)}: {e}") from None
+            elif key in TYPE_OPTIONS and key not in self.defaulted and self[key] is not None:
+                options[key] = self[key]
+            elif setting.default is not None:
+                options[key] = setting.default
+        check = getattr(forwarder, "checkSettings", None)
+        if check is not None:
+            try:
+                check(options, where)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
-def _tlsServer(cert: str | None, key: str | None, certWhere: str, keyWhere: str) -> Any:
-    """
-    The agent's TLS server settings for a C{tls} tunnel from C{cert} and
-    C{key} (paths), read now so a bad file stops start-up with an error
-    that names the option (C{certWhere}, C{keyWhere}) and the file.
-    """
-    from txtunnel.certificates import CertificateError
-    from txtunnel.forwarders.tls import terminatingOptions
 
-    if cert is None:
-        raise ConfigError(f"{keyWhere} needs {certWhere.rsplit(' ', 1)[-1]}: the certificate that goes with the key")
+def settingsOf(forwarder: Any, where: str) -> dict[str, Any]:
+    """
+    The settings C{forwarder} declares, by key (L{txtunnel.plugins.settingsOf}),
+    or a L{ConfigError} at C{where} when the plugin cannot be loaded or its
+    declaration is wrong.
+    """
+    from txtunnel.plugins import settingsOf as declared
+
     try:
-        return terminatingOptions(cert, key)
-    except CertificateError as e:
-        message = str(e)
-        aboutKey = key is not None and key in message
-        aboutCert = cert in message
-        where = f"{certWhere} and {keyWhere}" if aboutKey and aboutCert else keyWhere if aboutKey else certWhere
-        raise ConfigError(f"{where}: {message}") from None
+        return declared(forwarder, frozenset(TUNNEL_KEYS))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except Exception as e:  # an import error in a plugin's implementation, say
+        raise ConfigError(f"{where}: the forwarder cannot be loaded: {e!r}") from None
+
+
+def _keyIn(where: str) -> Callable[[str], str]:
+    """
+    How a key of the section at C{where} is named in errors.
+    """
+    return lambda key: f"{where} {key}"
+
+
+def _notAKey(known: dict[str, Any], kind: str, key: str, declared: dict[str, Any]) -> str:
+    """
+    Why C{key} is refused for a tunnel of type C{kind}: the types that have
+    it, or else the keys this type has.
+    """
+    from txtunnel.plugins import settingsOf as declaredBy
+
+    owners = []
+    for other in sorted(known):
+        try:
+            if key in declaredBy(known[other], frozenset(TUNNEL_KEYS)):
+                owners.append(other)
+        except Exception:  # noqa: S112 - a broken plugin has no say in another type's error
+            continue
+    if owners:
+        return f"only tunnels of type = {' or '.join(owners)} have one"
+    shared = TUNNEL_KEYS if kind == "http" else tuple(k for k in TUNNEL_KEYS if k not in HTTP_ONLY_KEYS)
+    return f"unknown key; expected one of {', '.join((*shared, *declared))}"
 
 
 def reloadAllowLists(agent: Any, path: str) -> list[str]:

@@ -30,16 +30,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, nameRequest
+from txtunnel.config import positiveFloat
 from txtunnel.errors import BindError
 from txtunnel.http1 import Answer, BodyBytes, HTTPError, RawBytes, RequestEnd, RequestFramer, RequestHead, errorResponse
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
 from txtunnel.names import checkName
+from txtunnel.plugins import Setting
 from txtunnel.relay.pool import Pool, PooledBinding, poolOwner
 from txtunnel.rewrite import ResponseHeadRewriter
 from txtunnel.splice import SocketSide, StreamSide, connectStream
 from txtunnel.sse import DEFAULT_INTERVAL, SSEHeartbeat
-from txtunnel.webhooks import MAX_BODY, WebhookVerifier, dechunk
+from txtunnel.webhooks import MAX_BODY, WebhookVerifier, dechunk, parseVerifier
 
 __all__ = ["HTTPForwarder", "RequestSide"]
 
@@ -317,6 +319,27 @@ def responseRewriter(policy: Any) -> ResponseHeadRewriter | None:
     return ResponseHeadRewriter([(n.encode(), v.encode()) for n, v in add], [d.lower().encode() for d in drop])
 
 
+def _verifier(text: str) -> WebhookVerifier | None:
+    return parseVerifier(text) if str(text).strip() else None
+
+
+#: The SSE heartbeat, a setting of C{http} and C{sse} tunnels.
+SSE_HEARTBEAT = Setting(
+    "sse-heartbeat",
+    positiveFloat,
+    None,
+    f"Seconds an event stream may be idle before a comment line is sent between events; 0 for none."
+    f" [default: {DEFAULT_INTERVAL:g}]",
+)
+#: Webhook signatures checked by the agent (L{txtunnel.webhooks}).
+VERIFY_WEBHOOK = Setting(
+    "verify-webhook",
+    _verifier,
+    None,
+    "KIND:SECRET: pass only webhook requests signed with SECRET by KIND's scheme; others get 401.",
+)
+
+
 @implementer(IForwarder)
 class HTTPForwarder:
     """
@@ -326,6 +349,7 @@ class HTTPForwarder:
 
     name = "http"
     description = "HTTP at NAME.<domain> on the relay's public HTTP(S) listeners"
+    settings: tuple[Setting, ...] = (SSE_HEARTBEAT, VERIFY_WEBHOOK)
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:

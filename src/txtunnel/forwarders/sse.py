@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from txtunnel.forwarders.http import HTTPForwarder
+from txtunnel.forwarders.http import SSE_HEARTBEAT, HTTPForwarder
 from txtunnel.http1 import RequestHead
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import Stream
@@ -55,6 +55,7 @@ class SSEForwarder(HTTPForwarder):
 
     name = "sse"
     description = "server-sent events (text/event-stream) at NAME.<domain>, with a heartbeat between events"
+    settings = (SSE_HEARTBEAT,)
 
     def handlesRequest(self, head: RequestHead) -> bool:
         return head.method in (b"GET", b"POST") and asksForEventStream(head)

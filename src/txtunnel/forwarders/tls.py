@@ -38,9 +38,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.claims import claimName, connectOrReset, nameRequest
+from txtunnel.config import optionalFile
 from txtunnel.errors import BindError, QuotaSpent, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.plugins import Setting
 from txtunnel.sni import (
     DECODE_ERROR,
     DEFAULT_LIMIT,
@@ -234,6 +236,15 @@ class TLSForwarder:
 
     name = "tls"
     description = "TLS passthrough at NAME.<domain> on the relay's TLS port, routed by SNI"
+    settings = (
+        Setting(
+            "tls-cert",
+            optionalFile,
+            None,
+            "The agent ends the visitors' TLS itself with this certificate chain (PEM, leaf first).",
+        ),
+        Setting("tls-key", optionalFile, None, "The private key (PEM) of tls-cert. [default: in the tls-cert file]"),
+    )
     log = Logger()
 
     def bindRequest(self, tunnel: IAgentTunnel) -> dict[str, Any]:
@@ -245,6 +256,16 @@ class TLSForwarder:
             raise BindError("this relay has no TLS passthrough listener (its operator can add one with --tls)")
         name = yield claimName(relay, relay.tlsHosts, "tls", tunnel, "TLS name")
         return TLSBinding(relay, tunnel, name)
+
+    def checkSettings(self, options: dict[str, Any], where: Any) -> None:
+        """
+        Read C{tls-cert} and C{tls-key} now, into the one C{tls-server}
+        option, so a bad file stops start-up with an error that names the
+        key and the file.
+        """
+        cert, key = options.pop("tls-cert", None), options.pop("tls-key", None)
+        if cert or key:
+            options["tls-server"] = serverOptions(cert, key, where("tls-cert"), where("tls-key"))
 
     def connect(self, tunnel: IAgentTunnel, stream: Stream) -> None:
         server = tunnel.options.get("tls-server")
@@ -284,6 +305,27 @@ def terminatingOptions(certPath: str, keyPath: str | None) -> ssl.CertificateOpt
         acceptableProtocols=[b"http/1.1"],
         enableSessions=True,
     )
+
+
+def serverOptions(cert: str | None, key: str | None, certWhere: str, keyWhere: str) -> ssl.CertificateOptions:
+    """
+    L{terminatingOptions} for the files C{cert} and C{key}, with errors
+    that say where each was given (C{certWhere}, C{keyWhere}).
+
+    @raise ValueError: with the whole message.
+    """
+    from txtunnel.certificates import CertificateError
+
+    if cert is None:
+        raise ValueError(f"{keyWhere} needs {certWhere.rsplit(' ', 1)[-1]}: the certificate that goes with the key")
+    try:
+        return terminatingOptions(cert, key)
+    except CertificateError as e:
+        message = str(e)
+        aboutKey = key is not None and key in message
+        aboutCert = cert in message
+        where = f"{certWhere} and {keyWhere}" if aboutKey and aboutCert else keyWhere if aboutKey else certWhere
+        raise ValueError(f"{where}: {message}") from None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -344,6 +386,9 @@ class _VisitorPlain(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         local = self.local
+        # The TLS layer is gone with the visitor: the local side must not
+        # close it again (an abort then fails inside Twisted's TLS).
+        local.tls = None
         if not reason.check(ConnectionDone):
             self.log.info(
                 "TLS tunnel {tunnel}: visitor connection ended: {why}", tunnel=self.name, why=reason.getErrorMessage()
@@ -358,9 +403,16 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
     service in clear, then end the visitor's TLS session on C{stream} with
     C{server}'s certificate.  The stream waits, paused, while the local
     connection is made; if the service cannot be reached it is reset with
-    the reason, as for passthrough.
+    the reason, as for passthrough, and the tunnel's circuit breaker is
+    asked first and told how it went, as for passthrough too
+    (L{txtunnel.claims.connectOrReset}).
     """
     host, port = tunnel.target
+    breaker = getattr(tunnel, "breaker", None)
+    if breaker is not None and not breaker.allow():
+        wait = max(1, round(breaker.retryAfter()))
+        stream.reset("refused", f"local service {host}:{port} is failing; not trying it for {wait}s (circuit open)")
+        return
     endpoint: Any
     if isIPAddress(host):
         endpoint = TCP4ClientEndpoint(tunnel.reactor, host, port, timeout=CONNECT_TIMEOUT)
@@ -374,6 +426,8 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
     d = endpoint.connect(factory)
 
     def connected(protocol: _LocalPlain) -> None:
+        if breaker is not None:
+            breaker.success()
         if stream.closed:
             protocol.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -389,6 +443,8 @@ def terminateTLS(tunnel: IAgentTunnel, stream: Stream, server: ssl.CertificateOp
             return
         reason = f.getErrorMessage() if f.check(ConnectError) else repr(f.value)
         TLSForwarder.log.warn("cannot reach local service {host}:{port}: {reason}", host=host, port=port, reason=reason)
+        if breaker is not None:
+            breaker.failure(reason)
         stream.reset("refused", f"local service {host}:{port} unreachable: {reason}")
 
     d.addCallbacks(connected, failed)

@@ -69,6 +69,7 @@ from txtunnel.claims import claimPort
 from txtunnel.errors import BindError, QuotaSpent, StreamRefused, VisitorRefused
 from txtunnel.interfaces import IAgentTunnel, IBinding, IForwarder, IRelay, IRelayTunnel
 from txtunnel.link import Stream
+from txtunnel.plugins import Setting
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -93,6 +94,21 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 
 #: The longest idle timeout an agent may ask for (a day).
 MAX_IDLE_TIMEOUT = 86400.0
+
+
+def parseIdleTimeout(text: str) -> float:
+    """
+    Seconds a UDP flow may stay silent: more than 0 (a flow must be able to
+    end, or its socket would be held for ever) and at most a day.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_IDLE_TIMEOUT:
+        raise ValueError(f"{text!r} must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} seconds")
+    return value
+
 
 #: Flows one tunnel may hold at once, on the relay and on the agent; bounds
 #: sockets and streams per tunnel against a flood of spoofed sources.
@@ -210,6 +226,31 @@ class DatagramFramer:
         return datagrams
 
 
+#: What each reason for dropping a datagram means, for the log line: only
+#: the reasons counted are explained, so a datagram that was too large is
+#: not blamed on backpressure.
+DROP_REASONS = {
+    "backlog": "UDP has no backpressure, so datagrams are dropped rather than buffered while the stream is full",
+    "too-large": f"a datagram over {MAX_DATAGRAM:,} bytes cannot be carried",
+    "closing": "the flow was closing",
+    "not-ready": "the flow was not ready yet",
+    "send-failed": "the socket refused to send",
+    "too-many-flows": f"the tunnel has its {MAX_FLOWS} flows already",
+    "unbound": "the tunnel's public port is closed",
+    "refused": "the visitor was refused",
+    "stream-limit": "the link has no stream to spare",
+    "link-down": "the link to the agent is down",
+    "no-local-socket": "no local UDP socket could be opened",
+}
+
+
+def explainDrops(reasons: Counter[str]) -> str:
+    """
+    Why datagrams were dropped, in words, for the C{reasons} counted.
+    """
+    return "; ".join(DROP_REASONS.get(reason, reason) for reason in sorted(reasons))
+
+
 class RateLimitedCounter:
     """
     Counts events (dropped datagrams, refusals) by reason and logs them at
@@ -225,7 +266,8 @@ class RateLimitedCounter:
     def __init__(self, clock: IReactorTime, message: str, interval: float = DROP_LOG_INTERVAL, **fields: Any) -> None:
         """
         @param message: a log format; it gets C{{count}} (events since the
-            last line) and C{{reasons}} (C{"reason=n, ..."}) plus C{fields}.
+            last line), C{{reasons}} (C{"reason=n, ..."}) and C{{why}}
+            (L{explainDrops} of them) plus C{fields}.
         """
         self.clock = clock
         self.message = message
@@ -257,6 +299,7 @@ class RateLimitedCounter:
             self.message,
             count=sum(self._unlogged.values()),
             reasons=reasons,
+            why=explainDrops(self._unlogged),
             drops=dict(self._unlogged),
             **self.fields,
         )
@@ -510,8 +553,7 @@ class _PublicPort(DatagramProtocol):
         self.closed = False
         self.drops = RateLimitedCounter(
             clock,
-            "UDP tunnel on port {port}: dropped {count} datagram(s) ({reasons}); "
-            "UDP has no backpressure, so the relay drops rather than buffers",
+            "UDP tunnel on port {port}: the relay dropped {count} datagram(s) ({reasons}): {why}",
             tunnel_id=getattr(tunnel, "id", None),
             port="?",
         )
@@ -721,8 +763,7 @@ class _AgentTunnelState:
         self.flows: set[DatagramStream] = set()
         self.drops = RateLimitedCounter(
             tunnel.reactor,
-            "UDP tunnel {tunnel}: dropped {count} datagram(s) ({reasons}); "
-            "UDP has no backpressure, so the agent drops rather than buffers",
+            "UDP tunnel {tunnel}: the agent dropped {count} datagram(s) ({reasons}): {why}",
             tunnel=tunnel.name,
         )
         self.refusals = RateLimitedCounter(
@@ -766,6 +807,14 @@ class UDPForwarder:
 
     name = "udp"
     description = "UDP datagrams on a public port of the relay"
+    settings = (
+        Setting(
+            "udp-idle-timeout",
+            parseIdleTimeout,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds a UDP flow may be silent before it is closed and its socket freed.",
+        ),
+    )
     log = Logger()
 
     def __init__(self, maxFlows: int = MAX_FLOWS) -> None:

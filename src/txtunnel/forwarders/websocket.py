@@ -95,6 +95,8 @@ class WebSocketForwarder(HTTPForwarder):
 
     name = "websocket"
     description = "WebSocket (Upgrade: websocket) at NAME.<domain> on the relay's public HTTP(S) listeners"
+    #: None of C{http}'s own settings: an upgraded connection has no events or webhooks.
+    settings = ()
 
     def handlesRequest(self, head: RequestHead) -> bool:
         # HTTP/2 has no Upgrade (RFC 8441's extended CONNECT is refused by
