@@ -182,3 +182,44 @@ def test_link_fin_inside_a_message_is_an_error() -> None:
     got = visitor.read()
     assert any(isinstance(e, StreamReset) for e in got)
     assert not any(isinstance(e, StreamEnded) for e in got)
+
+
+@pytest.mark.parametrize(
+    "code, linkCode",
+    [
+        (ErrorCodes.CANCEL, "cancel"),
+        (ErrorCodes.REFUSED_STREAM, "refused"),
+        (ErrorCodes.ENHANCE_YOUR_CALM, "h2-11"),
+        (ErrorCodes.INTERNAL_ERROR, "h2-2"),
+    ],
+)
+def test_reset_codes_cross_the_link(code: ErrorCodes, linkCode: str) -> None:
+    """
+    An HTTP/2 peer's RST_STREAM code crosses the link (as a reset code of
+    its own, or C{h2-N}) and the pipe on the far side resets its HTTP/2
+    stream with the same code: a local gRPC server's C{REFUSED_STREAM}
+    reaches the visitor as C{REFUSED_STREAM}, not as C{CANCEL}.
+    """
+    pair, owner, visitor, pipe, sid = _setUp()
+    pipe.h2Reset(code)
+    pair.pump()
+    reason = pair.protocols[0].reason
+    assert reason is not None and isinstance(reason.value, LinkStreamReset) and reason.value.code == linkCode
+
+    pair, owner, visitor, pipe, sid = _setUp()
+    pair.accepted[0].reset(linkCode, "from the local service")
+    pair.pump()
+    resets = [e for e in visitor.read() if isinstance(e, StreamReset)]
+    assert resets and resets[0].error_code == code
+
+
+def test_unknown_reset_codes() -> None:
+    """
+    Link reset codes that name no HTTP/2 code become INTERNAL_ERROR, and
+    an HTTP/2 code outside RFC 9113's list an internal error on the link.
+    """
+    from txtunnel.h2pipe import h2Code, linkCode
+
+    assert h2Code("h2-99") == h2Code("h2-x") == h2Code("timeout") == ErrorCodes.INTERNAL_ERROR
+    assert h2Code("aborted") == h2Code("link-lost") == ErrorCodes.CANCEL
+    assert linkCode(0x999) == "internal-error"

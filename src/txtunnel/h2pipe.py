@@ -59,6 +59,43 @@ HOP_BY_HOP = frozenset(
 )
 
 
+#: HTTP/2 error codes (RFC 9113 section 7) that have a link reset code of
+#: their own; any other travels as C{h2-N}.
+_LINK_CODES = {ErrorCodes.CANCEL: "cancel", ErrorCodes.REFUSED_STREAM: "refused"}
+
+
+def linkCode(code: int) -> str:
+    """
+    The link reset code for an HTTP/2 peer's C{RST_STREAM} error code, so
+    the far side can pass the same code on (a server's C{REFUSED_STREAM}
+    tells a gRPC client it may retry; C{ENHANCE_YOUR_CALM} that it should
+    slow down).
+    """
+    try:
+        known = ErrorCodes(code)
+    except ValueError:
+        return "internal-error"
+    return _LINK_CODES.get(known, f"h2-{int(known)}")
+
+
+def h2Code(code: str) -> ErrorCodes:
+    """
+    The C{RST_STREAM} error code for a link reset code (L{linkCode}'s
+    inverse): C{cancel}, C{aborted} and C{link-lost} cancel, C{refused} is
+    C{REFUSED_STREAM}, C{h2-N} is code N, anything else an internal error.
+    """
+    if code in ("cancel", "aborted", "link-lost"):
+        return ErrorCodes.CANCEL
+    if code == "refused":
+        return ErrorCodes.REFUSED_STREAM
+    if code.startswith("h2-") and code[3:].isascii() and code[3:].isdigit():
+        try:
+            return ErrorCodes(int(code[3:]))
+        except ValueError:
+            pass
+    return ErrorCodes.INTERNAL_ERROR
+
+
 class H2Owner(TypingProtocol):
     """
     What a pipe needs from the protocol that holds the C{h2} connection.
@@ -182,12 +219,7 @@ class H2Pipe(Protocol):
             return
         error = reason.value
         if isinstance(error, StreamReset) or not reason.check(ConnectionDone):
-            code = ErrorCodes.CANCEL
-            if isinstance(error, StreamReset) and error.code == "refused":
-                code = ErrorCodes.REFUSED_STREAM
-            elif isinstance(error, StreamReset) and error.code not in ("cancel", "aborted", "link-lost"):
-                code = ErrorCodes.INTERNAL_ERROR
-            self._resetH2(code)
+            self._resetH2(h2Code(error.code) if isinstance(error, StreamReset) else ErrorCodes.CANCEL)
             self._finish()
             return
         # A clean close: both FINs are through; what waits for the HTTP/2
@@ -255,7 +287,7 @@ class H2Pipe(Protocol):
             self._early = []
             self._finish()
             return
-        self.stream.reset("cancel", f"HTTP/2 stream reset with code {int(code)}")
+        self.stream.reset(linkCode(code), f"HTTP/2 stream reset with code {int(code)}")
 
     def h2Closed(self) -> None:
         """
