@@ -74,15 +74,28 @@ def positiveFloat(text: str) -> float:
     return value
 
 
+def _absolute(text: str) -> str | None:
+    text = str(text).strip()
+    return os.path.abspath(os.path.expanduser(text)) if text else None
+
+
+def optionalPath(text: str) -> str | None:
+    """
+    The absolute path of an existing file or directory, or C{None} for an
+    empty value.
+    """
+    path = _absolute(text)
+    if path is not None and not os.path.exists(path):
+        raise ValueError(f"{path} does not exist")
+    return path
+
+
 def optionalFile(text: str) -> str | None:
     """
     The absolute path of an existing file, or C{None} for an empty value.
     """
-    text = str(text).strip()
-    if not text:
-        return None
-    path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.isfile(path):
+    path = _absolute(text)
+    if path is not None and not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     return path
 

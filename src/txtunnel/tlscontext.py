@@ -71,10 +71,10 @@ MODERN_CIPHERS = (
 )
 
 
-def serverOptions(certificate: ServerCertificate) -> ssl.CertificateOptions:
+def serverOptions(certificate: ServerCertificate, protocols: list[bytes] | None = None) -> ssl.CertificateOptions:
     """
     Twisted's options for serving C{certificate}: TLS 1.2 or later, the
-    L{MODERN_CIPHERS}, session resumption.
+    L{MODERN_CIPHERS}, session resumption, and the ALPN C{protocols} if any.
     """
     return ssl.CertificateOptions(
         # pyOpenSSL takes cryptography's objects directly (its own are
@@ -84,6 +84,7 @@ def serverOptions(certificate: ServerCertificate) -> ssl.CertificateOptions:
         extraCertChain=list(certificate.chain[1:]),  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
+        acceptableProtocols=protocols,
         enableSessions=True,
     )
 

@@ -293,18 +293,9 @@ def terminatingOptions(certPath: str, keyPath: str | None) -> ssl.CertificateOpt
         what is wrong with it.
     """
     from txtunnel.certificates import loadServerCertificate
-    from txtunnel.tlscontext import MODERN_CIPHERS
+    from txtunnel.tlscontext import serverOptions
 
-    certificate = loadServerCertificate(certPath, keyPath, requireName=False)
-    return ssl.CertificateOptions(
-        privateKey=certificate.key,
-        certificate=certificate.chain[0],  # type: ignore[arg-type]
-        extraCertChain=list(certificate.chain[1:]),  # type: ignore[arg-type]
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
-        acceptableProtocols=[b"http/1.1"],
-        enableSessions=True,
-    )
+    return serverOptions(loadServerCertificate(certPath, keyPath, requireName=False), [b"http/1.1"])
 
 
 def serverOptions(cert: str | None, key: str | None, certWhere: str, keyWhere: str) -> ssl.CertificateOptions:

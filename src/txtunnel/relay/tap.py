@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from txtunnel.config import ConfigOptions, adminToken, boolean, positiveFloat, tokenList
+from txtunnel.config import ConfigOptions, adminToken, boolean, optionalPath, positiveFloat, tokenList
 from txtunnel.errors import ConfigError
 from txtunnel.exitstatus import exitWithStatus
 from txtunnel.headerrules import headerAdds, headerNames
@@ -67,16 +67,6 @@ def fileList(text: str) -> list[str]:
         if not os.path.isfile(path):
             raise ValueError(f"{path} is not a file")
     return paths
-
-
-def optionalFile(text: str) -> str | None:
-    text = str(text).strip()
-    if not text:
-        return None
-    path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist")
-    return path
 
 
 def domainName(text: str) -> str:
@@ -210,7 +200,7 @@ class Options(ConfigOptions):
         ("https", "", endpointString),
         ("https-cert", [], fileList),
         ("https-key", [], fileList),
-        ("https-cert-dir", None, optionalFile),
+        ("https-cert-dir", None, optionalPath),
         ("agent-ca", [], fileList),
         ("tls", "", passthroughEndpoint),
         ("tcp-ports", (20000, 20099), parseRange),
@@ -223,7 +213,7 @@ class Options(ConfigOptions):
         ("admin", DEFAULT_ADMIN, endpointString),
         ("admin-token", None, adminToken),
         ("access-log", True, boolean),
-        ("tokens-file", None, optionalFile),
+        ("tokens-file", None, optionalPath),
         ("ip-allow", [], networkList),
         ("ip-deny", [], networkList),
         ("add-header", [], headerAdds),
