@@ -303,3 +303,18 @@ def needBrowser(what: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(why + " (CI is set, so this is not skipped)")
         pytest.skip(why)
+
+
+def readHead(sock: socket.socket) -> bytes | None:
+    """
+    Read from C{sock} up to the end of an HTTP head (the bytes read, which
+    may run past it), or C{None} if the peer closes first: for the small
+    hand-written servers and clients of the tests.
+    """
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data

@@ -15,7 +15,7 @@ import h11
 import pytest
 import pytest_twisted
 
-from tests.conftest import Relay, RunningAgent, closedPort, curl, inThread, pattern, startAgent
+from tests.conftest import Relay, RunningAgent, closedPort, curl, inThread, pattern, readHead, startAgent
 
 
 def hostOf(agent: RunningAgent, relay: Relay) -> str:
@@ -418,12 +418,8 @@ class _ClosingServer:
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = conn.recv(4096)
-                if not data:
-                    return
-                head += data
+            if readHead(conn) is None:
+                return
             body = b"answer %d\n" % self.accepted
             close = b"Connection: close\r\n" if self.closeHeader else b""
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), close, body))
