@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,30 @@ def env(tmp_path: Path) -> dict[str, str]:
     e["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
     e["HOME"] = str(tmp_path / "home")
     e["PYTHONUNBUFFERED"] = "1"
+    # No admin or inspector listeners: fault processes open only the ports a test gives them.
+    e["TXTUNNEL_RELAY_ADMIN"] = e["TXTUNNEL_ADMIN"] = e["TXTUNNEL_INSPECT"] = ""
     return e
+
+
+def receiving(out: Path, transfer: subprocess.Popen[bytes], size: int = MiB, timeout: float = 30.0) -> None:
+    """
+    Wait until the download into C{out} has more than C{size} bytes (the
+    body is flowing end to end), while it is still running: a condition
+    to kill or stop something at, not a guess of how long setup takes.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.stat().st_size > size:
+            assert transfer.poll() is None, "the transfer ended before the fault could be injected"
+            return
+        if transfer.poll() is not None:
+            raise AssertionError(f"the transfer ended early ({transfer.returncode}): {transfer.stderr.read()!r}")  # type: ignore[union-attr]
+        time.sleep(0.02)
+    raise AssertionError(f"no {size} bytes received within {timeout}s")
+
+
+#: A drain log line with at least one stream in flight.
+DRAINING = r"draining: [1-9]\d* streams in flight"
 
 
 def sha256File(path: Path) -> str:
@@ -171,9 +194,8 @@ def test_relay_killed_mid_transfer_and_restarted(
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
     out = tmp_path / "first"
-    transfer = fetch(url + "big", port, out, "--limit-rate", "40M")
-    time.sleep(1.0)
-    assert transfer.poll() is None, "the transfer should still be running"
+    transfer = fetch(url + "big", port, out, "--limit-rate", "20M")
+    receiving(out, transfer)
     relay.popen.send_signal(signal.SIGKILL)
     relay.popen.wait(5)
     transfer.wait(10)
@@ -201,8 +223,7 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
     transfer = fetch(url + "big", port, tmp_path / "out", "--limit-rate", "20M")
-    time.sleep(0.5)
-    assert transfer.poll() is None
+    receiving(tmp_path / "out", transfer)
     killed = time.monotonic()
     a.popen.send_signal(signal.SIGKILL)
     transfer.wait(10)
@@ -329,10 +350,10 @@ def test_relay_sigterm_drains(
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
     out = tmp_path / "out"
-    transfer = fetch(url + "big", port, out, "--limit-rate", "50M")
-    time.sleep(0.5)
+    transfer = fetch(url + "big", port, out, "--limit-rate", "20M")
+    receiving(out, transfer)
     relay.popen.send_signal(signal.SIGTERM)
-    relay.waitFor("draining: 1 streams in flight", timeout=5)
+    relay.waitFor(DRAINING, timeout=10)
     code, _ = get(url, port)
     assert code == 7  # refused: the listener is closed
     assert transfer.wait(30) == 0, transfer.stderr.read()  # type: ignore[union-attr]
@@ -356,10 +377,10 @@ def test_agent_sigterm_drains(
     a = agent(procs, env, port, "--http", str(origin), "--drain-timeout", "30")
     url = ready(a)
     out = tmp_path / "out"
-    transfer = fetch(url + "big", port, out, "--limit-rate", "50M")
-    time.sleep(0.5)
+    transfer = fetch(url + "big", port, out, "--limit-rate", "20M")
+    receiving(out, transfer)
     a.popen.send_signal(signal.SIGTERM)
-    a.waitFor("draining: 1 streams in flight", timeout=5)
+    a.waitFor(DRAINING, timeout=10)
     code, answer = get(url, port)
     assert answer.startswith(b"HTTP/1.1 404"), answer
     assert transfer.wait(30) == 0, transfer.stderr.read()  # type: ignore[union-attr]
@@ -434,10 +455,18 @@ def test_pooled_agent_killed_under_load(procs: list[Proc], env: dict[str, str], 
     workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
     for w in workers:
         w.start()
-    time.sleep(1.5)
+
+    def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # Kill only once both members are serving; collect answers past the
+    # failover point until there are enough to judge (or time is up).
+    until(lambda: {"A", "B"} <= {body for _, body in list(results)})
     killed = time.monotonic()
     members[0].popen.send_signal(signal.SIGKILL)
-    time.sleep(2.0)
+    until(lambda: sum(t >= killed + 0.5 for t, _ in list(results)) >= 40 and time.monotonic() > killed + 2.0)
     stop.set()
     for w in workers:
         w.join(10)

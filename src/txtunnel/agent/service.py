@@ -343,15 +343,27 @@ class AgentService(MultiService):
         session = self.agent.session
         if session is not None:
             session.link.probe(min(self.keepalive, 5.0))
-        elif self.agent.state is LinkState.RECONNECTING and self.client.running and not self.agent.stopping:
+        elif self.reconnectNow():
             self.log.info("woke from sleep while waiting to reconnect; reconnecting now")
-            restarted = self.client.stopService()
 
-            def again(_: object) -> None:
-                if self.running and not self.agent.stopping and not self.client.running:
-                    self.client.startService()
+    def reconnectNow(self) -> bool:
+        """
+        Cut short a backoff wait and dial the relay at once (after a sleep,
+        or when a user or a test asks).
 
-            restarted.addCallback(again)
+        @return: whether a wait was cut short (C{False} unless the link is
+            C{reconnecting} and the agent is not stopping).
+        """
+        if self.agent.state is not LinkState.RECONNECTING or not self.client.running or self.agent.stopping:
+            return False
+        restarted = self.client.stopService()
+
+        def again(_: object) -> None:
+            if self.running and not self.agent.stopping and not self.client.running:
+                self.client.startService()
+
+        restarted.addCallback(again)
+        return True
 
     def startService(self) -> None:
         tls = self.tls
