@@ -237,6 +237,35 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     assert b"Retry-After: " in out
 
 
+def test_agent_killed_and_restarted_keeps_its_random_name(
+    procs: list[Proc],
+    env: dict[str, str],
+    origin: int,
+    tmp_path: Path,
+) -> None:
+    """
+    kill -9 an agent with a random name and start it again with the same
+    key file: it gets the same URL back (from the reclaim file beside the
+    key), not a new one, and visitors are served through it again.
+    """
+    relay, port = startRelay(procs, env, tmp_path / "state")
+    key = str(tmp_path / "agent.key")
+    a = agent(procs, env, port, "--http", str(origin), "--key-file", key)
+    url = ready(a)
+    code, out = get(url, port)
+    assert out.startswith(b"HTTP/1.0 200"), out
+    a.popen.send_signal(signal.SIGKILL)
+    a.popen.wait(5)
+    relay.waitFor("agent .* disconnected", timeout=10)  # the relay holds the name from here on
+    code, out = get(url, port)
+    assert out.startswith(b"HTTP/1.1 503"), out
+    again = agent(procs, env, port, "--http", str(origin), "--key-file", key)
+    assert ready(again) == url, again.output
+    code, out = get(url, port)
+    assert code == 0 and out.startswith(b"HTTP/1.0 200"), out
+    assert out.endswith(b"hello from the origin\n")
+
+
 #: Keepalive interval of the stalled-link test, in seconds.
 KEEPALIVE = 2
 

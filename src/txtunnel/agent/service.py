@@ -24,6 +24,7 @@ from txtunnel.agent.breaker import (
     CircuitBreaker,
     HealthCheck,
 )
+from txtunnel.agent.reclaim import ReclaimFile
 from txtunnel.agent.session import AgentSession
 from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
@@ -80,6 +81,15 @@ class AgentTunnel:
                 reactor, target, check, self.breaker, interval=float(options.get("health-interval", 10.0))
             )
 
+    @property
+    def randomAddress(self) -> bool:
+        """
+        Whether the relay picks this tunnel's name or port (no
+        C{--subdomain} or C{--remote-port}): then only C{reclaim} gets the
+        same address back.
+        """
+        return not any(self.options.get(k) for k in ("subdomain", "remote-port"))
+
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
 
@@ -102,6 +112,7 @@ class Agent:
         token: str | None,
         tunnels: list[AgentTunnel],
         key: str | None = None,
+        reclaims: ReclaimFile | None = None,
     ) -> None:
         self.reactor = reactor
         self.relayURL = relayURL
@@ -110,6 +121,13 @@ class Agent:
         #: reconnects (and, when kept in a file, across restarts).
         self.key = key or secrets.token_urlsafe(32)
         self.tunnels = tunnels
+        #: Where the random addresses' C{reclaim} fields are kept across
+        #: restarts (next to the key file), or C{None}.
+        self.reclaims = reclaims
+        if reclaims is not None:
+            for tunnel in tunnels:
+                if tunnel.randomAddress:
+                    tunnel.reclaim = reclaims.load(relayURL, tunnel.type, tunnel.name)
         #: A login token from 'txtunnel login' for this relay, sent in the hello.
         self.identity: str | None = None
         self.session: AgentSession | None = None
@@ -187,6 +205,14 @@ class Agent:
 
     def tunnelBound(self, tunnel: AgentTunnel) -> None:
         self._answer(tunnel)
+
+    def reclaimChanged(self, tunnel: AgentTunnel) -> None:
+        """
+        The relay gave C{tunnel} new C{reclaim} fields (or they were
+        dropped): keep them for the next start of this agent.
+        """
+        if self.reclaims is not None and tunnel.randomAddress:
+            self.reclaims.save(self.relayURL, tunnel.type, tunnel.name, tunnel.reclaim)
 
     def tunnelRefused(self, tunnel: AgentTunnel, reason: str) -> None:
         self._answered.add(tunnel.name)
@@ -462,6 +488,10 @@ class AgentService(MultiService):
         if session is None:
             return super().stopService()  # type: ignore[no-any-return]
         session.goodbye()
+        for tunnel in self.agent.tunnels:
+            # The relay frees the addresses on goodbye: nothing to reclaim.
+            tunnel.reclaim = {}
+            self.agent.reclaimChanged(tunnel)
 
         def openStreams() -> int:
             if self.agent.session is not session or session.link.closed:
