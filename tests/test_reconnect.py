@@ -265,3 +265,57 @@ def test_reclaim_file(tmp_path: Path) -> None:
     assert f.load("ws://r", "http", "web") == {}
     f.save("ws://r", "http", "web", {"name": "calm-heron"})
     assert f.load("ws://r", "http", "web") == {"name": "calm-heron"}
+
+
+async def _keylessAgent(agents: list[RunningAgent], relay: Relay, *args: str) -> RunningAgent:
+    """
+    An agent that sends no key in its hello (as an agent from before agent
+    keys, or one written against the protocol, may): the relay can only
+    know it by its token.
+    """
+    from txtunnel.agent import tap as agentTap
+    from txtunnel.agent.service import AgentService
+
+    options = agentTap.Options(environ={})
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
+    agent = agentTap.buildAgent(options, reactor)
+    agent.key = None  # type: ignore[assignment]
+    agent.reclaims = None
+    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
+    service.startService()
+    running = RunningAgent(agent, service)
+    agents.append(running)
+    return running
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_key_the_token_owns_the_address(
+    tmp_path: Path, agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    An agent that sends no key is known by its token: after it drops, an
+    agent with another token is refused its held name, and an agent with
+    the same token (and no key either) gets it back.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--token", "token-one-0123456789", "--token", "token-two-0123456789")
+    try:
+        first = await _keylessAgent(agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789")
+        await first.agent.ready
+        [session] = relay.relay.sessions
+        assert session.owner.startswith("token:")
+        await defer.maybeDeferred(first.service.client.stopService)  # it will not come back
+        if first.agent.session is not None:
+            dropLink(first)
+        await waitFor(lambda: not relay.relay.sessions)
+        other = await _keylessAgent(agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-two-0123456789")
+        with pytest.raises(RuntimeError, match="'bytoken' is in use"):
+            await other.agent.ready
+        same = await _keylessAgent(agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789")
+        await same.agent.ready
+        assert same.address().startswith("http://bytoken.localhost:")
+        code, out, _ = await curl("-H", f"Host: bytoken.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
+        assert code == 0 and b"hello from origin" in out
+    finally:
+        for a in agents:
+            await a.stop()
+        await defer.maybeDeferred(relay.service.stopService)
