@@ -252,3 +252,104 @@ async def test_relay_drain_lets_an_http2_response_finish(
     assert code == 0, err
     assert out == CHUNK * 10
     assert time.monotonic() - started < 5
+
+
+async def _until(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_drain_timeout_cuts_a_slow_stream(
+    relay: Relay, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    A response that would take ~10 s is still in flight when the agent's
+    0.5 s drain timeout ends: the agent closes the link then (not when the
+    body is done), and the visitor's download is cut, not passed off as
+    complete.
+    """
+    agent = await startAgent(agents, relay, "--http", str(slowOrigin), "--drain-timeout", "0.5")
+    fetch = defer.ensureDeferred(_slowGet(relay, agent, 100, 0.1))
+    session = agent.agent.session
+    assert session is not None
+    await _until(lambda: session.link.finiteStreams() >= 1)
+    started = time.monotonic()
+    await agent.stop()
+    took = time.monotonic() - started
+    assert 0.45 <= took < 5, took
+    code, out, err = await fetch
+    assert code != 0, err  # curl knows the body is short
+    assert len(out) < 100 * len(CHUNK)
+    assert session.link.closed
+
+
+class _Visitor(Protocol):
+    """
+    A TCP visitor that records what comes back and when its connection ends.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[float] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(time.monotonic())
+
+
+async def _tcpVisitor(agent: RunningAgent) -> _Visitor:
+    visitor = _Visitor()
+    port = int(agent.address().rsplit(":", 1)[1])
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(_factory(visitor))
+    visitor.transport.write(b"ping")  # type: ignore[attr-defined]
+    await _until(lambda: visitor.received == b"ping")
+    return visitor
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_drain_is_held_by_a_tcp_connection_until_the_timeout(
+    relay: Relay, agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    A TCP tunnel's connection has no end of its own: an open one (an SSH
+    session, say) holds the agent's shutdown for the whole drain timeout,
+    keeps working meanwhile, and is closed when the timeout ends.
+    """
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer), "--drain-timeout", "1")
+    visitor = await _tcpVisitor(agent)
+    started = time.monotonic()
+    stopped = defer.ensureDeferred(agent.stop())
+    visitor.transport.write(b"still here")  # type: ignore[attr-defined]
+    await _until(lambda: visitor.received == b"pingstill here")
+    await stopped
+    took = time.monotonic() - started
+    assert 0.95 <= took < 10, took
+    closedAt = await visitor.closed
+    assert closedAt - started >= 0.95
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_drain_is_held_by_a_tcp_connection_until_the_timeout(
+    tmp_path: Any, agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    The same on the relay: its shutdown waits the drain timeout for an open
+    TCP tunnel connection, then cuts it.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "1")
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer))
+    visitor = await _tcpVisitor(agent)
+    started = time.monotonic()
+    stopped = defer.ensureDeferred(_stop(relay))
+    visitor.transport.write(b"still here")  # type: ignore[attr-defined]
+    await _until(lambda: visitor.received == b"pingstill here")
+    await stopped
+    took = time.monotonic() - started
+    assert 0.95 <= took < 10, took
+    closedAt = await visitor.closed
+    assert closedAt - started >= 0.95
