@@ -15,10 +15,12 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import Relay, RunningAgent, curl, originSite, startAgent, startRelay
+from txtunnel.agent.states import LinkState
 from txtunnel.drain import drain
 
 CHUNK = b"x" * 8192
@@ -167,7 +169,8 @@ async def test_agent_drain_finishes_in_flight_and_refuses_new(
 ) -> None:
     """
     An agent told to stop says goodbye at once (new visitors get 404) but
-    the response in flight still arrives whole.
+    the response in flight still arrives whole; its link state is draining
+    meanwhile and closed only after.
     """
     agent = await startAgent(agents, relay, "--http", str(slowOrigin), "--drain-timeout", "20")
     fetch = defer.ensureDeferred(_slowGet(relay, agent, 15, 0.1))
@@ -178,10 +181,13 @@ async def test_agent_drain_finishes_in_flight_and_refuses_new(
     assert not stopped.called
     code, out, _ = await curl("-i", "-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
     assert out.startswith(b"HTTP/1.1 404"), out
+    assert agent.agent.state is LinkState.DRAINING
+    assert agent.agent.stats()["state"] == "draining"
     code, out, err = await fetch
     assert code == 0, err
     assert hashlib.sha256(out).digest() == hashlib.sha256(CHUNK * 15).digest()
     await stopped
+    assert agent.agent.state is LinkState.CLOSED
 
 
 @pytest_twisted.ensureDeferred
@@ -353,3 +359,44 @@ async def test_relay_drain_is_held_by_a_tcp_connection_until_the_timeout(
     assert 0.95 <= took < 10, took
     closedAt = await visitor.closed
     assert closedAt - started >= 0.95
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_lost_while_draining_is_not_dialled_again(
+    relay: Relay, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    A link that drops while the agent drains ends the drain at once (its
+    streams are gone, nothing is left to wait for) and the agent does not
+    dial the relay again: it was leaving.
+    """
+    agent = await startAgent(
+        agents, relay, "--http", str(slowOrigin), "--drain-timeout", "20", "--reconnect-initial", "0.1"
+    )
+    fetch = defer.ensureDeferred(_slowGet(relay, agent, 100, 0.1))
+    session = agent.agent.session
+    assert session is not None
+    await _until(lambda: session.link.finiteStreams() >= 1)
+    # Every event fed to the state machine is logged, also those it ignores.
+    events: list[str] = []
+
+    def observe(event: Any) -> None:
+        if "agent_event" in event and event.get("log_namespace", "").startswith("txtunnel.agent.states"):
+            events.append(event["agent_event"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        stopped = defer.ensureDeferred(agent.stop())
+        await _until(lambda: agent.agent.state is LinkState.DRAINING)
+        session.carrier.transport.abortConnection()
+        dropped = time.monotonic()
+        await stopped
+        assert time.monotonic() - dropped < 5  # not the 20 s drain timeout
+        await task.deferLater(reactor, 0.5, lambda: None)  # a redial would have happened by now
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert "attempt" not in events, events
+    assert events[-1] == "close"
+    assert agent.agent.session is None
+    code, out, _ = await fetch
+    assert out != CHUNK * 100  # cut (or a 502 if no byte had come yet), never passed off as whole

@@ -483,10 +483,12 @@ class AgentService(MultiService):
         for tunnel in self.agent.tunnels:
             if tunnel.health is not None:
                 tunnel.health.stop()
-        self.agent.states.event("close", reason="shutting down")
         session = self.agent.session
         if session is None:
+            self.agent.states.event("close", reason="shutting down")
             return super().stopService()  # type: ignore[no-any-return]
+        # Not closed yet: streams still flow until the drain is over.
+        self.agent.states.event("drain", reason="shutting down")
         session.goodbye()
         for tunnel in self.agent.tunnels:
             # The relay frees the addresses on goodbye: nothing to reclaim.
@@ -505,6 +507,7 @@ class AgentService(MultiService):
                 self.log.warn("drain timeout: closing {left} streams still open", left=left)
             if not session.link.closed:
                 session.carrier.closeLink("agent shutting down")
+            self.agent.states.event("close", reason="drained" if not left else f"drain timeout, {left} streams cut")
             return super(AgentService, self).stopService()  # type: ignore[no-any-return]
 
         return d.addCallback(drained)
