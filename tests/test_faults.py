@@ -266,6 +266,38 @@ def test_agent_killed_and_restarted_keeps_its_random_name(
     assert out.endswith(b"hello from the origin\n")
 
 
+@pytest.mark.slow
+def test_frozen_agent_probes_its_link_and_keeps_it(
+    procs: list[Proc],
+    env: dict[str, str],
+    origin: int,
+    tmp_path: Path,
+) -> None:
+    """
+    SIGSTOP the agent for 8 s (as a laptop lid closed, or a VM paused) with
+    a 30 s keepalive, then SIGCONT: the agent sees the clock jump, probes
+    the link at once instead of trusting it for up to 45 s, and since the
+    relay answers, the link stays up (no reconnect) and serves.
+    """
+    relay, port = startRelay(procs, env, tmp_path / "state", "--keepalive", "30")
+    a = agent(procs, env, port, "--http", str(origin), "--keepalive", "30")
+    url = ready(a)
+    seen = len(a.lines)
+    a.popen.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(8)  # the fault itself: how long the process is frozen
+    finally:
+        a.popen.send_signal(signal.SIGCONT)
+    jumped = a.waitFor(r"clock jumped [\d.]+s", timeout=10)
+    print(f"\nafter an 8 s SIGSTOP the agent logged: {jumped.group(0)}")
+    a.waitFor("probing the link to the relay", timeout=10)
+    a.waitFor("answered the probe; it stays up", timeout=15)
+    after = a.lines[seen:]
+    assert not any("-> reconnecting" in line or "probe timeout" in line for line in after), "\n".join(after)
+    code, out = get(url, port)
+    assert code == 0 and out.startswith(b"HTTP/1.0 200"), out
+
+
 #: Keepalive interval of the stalled-link test, in seconds.
 KEEPALIVE = 2
 

@@ -297,9 +297,13 @@ async def test_without_a_key_the_token_owns_the_address(
     agent with another token is refused its held name, and an agent with
     the same token (and no key either) gets it back.
     """
-    relay = await startRelay(str(tmp_path / "state"), "--token", "token-one-0123456789", "--token", "token-two-0123456789")
+    relay = await startRelay(
+        str(tmp_path / "state"), "--token", "token-one-0123456789", "--token", "token-two-0123456789"
+    )
     try:
-        first = await _keylessAgent(agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789")
+        first = await _keylessAgent(
+            agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789"
+        )
         await first.agent.ready
         [session] = relay.relay.sessions
         assert session.owner.startswith("token:")
@@ -307,10 +311,14 @@ async def test_without_a_key_the_token_owns_the_address(
         if first.agent.session is not None:
             dropLink(first)
         await waitFor(lambda: not relay.relay.sessions)
-        other = await _keylessAgent(agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-two-0123456789")
+        other = await _keylessAgent(
+            agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-two-0123456789"
+        )
         with pytest.raises(RuntimeError, match="'bytoken' is in use"):
             await other.agent.ready
-        same = await _keylessAgent(agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789")
+        same = await _keylessAgent(
+            agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789"
+        )
         await same.agent.ready
         assert same.address().startswith("http://bytoken.localhost:")
         code, out, _ = await curl("-H", f"Host: bytoken.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")

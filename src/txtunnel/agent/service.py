@@ -368,7 +368,18 @@ class AgentService(MultiService):
         """
         session = self.agent.session
         if session is not None:
-            session.link.probe(min(self.keepalive, 5.0))
+            timeout = min(self.keepalive, 5.0)
+            self.log.info(
+                "probing the link to the relay: it is closed unless it answers within {timeout:g}s", timeout=timeout
+            )
+            session.link.probe(timeout)
+
+            def verdict() -> None:
+                # The probe closes a silent link itself; say so when it did not.
+                if self.agent.session is session and not session.link.closed:
+                    self.log.info("the link to the relay answered the probe; it stays up")
+
+            self.agent.reactor.callLater(timeout + 0.1, verdict)
         elif self.reconnectNow():
             self.log.info("woke from sleep while waiting to reconnect; reconnecting now")
 
