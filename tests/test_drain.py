@@ -400,3 +400,52 @@ async def test_link_lost_while_draining_is_not_dialled_again(
     assert agent.agent.session is None
     code, out, _ = await fetch
     assert out != CHUNK * 100  # cut (or a 502 if no byte had come yet), never passed off as whole
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_stop_waits_until_a_slow_visitor_has_the_last_bytes(
+    tmp_path: Any, agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    A response whose stream has ended on the link may still sit in the
+    relay's write buffer for a slow visitor.  The relay's stop completes only
+    once every visitor connection has been written out and closed (a twistd
+    relay exits right after, and whatever was left unwritten would be cut
+    off the end of the body).
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "30")
+    agent = await startAgent(agents, relay, "--http", str(origin))
+    size = 16 * 1024 * 1024
+    visitor = _Visitor()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port).connect(_factory(visitor))
+    transport: Any = visitor.transport
+    transport.write(f"GET /big?n={size} HTTP/1.1\r\nHost: {_host(agent)}\r\n\r\n".encode())
+    transport.pauseProducing()  # a visitor that reads nothing for now
+    await _until(lambda: relay.relay.openStreams() >= 1)
+    await task.deferLater(reactor, 0.3, lambda: None)  # buffers fill up; the agent is held back
+    assert relay.relay.openStreams() >= 1
+    stopped = defer.ensureDeferred(_stop(relay))
+    reading = [True]
+
+    def throttle() -> None:
+        # Read in short bursts: slow enough that the last bytes wait at the relay.
+        if not reading[0] or visitor.closed.called:
+            return
+        transport.resumeProducing()
+        reactor.callLater(0.002, transport.pauseProducing)
+        reactor.callLater(0.01, throttle)
+
+    throttle()
+    mine = transport.getHost().port
+    try:
+        await stopped
+        # Closed on the relay's side: every byte has left the process.
+        left = [e for e in relay.relay.edges if e.transport is not None and e.transport.getPeer().port == mine]
+        assert not left, "the relay's stop completed with a visitor's connection still being written"
+    finally:
+        reading[0] = False
+        transport.resumeProducing()
+    await visitor.closed
+    head, _, body = visitor.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) == size
