@@ -66,6 +66,23 @@ def test_late_events_are_ignored() -> None:
         assert states.event(event) is LinkState.CLOSED
 
 
+def test_drain_goes_through_draining_to_closed() -> None:
+    """
+    A shutdown with a link up is DRAINING (not yet CLOSED) while streams
+    finish; a lost link or a new attempt then does not move it; close
+    ends it.  Without a link there is nothing to drain.
+    """
+    states = LinkStates()
+    states.log = Logger(observer=lambda e: None)
+    assert states.event("drain") is LinkState.DISCONNECTED
+    for event in ("attempt", "opened", "welcomed"):
+        states.event(event)
+    assert states.event("drain") is LinkState.DRAINING
+    for event in ("lost", "failed", "attempt", "opened", "welcomed", "drain"):
+        assert states.event(event) is LinkState.DRAINING
+    assert states.event("close") is LinkState.CLOSED
+
+
 def test_failures_count_attempts_since_last_connected() -> None:
     states = LinkStates()
     states.log = Logger(observer=lambda e: None)
@@ -313,7 +330,8 @@ def test_reconnect_options_from_environment_and_ini(tmp_path: Any) -> None:
 async def test_real_agent_states_across_a_dropped_link(relay: Relay, agents: list[RunningAgent], origin: int) -> None:
     """
     A real agent is CONNECTED once its tunnels are up, RECONNECTING when its
-    link is cut, CONNECTED again after the reconnect, CLOSED when stopped.
+    link is cut, CONNECTED again after the reconnect, DRAINING then CLOSED
+    when stopped.
     """
     agent = await startAgent(agents, relay, "--http", str(origin), "--reconnect-initial", "0.1")
     await waitFor(lambda: agent.agent.state is LinkState.CONNECTED)
@@ -324,6 +342,7 @@ async def test_real_agent_states_across_a_dropped_link(relay: Relay, agents: lis
     assert seen == ["reconnecting", "connecting", "negotiating", "connected"]
     await agent.stop()
     assert agent.agent.state is LinkState.CLOSED
+    assert seen[4:] == ["draining", "closed"]
 
 
 def test_txtunnel_command_takes_the_reconnect_options() -> None:

@@ -5,6 +5,7 @@ real agents in front of a local service that goes down and comes back.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -12,10 +13,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from tests.conftest import Relay, RunningAgent, closedPort, curl, originSite, startAgent
+from tests.conftest import Relay, RunningAgent, closedPort, curl, inThread, originSite, startAgent
 from tests.test_reconnect import waitFor
 from txtunnel.agent.breaker import BreakerState, CircuitBreaker, HealthCheck, parseHealthCheck
 
@@ -197,10 +199,12 @@ async def test_health_check_opens_and_closes_the_breaker(relay: Relay, agents: l
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp_health_check_and_tcp_tunnel_breaker(relay: Relay, agents: list[RunningAgent]) -> None:
+async def test_tcp_health_check_opens_and_closes_the_breaker() -> None:
     """
-    A TCP health check against a closed port reports it unhealthy; a TCP
-    tunnel's breaker opens too and refuses at once.
+    A TCP health check (a connect to the target) against a closed port
+    reports it unhealthy and opens the breaker it feeds; once something
+    listens there the next check passes and closes it.  (The breaker of a
+    TCP tunnel in front of visitors is tested below.)
     """
     port = closedPort()
     breaker = _breaker(reactor, threshold=1)  # type: ignore[arg-type]
@@ -212,5 +216,57 @@ async def test_tcp_health_check_and_tcp_tunnel_breaker(relay: Relay, agents: lis
     try:
         assert await check.probe() is True
         assert breaker.state is BreakerState.CLOSED
+    finally:
+        await defer.maybeDeferred(listening.stopListening)
+
+
+class _Counting(Factory):
+    """
+    A local service that counts the connections it gets and keeps them open.
+    """
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.connections += 1
+        return Protocol()
+
+
+def _closedWithin(port: int, timeout: float) -> bool:
+    """
+    Connect to C{port} like a visitor and report whether the relay closes
+    the connection (EOF or reset) within C{timeout} seconds.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            return s.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_tcp_tunnel_breaker_closes_visitors_at_once(relay: Relay, agents: list[RunningAgent]) -> None:
+    """
+    A TCP tunnel in front of a service that refuses: the failed connect
+    opens the breaker; while it is open a visitor's connection is closed at
+    once, and the agent does not even try the service (which now listens
+    and would keep the connection open): it sees no connection at all.
+    """
+    port = closedPort()
+    agent = await startAgent(agents, relay, "--tcp", str(port), "--breaker-failures", "1", "--breaker-cooldown", "60")
+    tunnel = agent.agent.tunnels[0]
+    public = int(agent.address().rsplit(":", 1)[1])
+    assert await inThread(_closedWithin, public, 10.0)  # refused by the service: closed
+    await waitFor(lambda: tunnel.breaker.state is BreakerState.OPEN)
+    service = _Counting()
+    listening = await TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(service)
+    try:
+        for _ in range(3):
+            assert await inThread(_closedWithin, public, 10.0)
+        assert service.connections == 0
+        assert tunnel.breaker.state is BreakerState.OPEN
     finally:
         await defer.maybeDeferred(listening.stopListening)

@@ -15,10 +15,12 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import Relay, RunningAgent, curl, originSite, startAgent, startRelay
+from txtunnel.agent.states import LinkState
 from txtunnel.drain import drain
 
 CHUNK = b"x" * 8192
@@ -167,7 +169,8 @@ async def test_agent_drain_finishes_in_flight_and_refuses_new(
 ) -> None:
     """
     An agent told to stop says goodbye at once (new visitors get 404) but
-    the response in flight still arrives whole.
+    the response in flight still arrives whole; its link state is draining
+    meanwhile and closed only after.
     """
     agent = await startAgent(agents, relay, "--http", str(slowOrigin), "--drain-timeout", "20")
     fetch = defer.ensureDeferred(_slowGet(relay, agent, 15, 0.1))
@@ -178,10 +181,13 @@ async def test_agent_drain_finishes_in_flight_and_refuses_new(
     assert not stopped.called
     code, out, _ = await curl("-i", "-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
     assert out.startswith(b"HTTP/1.1 404"), out
+    assert agent.agent.state is LinkState.DRAINING
+    assert agent.agent.stats()["state"] == "draining"
     code, out, err = await fetch
     assert code == 0, err
     assert hashlib.sha256(out).digest() == hashlib.sha256(CHUNK * 15).digest()
     await stopped
+    assert agent.agent.state is LinkState.CLOSED
 
 
 @pytest_twisted.ensureDeferred
@@ -252,3 +258,194 @@ async def test_relay_drain_lets_an_http2_response_finish(
     assert code == 0, err
     assert out == CHUNK * 10
     assert time.monotonic() - started < 5
+
+
+async def _until(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_drain_timeout_cuts_a_slow_stream(
+    relay: Relay, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    A response that would take ~10 s is still in flight when the agent's
+    0.5 s drain timeout ends: the agent closes the link then (not when the
+    body is done), and the visitor's download is cut, not passed off as
+    complete.
+    """
+    agent = await startAgent(agents, relay, "--http", str(slowOrigin), "--drain-timeout", "0.5")
+    fetch = defer.ensureDeferred(_slowGet(relay, agent, 100, 0.1))
+    session = agent.agent.session
+    assert session is not None
+    await _until(lambda: session.link.finiteStreams() >= 1)
+    started = time.monotonic()
+    await agent.stop()
+    took = time.monotonic() - started
+    assert 0.45 <= took < 5, took
+    code, out, err = await fetch
+    assert code != 0, err  # curl knows the body is short
+    assert len(out) < 100 * len(CHUNK)
+    assert session.link.closed
+
+
+class _Visitor(Protocol):
+    """
+    A TCP visitor that records what comes back and when its connection ends.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[float] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(time.monotonic())
+
+
+async def _tcpVisitor(agent: RunningAgent) -> _Visitor:
+    visitor = _Visitor()
+    port = int(agent.address().rsplit(":", 1)[1])
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(_factory(visitor))
+    visitor.transport.write(b"ping")  # type: ignore[attr-defined]
+    await _until(lambda: visitor.received == b"ping")
+    return visitor
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_drain_is_held_by_a_tcp_connection_until_the_timeout(
+    relay: Relay, agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    A TCP tunnel's connection has no end of its own: an open one (an SSH
+    session, say) holds the agent's shutdown for the whole drain timeout,
+    keeps working meanwhile, and is closed when the timeout ends.
+    """
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer), "--drain-timeout", "1")
+    visitor = await _tcpVisitor(agent)
+    started = time.monotonic()
+    stopped = defer.ensureDeferred(agent.stop())
+    visitor.transport.write(b"still here")  # type: ignore[attr-defined]
+    await _until(lambda: visitor.received == b"pingstill here")
+    await stopped
+    took = time.monotonic() - started
+    assert 0.95 <= took < 10, took
+    closedAt = await visitor.closed
+    assert closedAt - started >= 0.95
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_drain_is_held_by_a_tcp_connection_until_the_timeout(
+    tmp_path: Any, agents: list[RunningAgent], echoServer: int
+) -> None:
+    """
+    The same on the relay: its shutdown waits the drain timeout for an open
+    TCP tunnel connection, then cuts it.
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "1")
+    agent = await startAgent(agents, relay, "--tcp", str(echoServer))
+    visitor = await _tcpVisitor(agent)
+    started = time.monotonic()
+    stopped = defer.ensureDeferred(_stop(relay))
+    visitor.transport.write(b"still here")  # type: ignore[attr-defined]
+    await _until(lambda: visitor.received == b"pingstill here")
+    await stopped
+    took = time.monotonic() - started
+    assert 0.95 <= took < 10, took
+    closedAt = await visitor.closed
+    assert closedAt - started >= 0.95
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_lost_while_draining_is_not_dialled_again(
+    relay: Relay, agents: list[RunningAgent], slowOrigin: int
+) -> None:
+    """
+    A link that drops while the agent drains ends the drain at once (its
+    streams are gone, nothing is left to wait for) and the agent does not
+    dial the relay again: it was leaving.
+    """
+    agent = await startAgent(
+        agents, relay, "--http", str(slowOrigin), "--drain-timeout", "20", "--reconnect-initial", "0.1"
+    )
+    fetch = defer.ensureDeferred(_slowGet(relay, agent, 100, 0.1))
+    session = agent.agent.session
+    assert session is not None
+    await _until(lambda: session.link.finiteStreams() >= 1)
+    # Every event fed to the state machine is logged, also those it ignores.
+    events: list[str] = []
+
+    def observe(event: Any) -> None:
+        if "agent_event" in event and event.get("log_namespace", "").startswith("txtunnel.agent.states"):
+            events.append(event["agent_event"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        stopped = defer.ensureDeferred(agent.stop())
+        await _until(lambda: agent.agent.state is LinkState.DRAINING)
+        session.carrier.transport.abortConnection()
+        dropped = time.monotonic()
+        await stopped
+        assert time.monotonic() - dropped < 5  # not the 20 s drain timeout
+        await task.deferLater(reactor, 0.5, lambda: None)  # a redial would have happened by now
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert "attempt" not in events, events
+    assert events[-1] == "close"
+    assert agent.agent.session is None
+    code, out, _ = await fetch
+    assert out != CHUNK * 100  # cut (or a 502 if no byte had come yet), never passed off as whole
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_stop_waits_until_a_slow_visitor_has_the_last_bytes(
+    tmp_path: Any, agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    A response whose stream has ended on the link may still sit in the
+    relay's write buffer for a slow visitor.  The relay's stop completes only
+    once every visitor connection has been written out and closed (a twistd
+    relay exits right after, and whatever was left unwritten would be cut
+    off the end of the body).
+    """
+    relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "30")
+    agent = await startAgent(agents, relay, "--http", str(origin))
+    size = 16 * 1024 * 1024
+    visitor = _Visitor()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port).connect(_factory(visitor))
+    transport: Any = visitor.transport
+    transport.write(f"GET /big?n={size} HTTP/1.1\r\nHost: {_host(agent)}\r\n\r\n".encode())
+    transport.pauseProducing()  # a visitor that reads nothing for now
+    await _until(lambda: relay.relay.openStreams() >= 1)
+    await task.deferLater(reactor, 0.3, lambda: None)  # buffers fill up; the agent is held back
+    assert relay.relay.openStreams() >= 1
+    stopped = defer.ensureDeferred(_stop(relay))
+    reading = [True]
+
+    def throttle() -> None:
+        # Read in short bursts: slow enough that the last bytes wait at the relay.
+        if not reading[0] or visitor.closed.called:
+            return
+        transport.resumeProducing()
+        reactor.callLater(0.002, transport.pauseProducing)
+        reactor.callLater(0.01, throttle)
+
+    throttle()
+    mine = transport.getHost().port
+    try:
+        await stopped
+        # Closed on the relay's side: every byte has left the process.
+        left = [e for e in relay.relay.edges if e.transport is not None and e.transport.getPeer().port == mine]
+        assert not left, "the relay's stop completed with a visitor's connection still being written"
+    finally:
+        reading[0] = False
+        transport.resumeProducing()
+    await visitor.closed
+    head, _, body = visitor.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) == size

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,30 @@ def env(tmp_path: Path) -> dict[str, str]:
     e["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
     e["HOME"] = str(tmp_path / "home")
     e["PYTHONUNBUFFERED"] = "1"
+    # No admin or inspector listeners: fault processes open only the ports a test gives them.
+    e["TXTUNNEL_RELAY_ADMIN"] = e["TXTUNNEL_ADMIN"] = e["TXTUNNEL_INSPECT"] = ""
     return e
+
+
+def receiving(out: Path, transfer: subprocess.Popen[bytes], size: int = MiB, timeout: float = 30.0) -> None:
+    """
+    Wait until the download into C{out} has more than C{size} bytes (the
+    body is flowing end to end), while it is still running: a condition
+    to kill or stop something at, not a guess of how long setup takes.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.stat().st_size > size:
+            assert transfer.poll() is None, "the transfer ended before the fault could be injected"
+            return
+        if transfer.poll() is not None:
+            raise AssertionError(f"the transfer ended early ({transfer.returncode}): {transfer.stderr.read()!r}")  # type: ignore[union-attr]
+        time.sleep(0.02)
+    raise AssertionError(f"no {size} bytes received within {timeout}s")
+
+
+#: A drain log line with at least one stream in flight.
+DRAINING = r"draining: [1-9]\d* streams in flight"
 
 
 def sha256File(path: Path) -> str:
@@ -171,9 +194,8 @@ def test_relay_killed_mid_transfer_and_restarted(
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
     out = tmp_path / "first"
-    transfer = fetch(url + "big", port, out, "--limit-rate", "40M")
-    time.sleep(1.0)
-    assert transfer.poll() is None, "the transfer should still be running"
+    transfer = fetch(url + "big", port, out, "--limit-rate", "20M")
+    receiving(out, transfer)
     relay.popen.send_signal(signal.SIGKILL)
     relay.popen.wait(5)
     transfer.wait(10)
@@ -201,8 +223,7 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
     transfer = fetch(url + "big", port, tmp_path / "out", "--limit-rate", "20M")
-    time.sleep(0.5)
-    assert transfer.poll() is None
+    receiving(tmp_path / "out", transfer)
     killed = time.monotonic()
     a.popen.send_signal(signal.SIGKILL)
     transfer.wait(10)
@@ -214,6 +235,67 @@ def test_agent_killed_visitors_get_an_error_within_two_seconds(
     assert time.monotonic() - started < 2.0
     assert out.startswith(b"HTTP/1.1 503"), out
     assert b"Retry-After: " in out
+
+
+def test_agent_killed_and_restarted_keeps_its_random_name(
+    procs: list[Proc],
+    env: dict[str, str],
+    origin: int,
+    tmp_path: Path,
+) -> None:
+    """
+    kill -9 an agent with a random name and start it again with the same
+    key file: it gets the same URL back (from the reclaim file beside the
+    key), not a new one, and visitors are served through it again.
+    """
+    relay, port = startRelay(procs, env, tmp_path / "state")
+    key = str(tmp_path / "agent.key")
+    a = agent(procs, env, port, "--http", str(origin), "--key-file", key)
+    url = ready(a)
+    code, out = get(url, port)
+    assert out.startswith(b"HTTP/1.0 200"), out
+    a.popen.send_signal(signal.SIGKILL)
+    a.popen.wait(5)
+    relay.waitFor("agent .* disconnected", timeout=10)  # the relay holds the name from here on
+    code, out = get(url, port)
+    assert out.startswith(b"HTTP/1.1 503"), out
+    again = agent(procs, env, port, "--http", str(origin), "--key-file", key)
+    assert ready(again) == url, again.output
+    code, out = get(url, port)
+    assert code == 0 and out.startswith(b"HTTP/1.0 200"), out
+    assert out.endswith(b"hello from the origin\n")
+
+
+@pytest.mark.slow
+def test_frozen_agent_probes_its_link_and_keeps_it(
+    procs: list[Proc],
+    env: dict[str, str],
+    origin: int,
+    tmp_path: Path,
+) -> None:
+    """
+    SIGSTOP the agent for 8 s (as a laptop lid closed, or a VM paused) with
+    a 30 s keepalive, then SIGCONT: the agent sees the clock jump, probes
+    the link at once instead of trusting it for up to 45 s, and since the
+    relay answers, the link stays up (no reconnect) and serves.
+    """
+    relay, port = startRelay(procs, env, tmp_path / "state", "--keepalive", "30")
+    a = agent(procs, env, port, "--http", str(origin), "--keepalive", "30")
+    url = ready(a)
+    seen = len(a.lines)
+    a.popen.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(8)  # the fault itself: how long the process is frozen
+    finally:
+        a.popen.send_signal(signal.SIGCONT)
+    jumped = a.waitFor(r"clock jumped [\d.]+s", timeout=10)
+    print(f"\nafter an 8 s SIGSTOP the agent logged: {jumped.group(0)}")
+    a.waitFor("probing the link to the relay", timeout=10)
+    a.waitFor("answered the probe; it stays up", timeout=15)
+    after = a.lines[seen:]
+    assert not any("-> reconnecting" in line or "probe timeout" in line for line in after), "\n".join(after)
+    code, out = get(url, port)
+    assert code == 0 and out.startswith(b"HTTP/1.0 200"), out
 
 
 #: Keepalive interval of the stalled-link test, in seconds.
@@ -329,10 +411,10 @@ def test_relay_sigterm_drains(
     a = agent(procs, env, port, "--http", str(origin))
     url = ready(a)
     out = tmp_path / "out"
-    transfer = fetch(url + "big", port, out, "--limit-rate", "50M")
-    time.sleep(0.5)
+    transfer = fetch(url + "big", port, out, "--limit-rate", "20M")
+    receiving(out, transfer)
     relay.popen.send_signal(signal.SIGTERM)
-    relay.waitFor("draining: 1 streams in flight", timeout=5)
+    relay.waitFor(DRAINING, timeout=10)
     code, _ = get(url, port)
     assert code == 7  # refused: the listener is closed
     assert transfer.wait(30) == 0, transfer.stderr.read()  # type: ignore[union-attr]
@@ -356,10 +438,10 @@ def test_agent_sigterm_drains(
     a = agent(procs, env, port, "--http", str(origin), "--drain-timeout", "30")
     url = ready(a)
     out = tmp_path / "out"
-    transfer = fetch(url + "big", port, out, "--limit-rate", "50M")
-    time.sleep(0.5)
+    transfer = fetch(url + "big", port, out, "--limit-rate", "20M")
+    receiving(out, transfer)
     a.popen.send_signal(signal.SIGTERM)
-    a.waitFor("draining: 1 streams in flight", timeout=5)
+    a.waitFor(DRAINING, timeout=10)
     code, answer = get(url, port)
     assert answer.startswith(b"HTTP/1.1 404"), answer
     assert transfer.wait(30) == 0, transfer.stderr.read()  # type: ignore[union-attr]
@@ -434,10 +516,18 @@ def test_pooled_agent_killed_under_load(procs: list[Proc], env: dict[str, str], 
     workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
     for w in workers:
         w.start()
-    time.sleep(1.5)
+
+    def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # Kill only once both members are serving; collect answers past the
+    # failover point until there are enough to judge (or time is up).
+    until(lambda: {"A", "B"} <= {body for _, body in list(results)})
     killed = time.monotonic()
     members[0].popen.send_signal(signal.SIGKILL)
-    time.sleep(2.0)
+    until(lambda: sum(t >= killed + 0.5 for t, _ in list(results)) >= 40 and time.monotonic() > killed + 2.0)
     stop.set()
     for w in workers:
         w.join(10)

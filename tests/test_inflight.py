@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, task
 
 from tests.conftest import Relay, RunningAgent, closedPort, curl, startAgent, startRelay
 from tests.test_reconnect import dropLink, waitFor
+from txtunnel.agent.states import LinkState
 
 
 def _host(agent: RunningAgent) -> str:
@@ -45,16 +46,18 @@ async def test_held_name_answers_503_with_retry_after(relay: Relay, agents: list
     to come back (503, Retry-After), not that there is no such tunnel; once
     it is back they are served again.
     """
-    agent = await startAgent(
-        agents, relay, "--http", str(origin), "--reconnect-initial", "1.5", "--reconnect-jitter", "0"
-    )
+    # A long backoff keeps the agent away for as long as the checks take;
+    # the test then ends the wait itself.
+    agent = await startAgent(agents, relay, "--http", str(origin), "--reconnect-initial", "30")
     host = _host(agent)
     old = dropLink(agent)
-    await waitFor(lambda: agent.agent.session is None)
+    await waitFor(lambda: agent.agent.state is LinkState.RECONNECTING)
     code, out, _ = await curl("-i", "-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
     assert out.startswith(b"HTTP/1.1 503"), out
     assert b"\r\nRetry-After: 5\r\n" in out
     assert b"is reconnecting" in out
+    assert agent.agent.session is None
+    assert agent.service.reconnectNow()
     await waitFor(lambda: agent.agent.session not in (None, old) and agent.agent.tunnels[0].address is not None)
     code, out, _ = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
     assert b"hello from origin" in out

@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from tests.conftest import Relay, RunningAgent, curl, startAgent
 from tests.test_reconnect import dropLink, waitFor
 from txtunnel.agent import tap as agentTap
+from txtunnel.agent.states import LinkState
 from txtunnel.errors import BindError
 from txtunnel.relay.pool import Pool, poolOwner
 
@@ -105,15 +106,18 @@ async def test_gone_member_gets_no_more_visitors(relay: Relay, agents: list[Runn
     one is gone too, visitors get 503 until a member is back.
     """
     a = await _pooled(agents, relay, origins[0], "--reconnect-initial", "30")
-    b = await _pooled(agents, relay, origins[1], "--reconnect-initial", "1", "--reconnect-jitter", "0")
+    # Both wait long before they dial again; the test ends B's wait itself.
+    b = await _pooled(agents, relay, origins[1], "--reconnect-initial", "30")
     dropLink(a)
     await waitFor(lambda: a.agent.session is None)
     assert [await _get(relay) for _ in range(6)] == [b"B"] * 6
     assert relay.relay.heldFor("http", "web") is None
     old = dropLink(b)
-    await waitFor(lambda: b.agent.session is None)
+    await waitFor(lambda: b.agent.state is LinkState.RECONNECTING)
     code, out, _ = await curl("-i", "-H", f"Host: web.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
     assert out.startswith(b"HTTP/1.1 503"), out
+    assert b.agent.session is None
+    assert b.service.reconnectNow()
     await waitFor(lambda: b.agent.session not in (None, old) and b.agent.tunnels[0].address is not None)
     assert await _get(relay) == b"B"
 

@@ -6,6 +6,7 @@ goodbye frees them at once.
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,147 @@ def test_agent_key_file_with_garbage(tmp_path: Path) -> None:
     path.write_text("short\n")
     assert loadAgentKey(str(path)) is None
     assert path.read_text() == "short\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_agent_gets_its_random_name_back(
+    relay: Relay, agents: list[RunningAgent], origin: int, echoServer: int, tmp_path: Path
+) -> None:
+    """
+    An agent that dies without a goodbye and is started again with the same
+    key file gets the same random HTTP name and TCP port back (from the
+    reclaim file next to its key), and the name serves again.  After a clean
+    stop the relay freed them, and the file forgets them too.
+    """
+    key = str(tmp_path / "agent.key")
+    ini = tmp_path / "agent.ini"
+    ini.write_text(
+        f"[tunnel:web]\ntype = http\ntarget = {origin}\n\n[tunnel:echo]\ntype = tcp\ntarget = {echoServer}\n"
+    )
+    args = ("--config", str(ini), "--key-file", key)
+    first = await startAgent(agents, relay, *args)
+    addresses = {t.name: t.address for t in first.agent.tunnels}
+    await defer.maybeDeferred(first.service.client.stopService)  # dies: no goodbye, no retry
+    if first.agent.session is not None:
+        dropLink(first)
+    await waitFor(lambda: not any(s.tunnels for s in relay.relay.sessions))
+    second = await startAgent(agents, relay, *args)
+    assert {t.name: t.address for t in second.agent.tunnels} == addresses
+    host = second.address("web").split("//", 1)[1].rstrip("/")
+    code, out, _ = await curl("-H", f"Host: {host}", f"http://127.0.0.1:{relay.port}/")
+    assert code == 0 and b"hello from origin" in out
+    await second.stop()
+    assert json.loads(Path(key + ".reclaim").read_text())["tunnels"] == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_reclaim_file_takes_a_new_name(
+    relay: Relay, agents: list[RunningAgent], origin: int, tmp_path: Path
+) -> None:
+    """
+    A reclaim entry naming an address another agent holds is refused by the
+    relay: the agent takes a new random name, says so, and keeps that one.
+    """
+    from txtunnel.agent.reclaim import ReclaimFile
+
+    holder = await startAgent(agents, relay, "--http", str(origin), "--key-file", str(tmp_path / "other.key"))
+    taken = holder.address().split("//", 1)[1].split(".", 1)[0]
+    key = str(tmp_path / "agent.key")
+    reclaims = ReclaimFile(key + ".reclaim")
+    reclaims.save(relay.url, "http", "http", {"name": taken})
+    agent = await startAgent(agents, relay, "--http", str(origin), "--key-file", key)
+    name = agent.address().split("//", 1)[1].split(".", 1)[0]
+    assert name != taken
+    assert reclaims.load(relay.url, "http", "http") == {"name": name}
+
+
+def test_reclaim_file(tmp_path: Path) -> None:
+    """
+    The reclaim file is private (0600), keeps entries by relay, type and
+    tunnel name, forgets one that is emptied, and ignores entries and files
+    that are not what it wrote, without failing.
+    """
+    import os
+    import stat
+
+    from txtunnel.agent.reclaim import ReclaimFile
+
+    path = tmp_path / "agent.key.reclaim"
+    f = ReclaimFile(str(path))
+    assert f.load("ws://r", "http", "web") == {}
+    f.save("ws://r", "http", "web", {"name": "brave-otter"})
+    f.save("ws://r", "tcp", "db", {"port": 20005})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert ReclaimFile(str(path)).load("ws://r", "http", "web") == {"name": "brave-otter"}
+    assert f.load("ws://other", "http", "web") == {}
+    f.save("ws://r", "http", "web", {})
+    assert f.load("ws://r", "http", "web") == {}
+    assert f.load("ws://r", "tcp", "db") == {"port": 20005}
+    path.write_text(json.dumps({"tunnels": {"ws://r http web": {"name": ["no"]}, "ws://r tcp db": {"port": True}}}))
+    assert f.load("ws://r", "http", "web") == {} and f.load("ws://r", "tcp", "db") == {}
+    path.write_text("not json")
+    assert f.load("ws://r", "http", "web") == {}
+    f.save("ws://r", "http", "web", {"name": "calm-heron"})
+    assert f.load("ws://r", "http", "web") == {"name": "calm-heron"}
+
+
+async def _keylessAgent(agents: list[RunningAgent], relay: Relay, *args: str) -> RunningAgent:
+    """
+    An agent that sends no key in its hello (as an agent from before agent
+    keys, or one written against the protocol, may): the relay can only
+    know it by its token.
+    """
+    from txtunnel.agent import tap as agentTap
+    from txtunnel.agent.service import AgentService
+
+    options = agentTap.Options(environ={})
+    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
+    agent = agentTap.buildAgent(options, reactor)
+    agent.key = None  # type: ignore[assignment]
+    agent.reclaims = None
+    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
+    service.startService()
+    running = RunningAgent(agent, service)
+    agents.append(running)
+    return running
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_key_the_token_owns_the_address(
+    tmp_path: Path, agents: list[RunningAgent], origin: int
+) -> None:
+    """
+    An agent that sends no key is known by its token: after it drops, an
+    agent with another token is refused its held name, and an agent with
+    the same token (and no key either) gets it back.
+    """
+    relay = await startRelay(
+        str(tmp_path / "state"), "--token", "token-one-0123456789", "--token", "token-two-0123456789"
+    )
+    try:
+        first = await _keylessAgent(
+            agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789"
+        )
+        await first.agent.ready
+        [session] = relay.relay.sessions
+        assert session.owner.startswith("token:")
+        await defer.maybeDeferred(first.service.client.stopService)  # it will not come back
+        if first.agent.session is not None:
+            dropLink(first)
+        await waitFor(lambda: not relay.relay.sessions)
+        other = await _keylessAgent(
+            agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-two-0123456789"
+        )
+        with pytest.raises(RuntimeError, match="'bytoken' is in use"):
+            await other.agent.ready
+        same = await _keylessAgent(
+            agents, relay, "--http", str(origin), "-s", "bytoken", "--token", "token-one-0123456789"
+        )
+        await same.agent.ready
+        assert same.address().startswith("http://bytoken.localhost:")
+        code, out, _ = await curl("-H", f"Host: bytoken.localhost:{relay.port}", f"http://127.0.0.1:{relay.port}/")
+        assert code == 0 and b"hello from origin" in out
+    finally:
+        for a in agents:
+            await a.stop()
+        await defer.maybeDeferred(relay.service.stopService)

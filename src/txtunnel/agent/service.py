@@ -24,6 +24,7 @@ from txtunnel.agent.breaker import (
     CircuitBreaker,
     HealthCheck,
 )
+from txtunnel.agent.reclaim import ReclaimFile
 from txtunnel.agent.session import AgentSession
 from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
@@ -80,6 +81,15 @@ class AgentTunnel:
                 reactor, target, check, self.breaker, interval=float(options.get("health-interval", 10.0))
             )
 
+    @property
+    def randomAddress(self) -> bool:
+        """
+        Whether the relay picks this tunnel's name or port (no
+        C{--subdomain} or C{--remote-port}): then only C{reclaim} gets the
+        same address back.
+        """
+        return not any(self.options.get(k) for k in ("subdomain", "remote-port"))
+
     def __repr__(self) -> str:
         return f"<AgentTunnel {self.name} {self.type} -> {self.target}>"
 
@@ -102,6 +112,7 @@ class Agent:
         token: str | None,
         tunnels: list[AgentTunnel],
         key: str | None = None,
+        reclaims: ReclaimFile | None = None,
     ) -> None:
         self.reactor = reactor
         self.relayURL = relayURL
@@ -110,6 +121,13 @@ class Agent:
         #: reconnects (and, when kept in a file, across restarts).
         self.key = key or secrets.token_urlsafe(32)
         self.tunnels = tunnels
+        #: Where the random addresses' C{reclaim} fields are kept across
+        #: restarts (next to the key file), or C{None}.
+        self.reclaims = reclaims
+        if reclaims is not None:
+            for tunnel in tunnels:
+                if tunnel.randomAddress:
+                    tunnel.reclaim = reclaims.load(relayURL, tunnel.type, tunnel.name)
         #: A login token from 'txtunnel login' for this relay, sent in the hello.
         self.identity: str | None = None
         #: Reads the stored login token again before each connection, so a
@@ -204,6 +222,14 @@ class Agent:
 
     def tunnelBound(self, tunnel: AgentTunnel) -> None:
         self._answer(tunnel)
+
+    def reclaimChanged(self, tunnel: AgentTunnel) -> None:
+        """
+        The relay gave C{tunnel} new C{reclaim} fields (or they were
+        dropped): keep them for the next start of this agent.
+        """
+        if self.reclaims is not None and tunnel.randomAddress:
+            self.reclaims.save(self.relayURL, tunnel.type, tunnel.name, tunnel.reclaim)
 
     def tunnelRefused(self, tunnel: AgentTunnel, reason: str) -> None:
         self._answered.add(tunnel.name)
@@ -363,16 +389,39 @@ class AgentService(MultiService):
         """
         session = self.agent.session
         if session is not None:
-            session.link.probe(min(self.keepalive, 5.0))
-        elif self.agent.state is LinkState.RECONNECTING and self.client.running and not self.agent.stopping:
+            timeout = min(self.keepalive, 5.0)
+            self.log.info(
+                "probing the link to the relay: it is closed unless it answers within {timeout:g}s", timeout=timeout
+            )
+            session.link.probe(timeout)
+
+            def verdict() -> None:
+                # The probe closes a silent link itself; say so when it did not.
+                if self.agent.session is session and not session.link.closed:
+                    self.log.info("the link to the relay answered the probe; it stays up")
+
+            self.agent.reactor.callLater(timeout + 0.1, verdict)
+        elif self.reconnectNow():
             self.log.info("woke from sleep while waiting to reconnect; reconnecting now")
-            restarted = self.client.stopService()
 
-            def again(_: object) -> None:
-                if self.running and not self.agent.stopping and not self.client.running:
-                    self.client.startService()
+    def reconnectNow(self) -> bool:
+        """
+        Cut short a backoff wait and dial the relay at once (after a sleep,
+        or when a user or a test asks).
 
-            restarted.addCallback(again)
+        @return: whether a wait was cut short (C{False} unless the link is
+            C{reconnecting} and the agent is not stopping).
+        """
+        if self.agent.state is not LinkState.RECONNECTING or not self.client.running or self.agent.stopping:
+            return False
+        restarted = self.client.stopService()
+
+        def again(_: object) -> None:
+            if self.running and not self.agent.stopping and not self.client.running:
+                self.client.startService()
+
+        restarted.addCallback(again)
+        return True
 
     def startService(self) -> None:
         tls = self.tls
@@ -466,11 +515,17 @@ class AgentService(MultiService):
         for tunnel in self.agent.tunnels:
             if tunnel.health is not None:
                 tunnel.health.stop()
-        self.agent.states.event("close", reason="shutting down")
         session = self.agent.session
         if session is None:
+            self.agent.states.event("close", reason="shutting down")
             return super().stopService()  # type: ignore[no-any-return]
+        # Not closed yet: streams still flow until the drain is over.
+        self.agent.states.event("drain", reason="shutting down")
         session.goodbye()
+        for tunnel in self.agent.tunnels:
+            # The relay frees the addresses on goodbye: nothing to reclaim.
+            tunnel.reclaim = {}
+            self.agent.reclaimChanged(tunnel)
 
         def openStreams() -> int:
             if self.agent.session is not session or session.link.closed:
@@ -484,6 +539,7 @@ class AgentService(MultiService):
                 self.log.warn("drain timeout: closing {left} streams still open", left=left)
             if not session.link.closed:
                 session.carrier.closeLink("agent shutting down")
+            self.agent.states.event("close", reason="drained" if not left else f"drain timeout, {left} streams cut")
             return super(AgentService, self).stopService()  # type: ignore[no-any-return]
 
         return d.addCallback(drained)

@@ -189,6 +189,7 @@ class AgentSession:
         tunnel.address = tunnel.lastAddress = address
         reclaim = message.get("reclaim")
         tunnel.reclaim = reclaim if isinstance(reclaim, dict) else {}
+        self.agent.reclaimChanged(tunnel)
         host, port = tunnel.target
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.log.info("tunnel ready: {address} -> {target}", address=tunnel.address, target=target, tunnel=tunnel.name)
@@ -199,12 +200,13 @@ class AgentSession:
         if tunnel is None:
             return
         reason = str(message.get("reason", "no reason given"))
-        if tunnel.reclaim and not any(tunnel.options.get(k) for k in ("subdomain", "remote-port")):
+        if tunnel.reclaim and tunnel.randomAddress:
             # The old address is gone (grace period over): take a new one.
             self.log.warn(
                 "tunnel {tunnel!r} could not get its old address back: {reason}", tunnel=tunnel.name, reason=reason
             )
             tunnel.reclaim = {}
+            self.agent.reclaimChanged(tunnel)
             self._bind(max(self.byId) + 1, tunnel)
             return
         self.log.error("relay refused tunnel {tunnel!r}: {reason}", tunnel=tunnel.name, reason=reason)

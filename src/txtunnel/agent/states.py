@@ -42,6 +42,9 @@ class LinkState(enum.Enum):
     CONNECTED = "connected"
     #: The link dropped or an attempt failed; waiting for the next attempt.
     RECONNECTING = "reconnecting"
+    #: Shutting down: goodbye said, no new visitors, streams in flight
+    #: finishing (up to the drain timeout) on a link that is still up.
+    DRAINING = "draining"
     #: Stopped for good (shut down, or gave up).
     CLOSED = "closed"
 
@@ -60,6 +63,8 @@ TRANSITIONS: dict[tuple[LinkState, str], LinkState] = {
     (S.NEGOTIATING, "lost"): S.RECONNECTING,
     (S.NEGOTIATING, "failed"): S.RECONNECTING,
     (S.CONNECTED, "lost"): S.RECONNECTING,
+    (S.NEGOTIATING, "drain"): S.DRAINING,
+    (S.CONNECTED, "drain"): S.DRAINING,
     **{(state, "close"): S.CLOSED for state in LinkState if state is not S.CLOSED},
 }
 

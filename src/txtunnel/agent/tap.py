@@ -396,7 +396,7 @@ class Options(ConfigOptions):
             None,
             None,
             "File with this agent's secret key (made if missing): the relay gives the same addresses back "
-            "after a reconnect, and the same --subdomain/--remote-port after a restart. "
+            "after a reconnect and after a restart (random ones via FILE.reclaim beside it). "
             "[default: $XDG_STATE_HOME/txtunnel/agent.key]",
         ],
         [
@@ -882,7 +882,13 @@ def buildAgent(options: Options, reactor: Any) -> Any:
     tunnels = [
         AgentTunnel(t["name"], t["type"], t["target"], t["options"], known[t["type"]], reactor) for t in options.tunnels
     ]
-    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=loadAgentKey(options["key-file"]))
+    from txtunnel.agent.reclaim import ReclaimFile, reclaimPath
+
+    keyPath = agentKeyPath(options["key-file"])
+    key = loadAgentKey(keyPath)
+    # A key for this run only cannot get anything back on the next one.
+    reclaims = ReclaimFile(reclaimPath(keyPath)) if key is not None else None
+    agent = Agent(reactor, options["relay"], options["token"], tunnels, key=key, reclaims=reclaims)
     agent.linkTLS = options.get("link-tls")
     from txtunnel.credentials import LoginError, tokenFor
 
@@ -918,6 +924,17 @@ def serviceSettings(options: Options) -> dict[str, Any]:
     }
 
 
+def agentKeyPath(path: str | None) -> str:
+    """
+    The agent key file: C{path}, or C{agent.key} in the user's state directory.
+    """
+    import os
+
+    from txtunnel.relay.tap import defaultStateDir
+
+    return path if path is not None else os.path.join(defaultStateDir(), "agent.key")
+
+
 def loadAgentKey(path: str | None) -> str | None:
     """
     Read the agent's key from C{path} (default in the user's state
@@ -930,10 +947,7 @@ def loadAgentKey(path: str | None) -> str | None:
 
     from twisted.logger import Logger
 
-    from txtunnel.relay.tap import defaultStateDir
-
-    if path is None:
-        path = os.path.join(defaultStateDir(), "agent.key")
+    path = agentKeyPath(path)
     try:
         with open(path, encoding="ascii") as f:
             key = f.read().strip()

@@ -528,8 +528,20 @@ class RelayService(MultiService):
         ports, self.listening = self.listening, []
         d: Deferred[Any] = DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
         timeout = float(relay.settings.get("drain-timeout", 0.0))
+        deadline = relay.reactor.seconds() + timeout
         d.addCallback(lambda _: drain(relay.reactor, relay.openStreams, timeout, relay.releaseIdle))
         d.addCallback(self._closeLinks)
+        # A finished stream's last bytes may still wait in a slow visitor's
+        # socket buffer: closing the connection sends them first, so wait
+        # (within the drain timeout) for that before the process exits.
+        d.addCallback(
+            lambda _: drain(
+                relay.reactor,
+                self._visitorConnections,
+                max(0.0, deadline - relay.reactor.seconds()),
+                what="visitor connections still being written",
+            )
+        )
         admin, self.adminListening = self.adminListening, None
         if admin is not None:
             d.addBoth(lambda r: Deferred.fromCoroutine(_stop(admin)).addCallback(lambda _: r))
@@ -563,11 +575,19 @@ class RelayService(MultiService):
             session.link.connectionLost("relay shutting down")
             session.linkLost("relay shutting down")
         for edge in list(self.relay.edges):
-            # Visitors' connections (HTTP/1.1, and HTTP/2 ones, which have a
-            # closeWhenIdle of their own), not agents' links.
-            visitor = edge._delegate is None or hasattr(edge._delegate, "closeWhenIdle")
-            if edge.transport is not None and visitor:
+            if edge.transport is not None and _isVisitor(edge):
                 edge.transport.loseConnection()
+
+    def _visitorConnections(self) -> int:
+        return sum(1 for edge in self.relay.edges if _isVisitor(edge))
+
+
+def _isVisitor(edge: Any) -> bool:
+    """
+    Whether C{edge} is a visitor's connection (HTTP/1.1, or HTTP/2 with a
+    closeWhenIdle of its own), not an agent's link.
+    """
+    return edge._delegate is None or hasattr(edge._delegate, "closeWhenIdle")
 
 
 async def _stop(port: IListeningPort) -> None:
