@@ -35,7 +35,7 @@ RECENT = 12
 def linkState(agent: Any) -> str:
     """
     A word for the link: C{online}, C{connecting}, C{negotiating},
-    C{reconnecting}, C{closed} or C{stopped: reason}.
+    C{reconnecting}, C{draining}, C{closed} or C{stopped: reason}.
     """
     if agent.failure is not None:
         return f"stopped: {agent.failure}"
