@@ -15,14 +15,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport, IWriteDescriptor
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txtunnel.link import Stream
 
-__all__ = ["SocketSide", "StreamSide", "connectStream", "setNoDelay", "splice"]
+__all__ = ["SocketSide", "StreamSide", "connectStream", "setNoDelay", "splice", "writeNow"]
 
 
 @implementer(IHalfCloseableProtocol)
@@ -116,6 +116,45 @@ def setNoDelay(transport: Any) -> None:
             setter(True)
         except OSError:
             pass
+
+
+def writeNow(transport: Any) -> None:
+    """
+    Hand the bytes just written to C{transport} to the kernel now, not on
+    the reactor's next turn.
+
+    Twisted's TCP transports send nothing until the reactor next polls.  A
+    relay that reads fifty visitors' requests in one turn would forward them
+    all together at its end, and the agent, on the other core, would wait
+    for that whole convoy, then the relay for the agent's: measured through
+    an HTTP tunnel at c=50, relay and agent each 55% busy and 3,200 req/s.
+    Sent as soon as a few KiB of link frames are ready, the agent starts on
+    the first requests while the relay reads the rest: about 4,500 req/s
+    with 90% of both cores busy (docs/performance.rst).
+
+    The socket under any TLS layer is the one written.  Only a connected
+    one that is not closing is touched, and what C{doWrite} returns is left
+    to the reactor, which still watches the socket (a write registers it):
+    an error seen here is seen, and handled, again on its next turn.
+    """
+    while transport is not None and not IWriteDescriptor.providedBy(transport):
+        transport = getattr(transport, "transport", None)
+    if transport is None or not getattr(transport, "connected", False) or getattr(transport, "disconnecting", True):
+        return
+    if transport in _writingNow:
+        # A write made while this socket is being written (its producer,
+        # resumed by doWrite, wrote more) waits for the reactor's turn:
+        # no recursion, however much the producer has to send.
+        return
+    _writingNow.add(transport)
+    try:
+        transport.doWrite()
+    finally:
+        _writingNow.discard(transport)
+
+
+#: Sockets inside L{writeNow}'s C{doWrite}.
+_writingNow: set[Any] = set()
 
 
 def connectStream(

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
 from txtunnel.interfaces import ILinkCarrier
 from txtunnel.link import Link
-from txtunnel.splice import setNoDelay
+from txtunnel.splice import setNoDelay, writeNow
 
 __all__ = [
     "LINK_PATH",
@@ -48,8 +48,17 @@ _DONE = Failure(ConnectionDone())
 #: Where agents connect on the relay's public HTTP(S) listener.
 LINK_PATH = "/_txtunnel"
 
-#: A batch of frames is sent at once when it reaches this size.
+#: The largest batch of frames in one WebSocket message (what a peer must
+#: accept: every large DATA frame goes as a message of its own).
 BATCH_LIMIT = 256 * 1024
+
+#: A batch is sent, and written to the socket at once (L{writeNow}), when
+#: it reaches this size: small enough that the peer starts on the first
+#: requests of a busy reactor turn while this side reads the rest, large
+#: enough to share one message among several small frames.  Measured
+#: through an HTTP tunnel at c=50: 2 KiB gave about 4,500 req/s, 16 KiB
+#: and 64 KiB 3,500-4,000, the end of each turn only (the old way) 3,200.
+FLUSH_AT = 2 * 1024
 
 #: WebSocket close codes the link uses (4000-4999 are for applications).
 CLOSE_PROTOCOL_ERROR = 4002
@@ -106,12 +115,15 @@ class _LinkCarrierMixin:
 
     def sendLinkBytes(self, data: bytes) -> None:
         """
-        Frames produced in one turn of the reactor go out as one WebSocket
-        message: per-message cost (framing, masking, a write) is paid once
-        per batch instead of once per frame.
+        Small frames produced in one turn of the reactor share WebSocket
+        messages, so per-message cost (framing, masking, a write) is paid
+        once per batch instead of once per frame; each batch goes to the
+        socket as soon as it reaches L{FLUSH_AT} bytes, or at the end of
+        the turn, and a large frame goes at once as a message of its own.
         """
-        if len(data) >= BATCH_LIMIT and self._batch is None:
+        if len(data) >= FLUSH_AT and self._batch is None:
             self.sendMessage(data, isBinary=True)  # type: ignore[attr-defined]
+            writeNow(self.transport)
             return
         if self._batch is None:
             self._batch = []
@@ -119,13 +131,14 @@ class _LinkCarrierMixin:
             self.factory.clock.callLater(0, self._sendBatch)
         self._batch.append(data)
         self._batchSize += len(data)
-        if self._batchSize >= BATCH_LIMIT:
+        if self._batchSize >= FLUSH_AT:
             self._sendBatch()
 
     def _sendBatch(self) -> None:
         batch, self._batch = self._batch, None
         if batch and self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
             self.sendMessage(b"".join(batch) if len(batch) > 1 else batch[0], isBinary=True)  # type: ignore[attr-defined]
+            writeNow(self.transport)
 
     def closeLink(self, reason: str) -> None:
         self._sendBatch()
