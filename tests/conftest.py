@@ -318,3 +318,14 @@ def readHead(sock: socket.socket) -> bytes | None:
             return None
         data += chunk
     return data
+
+
+@pytest.fixture
+def relays() -> Iterator[list[Relay]]:
+    """
+    Relays a test starts itself (with options of its own), stopped after it.
+    """
+    started: list[Relay] = []
+    yield started
+    for r in started:
+        pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))

@@ -112,18 +112,27 @@ def fakeAgent(port: int, after: bytes) -> bytes:
     return data
 
 
-def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
-    root = tmp_path / "www"
-    root.mkdir()
-    blob = os.urandom(3 * 1024 * 1024)
-    (root / "blob").write_bytes(blob)
-    (root / "index.html").write_text("still here\n")
+def serveDirectory(root: Path, procs: list[Proc], env: dict[str, str]) -> int:  # noqa: F811
+    """
+    Serve C{root} with Python's http.server on a free loopback port: the
+    local service of these tests.
+    """
     web = freePort()
     server = Proc(
         [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
     )
     procs.append(server)
     server.waitFor("Serving HTTP")
+    return web
+
+
+def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
+    root = tmp_path / "www"
+    root.mkdir()
+    blob = os.urandom(3 * 1024 * 1024)
+    (root / "blob").write_bytes(blob)
+    (root / "index.html").write_text("still here\n")
+    web = serveDirectory(root, procs, env)
 
     https = freePort()
     relay, port = startRelay(
@@ -261,12 +270,7 @@ def test_twistd_policy_and_no_secret_in_logs(tmp_path: Path, procs: list[Proc], 
     root = tmp_path / "www"
     root.mkdir()
     (root / "index.html").write_text("private page\n")
-    web = freePort()
-    server = Proc(
-        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
-    )
-    procs.append(server)
-    server.waitFor("Serving HTTP")
+    web = serveDirectory(root, procs, env)
     tokens = tmp_path / "tokens"
     tokens.write_text("agent-token-s3cret http:team\n")
     relay, port = startRelay(procs, env, tmp_path / "state", "--tokens-file", str(tokens), "--rate-per-ip", "4/m")
@@ -312,12 +316,7 @@ def test_bad_passwords_do_not_stall_other_tunnels(tmp_path: Path, procs: list[Pr
     root = tmp_path / "www"
     root.mkdir()
     (root / "index.html").write_text("still here\n")
-    web = freePort()
-    server = Proc(
-        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
-    )
-    procs.append(server)
-    server.waitFor("Serving HTTP")
+    web = serveDirectory(root, procs, env)
     relay, port = startRelay(procs, env, tmp_path / "state")
     users = [a for i in range(32) for a in ("--basic-auth", f"user{i}:password-{i}")]
     locked = startAgent(procs, env, port, "--http", str(web), "--subdomain", "locked", *users)
@@ -379,12 +378,7 @@ def test_no_secret_in_json_or_debug_logs(tmp_path: Path, procs: list[Proc], env:
     root = tmp_path / "www"
     root.mkdir()
     (root / "index.html").write_text("private page\n")
-    web = freePort()
-    server = Proc(
-        [tool("python3"), "-m", "http.server", str(web), "--bind", "127.0.0.1", "--directory", str(root)], env
-    )
-    procs.append(server)
-    server.waitFor("Serving HTTP")
+    web = serveDirectory(root, procs, env)
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{secrets['token']}\n")
     port, admin, providerPort = freePort(), freePort(), freePort()

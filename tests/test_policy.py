@@ -49,14 +49,6 @@ def headersOrigin() -> Any:
     pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
 
 
-@pytest.fixture
-def relays() -> Any:
-    started: list[Relay] = []
-    yield started
-    for r in started:
-        pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
-
-
 # -- basic auth
 
 

@@ -23,14 +23,6 @@ from tests.test_tls_passthrough import agentConfig, clientHello
 
 
 @pytest.fixture
-def relays() -> Any:
-    started: list[Relay] = []
-    yield started
-    for r in started:
-        pytest_twisted.blockon(defer.maybeDeferred(r.service.stopService))
-
-
-@pytest.fixture
 def logged() -> Any:
     lines: list[str] = []
 
