@@ -12,11 +12,12 @@ without their query string, which often carries tokens.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
-__all__ = ["ACCESS_NAMESPACE", "Exchange", "logAccess", "logCapture", "logConnection"]
+__all__ = ["ACCESS_NAMESPACE", "AccessBatch", "Exchange", "batch", "logAccess", "logCapture", "logConnection"]
 
 ACCESS_NAMESPACE = "txtunnel.access"
 
@@ -44,18 +45,75 @@ class Exchange:
         self.forwarder = "-"
 
 
-def _emit(line: str, **fields: Any) -> None:
+class AccessBatch:
     """
-    Emit one access event whose message is C{line}, already formatted.
+    Access events held for the end of the reactor's turn, then emitted
+    together.
 
     An access event is logged for every request, so it is kept cheap: the
     line is built with an f-string and given as a literal C{log_format}
     (braces escaped), which the observers copy instead of parsing a format
-    with ten fields -- measured at about a third of the per-event cost of
-    the text observer.  The fields are all still in the event for JSON
-    output and for observers that read them.
+    with ten fields.  And the events of one turn are handed to the
+    observers together, after the turn's I/O: measured through an HTTP
+    tunnel at c=50 under twistd, emitting each event as its request ended
+    cost the relay about 45 us a request, emitting them together at the
+    end of the turn about 25 (the logging code stays hot in the cache
+    instead of evicting the request path's, docs/performance.rst).  An
+    event keeps the time its request ended (C{log_time}); none waits
+    longer than the turn, and at most L{LIMIT} wait at once.
     """
-    _log.info(line.replace("{", "{{").replace("}", "}}"), **fields)
+
+    #: Events held at most before they are emitted.
+    LIMIT = 256
+
+    def __init__(self, reactor: Any = None) -> None:
+        self._reactor = reactor
+        self._held: list[dict[str, Any]] = []
+        self._call: Any = None
+        self._shutdownHooked = False
+
+    def emit(self, line: str, fields: dict[str, Any]) -> None:
+        fields["log_format"] = line.replace("{", "{{").replace("}", "}}")
+        fields["log_time"] = time.time()
+        self._held.append(fields)
+        if len(self._held) >= self.LIMIT:
+            self.flush()
+        elif self._call is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+            if not getattr(reactor, "running", False):
+                self.flush()  # nothing would run a delayed call: no holding
+                return
+            if not self._shutdownHooked:
+                self._shutdownHooked = True
+                reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+            self._call = reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Emit every held event now, oldest first.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        held, self._held = self._held, []
+        observer = _log.observer
+        for event in held:
+            event.update(log_logger=_log, log_level=LogLevel.info, log_namespace=ACCESS_NAMESPACE, log_source=None)
+            observer(event)
+
+
+#: The batch every access event of this process goes through.
+batch = AccessBatch()
+
+
+def _emit(line: str, **fields: Any) -> None:
+    """
+    Emit one access event whose message is C{line}, already formatted
+    (see L{AccessBatch}).
+    """
+    batch.emit(line, fields)
 
 
 def logCapture(capture: Any) -> None:

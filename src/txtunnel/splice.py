@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport, IWriteDescriptor
@@ -22,7 +23,7 @@ from zope.interface import implementer
 
 from txtunnel.link import Stream
 
-__all__ = ["SocketSide", "StreamSide", "connectStream", "setNoDelay", "splice", "writeNow"]
+__all__ = ["SocketSide", "StreamSide", "connectStream", "sendNow", "setNoDelay", "splice", "writeNow"]
 
 
 @implementer(IHalfCloseableProtocol)
@@ -37,7 +38,7 @@ class StreamSide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.write(data)
+            sendNow(self.peer.transport, data)
 
     def readConnectionLost(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -141,6 +142,8 @@ def writeNow(transport: Any) -> None:
         transport = getattr(transport, "transport", None)
     if transport is None or not getattr(transport, "connected", False) or getattr(transport, "disconnecting", True):
         return
+    if not getattr(transport, "_tempDataLen", 1) and getattr(transport, "offset", 0) >= len(transport.dataBuffer):
+        return  # nothing queued: sent already (L{sendNow})
     if transport in _writingNow:
         # A write made while this socket is being written (its producer,
         # resumed by doWrite, wrote more) waits for the reactor's turn:
@@ -155,6 +158,46 @@ def writeNow(transport: Any) -> None:
 
 #: Sockets inside L{writeNow}'s C{doWrite}.
 _writingNow: set[Any] = set()
+
+#: The transports L{sendNow} may send on itself: plain TCP connections.
+_DIRECT = (tcp.Server, tcp.Client)
+
+
+def sendNow(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)}, but sent to the kernel at once when nothing
+    is queued ahead of it, as a blocking socket's write would be.
+
+    Twisted queues every write and sends on the reactor's next turn, which
+    costs a C{epoll_ctl} to watch for writability, a poll, a dispatch and a
+    C{epoll_ctl} to stop watching: for an HTTP tunnel's one small response
+    per request, about a tenth of the relay's and the agent's time
+    (docs/performance.rst), and a turn's latency.  Here only a plain TCP
+    connection that is open, not closing and has nothing buffered is sent
+    on; what the kernel does not take, and any error, goes to
+    C{transport.write} as usual (an error is then the reactor's to see).
+    Everything else -- TLS, other transports, test doubles -- is written
+    the usual way.
+    """
+    if (
+        type(transport) in _DIRECT
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset >= len(transport.dataBuffer)
+        and data
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent >= len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def connectStream(

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from txtunnel.frames import HEADER, MAX_FRAME_PAYLOAD
 from txtunnel.interfaces import ILinkCarrier
 from txtunnel.link import Link
-from txtunnel.splice import setNoDelay, writeNow
+from txtunnel.splice import sendNow, setNoDelay, writeNow
 
 __all__ = [
     "LINK_PATH",
@@ -133,6 +133,17 @@ class _LinkCarrierMixin:
         self._batchSize += len(data)
         if self._batchSize >= FLUSH_AT:
             self._sendBatch()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        autobahn's C{sendData}, with the open link's frames sent to the
+        socket at once (L{sendNow}) instead of on the reactor's next turn.
+        """
+        if sync or chopsize or self.send_queue or self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+            return
+        sendNow(self.transport, data)
+        self.trafficStats.outgoingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
 
     def _sendBatch(self) -> None:
         batch, self._batch = self._batch, None

@@ -40,7 +40,7 @@ from txtunnel.link import Stream, StreamReset
 from txtunnel.plugins import requestForwarder
 from txtunnel.relay.handshake import plainLinkRefusal
 from txtunnel.responses import ResponseFramer
-from txtunnel.splice import setNoDelay
+from txtunnel.splice import sendNow, setNoDelay
 from txtunnel.wslink import LINK_PATH
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class _ToVisitor(Protocol):
             meter(len(data))
         transport = self.edge.transport
         if transport is not None:
-            transport.write(data)
+            sendNow(transport, data)
         pending = self.pending
         if pending:
             pending[0].bytesOut += len(data)
