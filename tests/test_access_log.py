@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
@@ -104,7 +105,8 @@ def test_json_and_text_lines() -> None:
     become strings; failures carry their traceback.
     """
     out = io.StringIO()
-    obs = observer(out, "json", LogLevel.info)
+    # A reactor that is not running: lines are written at once (see test_log_batching).
+    obs = observer(out, "json", LogLevel.info, reactor=Clock())
     obs(
         {
             "log_format": "{client_ip} {status}",

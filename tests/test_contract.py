@@ -174,6 +174,12 @@ def test_twistd_relay_and_agent(tmp_path: Path, procs: list[Proc], env: dict[str
     assert result.stdout == b"hello through twistd\n", result.stderr
     result = curl("-i", "-H", f"Host: missing.localhost:{port}", f"http://127.0.0.1:{port}/")
     assert result.stdout.startswith(b"HTTP/1.1 404") and b"no tunnel named 'missing'" in result.stdout
+    # Access lines in twistd's own format (txtunnel.logs.twistdLogObserver), one per request.
+    stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[txtunnel\.access#info\] 127\.0\.0\.1 GET "
+    relay.waitFor(stamp + rf"demo\.localhost:{port}/index\.html 200 .*\[demo\]$")
+    agent.waitFor(stamp + r"/index\.html 200 .*\[demo\]$")
+    relay.waitFor(stamp + rf"missing\.localhost:{port}/ 404 ")
+    assert len(re.findall(stamp, relay.output, re.M)) == 3
 
     tcpAgent = startAgent(procs, env, port, "--tcp", str(webRoot))
     match = tcpAgent.waitFor(r"tunnel ready: tcp://127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:" + str(webRoot))

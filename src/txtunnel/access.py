@@ -71,12 +71,13 @@ class AccessBatch:
         self._held: list[dict[str, Any]] = []
         self._call: Any = None
         self._shutdownHooked = False
+        self._closing = False
 
     def emit(self, line: str, fields: dict[str, Any]) -> None:
         fields["log_format"] = line.replace("{", "{{").replace("}", "}}")
         fields["log_time"] = time.time()
         self._held.append(fields)
-        if len(self._held) >= self.LIMIT:
+        if self._closing or len(self._held) >= self.LIMIT:
             self.flush()
         elif self._call is None:
             reactor = self._reactor
@@ -87,8 +88,13 @@ class AccessBatch:
                 return
             if not self._shutdownHooked:
                 self._shutdownHooked = True
-                reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+                reactor.addSystemEventTrigger("before", "shutdown", self._close)
             self._call = reactor.callLater(0, self.flush)
+
+    def _close(self) -> None:
+        # From the reactor's shutdown on (a relay draining), events go at once.
+        self._closing = True
+        self.flush()
 
     def flush(self) -> None:
         """

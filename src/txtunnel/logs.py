@@ -9,7 +9,13 @@ next to C{time}, C{level}, C{namespace} and the formatted C{message}.
 
 For C{twistd}, which sets up logging itself, the same formats are log
 observer factories: C{twistd --logger txtunnel.logs.jsonLogObserver -n
-tunnelrelay}.
+tunnelrelay}.  Without C{--logger}, C{--logfile} or C{--syslog}, C{twistd
+-n tunnelrelay} and C{twistd -n tunnelagent} log to standard output in
+twistd's own format, through L{classicLogObserver} (L{twistdLogObserver}).
+
+Every observer here writes through L{TurnWriter}: the lines of one reactor
+turn go out in one write at its end, as a busy tunnel logs a line per
+request.
 """
 
 from __future__ import annotations
@@ -18,26 +24,34 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.logger import (
-    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogBeginner,
+    timeFormatRFC3339,
 )
+from zope.interface import implementer
 
 __all__ = [
     "FORMATS",
+    "TurnWriter",
+    "TwistdLogging",
+    "classicLogObserver",
     "eventAsJSON",
     "eventAsText",
     "jsonLogObserver",
     "observer",
     "startLogging",
     "textLogObserver",
+    "twistdLogObserver",
 ]
 
 FORMATS = ("text", "json")
@@ -56,8 +70,36 @@ def eventAsText(event: dict[str, Any]) -> str | None:
         prefix = "warning: "
     elif level in (LogLevel.error, LogLevel.critical):
         prefix = "error: "
-    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("log_time", time.time())))
+    stamp = _clock(event.get("log_time"))
     return f"{stamp} {prefix}{text}\n"
+
+
+class _SecondCache:
+    """
+    A time format that only changes once a second, computed once a second:
+    C{formatTime} and C{strftime} (time zone included) cost more than the
+    rest of a log line.
+    """
+
+    def __init__(self, format: Callable[[float], str], unknown: str | None = None) -> None:
+        self._format = format
+        self._unknown = unknown
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            if self._unknown is not None:
+                return self._unknown
+            when = time.time()
+        second = int(when)
+        if second != self._second:
+            self._text = self._format(second)
+            self._second = second
+        return self._text
+
+
+_clock = _SecondCache(lambda t: time.strftime("%H:%M:%S", time.localtime(t)))
 
 
 def _plain(value: Any) -> Any:
@@ -94,15 +136,120 @@ def eventAsJSON(event: dict[str, Any]) -> str | None:
     return json.dumps(record, sort_keys=False) + "\n"
 
 
-def observer(out: TextIO, format: str = "text", level: LogLevel = LogLevel.info) -> ILogObserver:
+@implementer(ILogObserver)
+class TurnWriter:
     """
-    An observer writing events of C{level} and above to C{out} in C{format}.
+    Write formatted events to a file, the lines of one reactor turn in one
+    write at the end of the turn.
+
+    Twisted's C{FileLogObserver} writes and flushes each event: a system
+    call per line, and through an HTTP tunnel a line per request on each
+    side.  Here lines wait for the end of the reactor's turn (a
+    C{callLater(0)}), at most L{LIMIT} of them; a warning or an error, and
+    any line while the reactor is not running or is shutting down, is
+    written at once, so nothing that explains a crash waits.
+    """
+
+    #: Lines held at most before they are written.
+    LIMIT = 256
+
+    def __init__(self, out: TextIO, format: Callable[[dict[str, Any]], str | None], reactor: Any = None) -> None:
+        self._out = out
+        self._formatEvent = format
+        self._reactor = reactor
+        self._held: list[str] = []
+        self._call: Any = None
+        self._hooked = False
+        self._closing = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = self._formatEvent(event)
+        if not text:
+            return
+        self._held.append(text)
+        if self._closing or len(self._held) >= self.LIMIT or event.get("log_level") in _AT_ONCE:
+            self.flush()
+            return
+        if self._call is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+            if not getattr(reactor, "running", False):
+                self.flush()
+                return
+            if not self._hooked:
+                self._hooked = True
+                reactor.addSystemEventTrigger("before", "shutdown", self._close)
+            self._call = reactor.callLater(0, self.flush)
+
+    def _close(self) -> None:
+        # From the reactor's shutdown on, lines are written as they come.
+        self._closing = True
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Write the held lines now.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._held:
+            return
+        text = "".join(self._held)
+        self._held = []
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken log stream must not stop the service
+
+
+_AT_ONCE = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+
+
+def observer(out: TextIO, format: str = "text", level: LogLevel = LogLevel.info, reactor: Any = None) -> ILogObserver:
+    """
+    An observer writing events of C{level} and above to C{out} in C{format}
+    (through L{TurnWriter}, on C{reactor}: the global one by default).
     """
     if format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {format!r}")
     formatter = eventAsJSON if format == "json" else eventAsText
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    return FilteringLogObserver(FileLogObserver(out, formatter), [predicate])
+    return FilteringLogObserver(TurnWriter(out, formatter, reactor), [predicate])
+
+
+def classicLogObserver(out: TextIO, timeFormat: str | None = timeFormatRFC3339) -> ILogObserver:
+    """
+    twistd's own log lines (C{twisted.logger.textFileLogObserver}: time,
+    C{[system]}, message), written through L{TurnWriter} with the time
+    formatted once a second.
+    """
+    stamp = _SecondCache(lambda t: formatTime(t, timeFormat), unknown="-")
+
+    def format(event: dict[str, Any]) -> str | None:
+        return formatEventAsClassicLogText(event, formatTime=stamp)
+
+    return TurnWriter(out, format)
+
+
+def twistdLogObserver(twistdOptions: Any) -> ILogObserver | None:
+    """
+    The log observer for C{twistd -n tunnelrelay} or C{tunnelagent} given
+    twistd's own options (the parent of the plugin's), or C{None} to leave
+    logging to twistd: L{classicLogObserver} on standard output when twistd
+    would write its lines there (C{-n} with no C{--logfile}, or
+    C{--logfile -}) and no C{--logger} or C{--syslog} was given.  Log files
+    (rotation, C{SIGUSR1}) and syslog stay twistd's.
+    """
+    if twistdOptions is None or not hasattr(twistdOptions, "get"):
+        return None
+    if twistdOptions.get("logger") or twistdOptions.get("syslog") or not twistdOptions.get("nodaemon"):
+        return None
+    if twistdOptions.get("logfile") not in (None, "", "-"):
+        return None
+    return classicLogObserver(sys.stdout)
 
 
 def startLogging(out: TextIO, level: LogLevel, format: str = "text") -> None:
@@ -121,3 +268,23 @@ def textLogObserver() -> ILogObserver:
     For C{twistd --logger}: txtunnel's short text lines on standard output.
     """
     return observer(sys.stdout, "text")
+
+
+class TwistdLogging:
+    """
+    For the service a twistd plugin makes: when it joins twistd's
+    application, its L{logObserver}, if any, becomes the application's
+    C{ILogObserver} component, which twistd logs to in place of its default
+    one (as it does for a C{.tac} file that sets it).
+    """
+
+    #: From L{twistdLogObserver}, set by the plugin's C{makeService}.
+    logObserver: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        from twisted.python.components import Componentized
+
+        observer = self.logObserver
+        if observer is not None and isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, observer)
+        return super().setServiceParent(parent)  # type: ignore[misc]

@@ -142,7 +142,9 @@ def writeNow(transport: Any) -> None:
         transport = getattr(transport, "transport", None)
     if transport is None or not getattr(transport, "connected", False) or getattr(transport, "disconnecting", True):
         return
-    if not getattr(transport, "_tempDataLen", 1) and getattr(transport, "offset", 0) >= len(transport.dataBuffer):
+    if not getattr(transport, "_tempDataLen", 1) and getattr(transport, "offset", 0) >= len(
+        getattr(transport, "dataBuffer", b"")
+    ):
         return  # nothing queued: sent already (L{sendNow})
     if transport in _writingNow:
         # A write made while this socket is being written (its producer,

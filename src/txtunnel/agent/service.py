@@ -30,6 +30,7 @@ from txtunnel.agent.states import Backoff, ClockJumpWatch, LinkState, LinkStates
 from txtunnel.drain import DEFAULT_DRAIN_TIMEOUT, drain
 from txtunnel.interfaces import IAgentTunnel, IForwarder
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.logs import TwistdLogging
 from txtunnel.metrics import AgentMetrics, _now
 from txtunnel.tlscontext import LinkClientTLS, linkClientTLS, linkEndpoint
 from txtunnel.traffic import Traffic
@@ -289,7 +290,7 @@ class _WatchedEndpoint:
         return d.addErrback(failed)
 
 
-class AgentService(MultiService):
+class AgentService(TwistdLogging, MultiService):
     """
     A L{ClientService} that keeps the link up (backoff with jitter), under
     the agent's service tree.

@@ -991,7 +991,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if underTwistd:
         agent.fatalHooks.append(lambda reason: exitWithStatus(1))
     agent.ready.addErrback(lambda f: None)  # fatal() has logged why
-    return AgentService(agent, **serviceSettings(options), **observeSettings(options))
+    service = AgentService(agent, **serviceSettings(options), **observeSettings(options))
+    if underTwistd:
+        from txtunnel.logs import twistdLogObserver
+
+        service.logObserver = twistdLogObserver(options.parent)
+    return service
 
 
 def observeSettings(options: Options) -> dict[str, Any]:

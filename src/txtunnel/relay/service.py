@@ -25,6 +25,7 @@ from txtunnel.errors import BindError
 from txtunnel.interfaces import IForwarder, IRelay, IStore, IVisitorGate
 from txtunnel.iprules import IPRules
 from txtunnel.link import DEFAULT_WINDOW, KEEPALIVE_TIMEOUT_FACTOR
+from txtunnel.logs import TwistdLogging
 from txtunnel.metrics import RelayMetrics, _now
 from txtunnel.mtls import ClientCertificateGate, requiredCAs
 from txtunnel.ratelimit import BucketTable, Rate
@@ -317,7 +318,7 @@ def listenWithFallback(reactor: Any, endpoint: str, factory: Any, fallback: bool
     raise AssertionError("unreachable")
 
 
-class RelayService(MultiService):
+class RelayService(TwistdLogging, MultiService):
     """
     Starts the relay's listeners and store; stops them, closing every link.
     """

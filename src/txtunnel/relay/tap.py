@@ -501,5 +501,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         adminDefaulted="admin" in options.defaulted,
     )
     if underTwistd:
+        from txtunnel.logs import twistdLogObserver
+
         service.ready.addErrback(lambda f: exitWithStatus(1))
+        service.logObserver = twistdLogObserver(options.parent)
     return service
