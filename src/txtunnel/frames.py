@@ -21,9 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 __all__ = [
     "HEADER",
@@ -76,10 +74,10 @@ class FrameError(Exception):
     """
 
 
-@attrs.frozen
-class Frame:
+class Frame(NamedTuple):
     """
-    One decoded frame.
+    One decoded frame.  A named tuple: the decoder makes one for every
+    frame on the link, and a tuple costs a fraction of a frozen class.
 
     @ivar type: what kind of frame this is.
     @ivar stream: the stream it belongs to; 0 for link-level frames.
@@ -91,6 +89,10 @@ class Frame:
     stream: int
     payload: bytes = b""
     flags: int = 0
+
+
+#: Frame types by their byte (L{FrameType} is an enum: calling it costs more).
+_TYPES = {int(t): t for t in FrameType}
 
 
 def _check(type: FrameType, stream: int, payload: bytes, limit: int) -> None:
@@ -173,40 +175,54 @@ class FrameDecoder:
         """
         Add C{data} and return every frame it completes, in order.
 
+        Each payload is copied out of C{data} once; only the bytes of a frame
+        still incomplete are kept, for the next call (a link carrier that
+        sends whole frames per message, as the WebSocket one does, leaves
+        none).
+
         @raise FrameError: on the first invalid frame.
         """
         if self._failed is not None:
             raise self._failed
-        buf = self._buffer
-        buf += data
+        buf: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            buf = self._buffer
+        else:
+            buf = data
+        view = memoryview(buf)
+        total = len(buf)
         offset = 0
         size = HEADER.size
+        limit = self._limit
         frames: list[Frame] = []
         try:
-            while len(buf) - offset >= size:
+            while total - offset >= size:
                 rawType, flags, stream, length = HEADER.unpack_from(buf, offset)
-                try:
-                    type = FrameType(rawType)
-                except ValueError:
-                    raise FrameError(f"unknown frame type 0x{rawType:02x}") from None
+                type = _TYPES.get(rawType)
+                if type is None:
+                    raise FrameError(f"unknown frame type 0x{rawType:02x}")
                 if flags:
                     raise FrameError(f"{type.name} frame has reserved flags 0x{flags:02x} set")
-                if length > self._limit:
-                    raise FrameError(f"{type.name} frame of {length} bytes exceeds the limit of {self._limit}")
+                if length > limit:
+                    raise FrameError(f"{type.name} frame of {length} bytes exceeds the limit of {limit}")
                 end = offset + size + length
-                if len(buf) < end:
+                if total < end:
                     break
-                payload = bytes(buf[offset + size : end])
-                _check(type, stream, payload, self._limit)
+                payload = bytes(view[offset + size : end])
+                _check(type, stream, payload, limit)
                 offset = end
                 frames.append(Frame(type, stream, payload))
         except FrameError as e:
             self._failed = e
-            del buf[:]
+            view.release()
+            self._buffer = bytearray()
             raise
-        finally:
-            if offset and self._failed is None:
-                del buf[:offset]
+        view.release()
+        if buf is self._buffer:
+            del self._buffer[:offset]
+        elif offset < total:
+            self._buffer = bytearray(data[offset:])
         return frames
 
     @property

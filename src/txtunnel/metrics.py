@@ -145,6 +145,7 @@ class _Common:
         )
         self._bytes = _StreamBytes()
         self._tunnelLabels: set[str] = set()
+        self._requestCounters: dict[tuple[str, str, int], Any] = {}
         #: Whether an admin site serves these metrics (set by
         #: L{txtunnel.admin.AdminSite}): the agent then follows its HTTP
         #: traffic to count requests even with no inspector or access log.
@@ -167,7 +168,15 @@ class _Common:
                 tunnel = "OTHER"
             else:
                 self._tunnelLabels.add(tunnel)
-        self.requests.labels(tunnel, methodLabel(method), statusClass(status)).inc()
+        method = methodLabel(method)
+        key = (tunnel, method, status // 100 if 100 <= status <= 599 else 0)
+        counter = self._requestCounters.get(key)
+        if counter is None:
+            # prometheus_client's labels() costs more than the increment:
+            # one lookup per (tunnel, method, status class), then a dict get.
+            # Bounded: tunnels by MAX_TUNNEL_LABELS, methods by METHODS.
+            counter = self._requestCounters[key] = self.requests.labels(tunnel, method, statusClass(status))
+        counter.inc()
         self.duration.observe(max(0.0, seconds))  # a clock may step back
 
     def streamOpened(self, protocol: str) -> None:
