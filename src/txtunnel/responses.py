@@ -36,11 +36,20 @@ _FRAMING = {
 
 
 class _Head:
+    __slots__ = ("headers", "codings", "lengths")
+
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
+        self.codings: list[bytes] = []
+        self.lengths: list[bytes] = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name == b"content-length":
+            self.lengths.append(value)
+        elif name == b"transfer-encoding":
+            self.codings.append(value)
 
 
 class ResponseFramer:
@@ -200,6 +209,12 @@ class ResponseFramer:
             # Bytes nobody asked for: the server is not speaking request/response.
             self._state = _OPAQUE
             return len(data)
+        if not self._head:
+            # The usual case: the whole head is in this read.
+            end = data.find(b"\r\n\r\n", pos)
+            if 0 <= end and end + 4 - pos <= MAX_RESPONSE_HEAD:
+                self._startBody(data[pos : end + 4], done)
+                return end + 4
         startLen = len(self._head)
         self._head += data[pos:]
         end = self._head.find(b"\r\n\r\n")
@@ -247,8 +262,8 @@ class ResponseFramer:
         if method == b"HEAD" or status in (204, 304):
             self._complete(done)
             return
-        codings = [v for k, v in collector.headers if k == b"transfer-encoding"]
-        lengths = [v for k, v in collector.headers if k == b"content-length"]
+        codings = collector.codings
+        lengths = collector.lengths
         if codings:
             if b",".join(codings).split(b",")[-1].strip().lower() == b"chunked":
                 self._state = _CHUNKED
