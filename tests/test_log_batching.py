@@ -17,7 +17,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatE
 from twisted.python.failure import Failure
 
 from txtunnel import access
-from txtunnel.logs import TurnWriter, TwistdLogging, classicLogObserver, twistdLogObserver
+from txtunnel.logs import LINE_KEY, TurnWriter, TwistdLogging, classicLogObserver, twistdLogObserver
 
 
 class Reactor(Clock):
@@ -122,6 +122,14 @@ def test_classic_lines_are_twistds() -> None:
             "log_failure": failure,
         },
         {"log_format": "no time", "log_level": LogLevel.info, "log_namespace": "a", "log_time": None},
+        # An access event: its line is taken as it is.
+        {
+            "log_format": "GET /{{x}} 200",
+            LINE_KEY: "GET /{x} 200",
+            "log_level": LogLevel.info,
+            "log_namespace": access.ACCESS_NAMESPACE,
+            "log_time": 86400.5,
+        },
     ]
     out = io.StringIO()
     observer = classicLogObserver(out)
@@ -130,6 +138,7 @@ def test_classic_lines_are_twistds() -> None:
     observer.flush()  # type: ignore[attr-defined]
     expected = "".join(formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t)) or "" for e in events)
     assert out.getvalue() == expected
+    assert out.getvalue().endswith(" [txtunnel.access#info] GET /{x} 200\n")
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 __all__ = [
     "FORMATS",
+    "LINE_KEY",
     "TurnWriter",
     "TwistdLogging",
     "classicLogObserver",
@@ -57,11 +58,21 @@ __all__ = [
 FORMATS = ("text", "json")
 
 
+#: An event's message already formatted, set by its emitter (the access
+#: log, L{txtunnel.access}): the observers here use it as it is.
+LINE_KEY = "log_txtunnel_line"
+
+
+def _message(event: dict[str, Any]) -> str:
+    line = event.get(LINE_KEY)
+    return line if isinstance(line, str) else formatEvent(event)
+
+
 def eventAsText(event: dict[str, Any]) -> str | None:
     """
     C{HH:MM:SS [warning: |error: ]message}, and a traceback if there is one.
     """
-    text = formatEvent(event)
+    text = _message(event)
     if "log_failure" in event:
         text += "\n" + event["log_failure"].getTraceback()
     level = event.get("log_level")
@@ -125,7 +136,7 @@ def eventAsJSON(event: dict[str, Any]) -> str | None:
         "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
         "namespace": event.get("log_namespace", "?"),
-        "message": formatEvent(event),
+        "message": _message(event),
     }
     for key, value in event.items():
         if key.startswith("log_") or key in record or key in ("format", "message", "isError", "system", "time"):
@@ -229,6 +240,12 @@ def classicLogObserver(out: TextIO, timeFormat: str | None = timeFormatRFC3339) 
     stamp = _SecondCache(lambda t: formatTime(t, timeFormat), unknown="-")
 
     def format(event: dict[str, Any]) -> str | None:
+        line = event.get(LINE_KEY)
+        if isinstance(line, str) and line and "log_failure" not in event and "log_system" not in event:
+            # An access line: what formatEventAsClassicLogText would write, for less.
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+            return f"{stamp(event.get('log_time'))} [{system}] {line.replace(chr(10), chr(10) + chr(9))}\n"
         return formatEventAsClassicLogText(event, formatTime=stamp)
 
     return TurnWriter(out, format)
