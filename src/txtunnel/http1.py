@@ -65,15 +65,23 @@ class RequestHead:
     headers: tuple[tuple[bytes, bytes], ...]
     raw: bytes
     upgrade: bool
+    #: The first value of each header by lower-case name (built from
+    #: C{headers}): the relay asks for C{Host} and others several times a
+    #: request.
+    index: dict[bytes, bytes] = attrs.field(eq=False, repr=False, init=False)
+
+    @index.default
+    def _index(self) -> dict[bytes, bytes]:
+        index: dict[bytes, bytes] = {}
+        for key, value in self.headers:
+            index.setdefault(key.lower(), value)
+        return index
 
     def header(self, name: bytes) -> bytes | None:
         """
         The first value of header C{name} (lower-case), or C{None}.
         """
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        return self.index.get(name)
 
     @property
     def path(self) -> bytes:
@@ -87,9 +95,10 @@ class RequestHead:
         HTTP/1.0 client that did not ask for C{keep-alive}.
         """
         tokens: set[bytes] = set()
-        for key, value in self.headers:
-            if key.lower() == b"connection":
-                tokens.update(t.strip().lower() for t in value.split(b","))
+        if b"connection" in self.index:
+            for key, value in self.headers:
+                if key.lower() == b"connection":
+                    tokens.update(t.strip().lower() for t in value.split(b","))
         if b"close" in tokens:
             return False
         return self.version != "1.0" or b"keep-alive" in tokens
@@ -109,6 +118,14 @@ class RequestHead:
         those in C{add}, which are appended after removing any the visitor
         sent under the same names (so a visitor cannot forge them).
         """
+        for name, value in add:
+            if any(c in name + value for c in b"\r\n\0"):
+                raise ValueError(f"header {name!r} holds a line break")
+        ours = b"X-Forwarded-Proto: " + proto.encode("ascii") + b"\r\nX-Forwarded-Host: " + host
+        added = b"".join(b"\r\n" + name + b": " + value for name, value in add)
+        if not drop and not add and not self.index.keys() & _FORWARDED:
+            # The usual case: nothing to remove, so the head is kept as it came.
+            return b"".join((self.raw[:-2], b"X-Forwarded-For: ", clientIP.encode("ascii"), b"\r\n", ours, b"\r\n\r\n"))
         replaced = {b"x-forwarded-proto", b"x-forwarded-host", *drop, *(name.lower() for name, _ in add)}
         lines = self.raw[:-4].split(b"\r\n")
         kept = [lines[0]]
@@ -121,13 +138,12 @@ class RequestHead:
                 kept.append(line)
         forwardedFor.append(clientIP.encode("ascii"))
         kept.append(b"X-Forwarded-For: " + b", ".join(v for v in forwardedFor if v))
-        kept.append(b"X-Forwarded-Proto: " + proto.encode("ascii"))
-        kept.append(b"X-Forwarded-Host: " + host)
-        for name, value in add:
-            if any(c in name + value for c in b"\r\n\0"):
-                raise ValueError(f"header {name!r} holds a line break")
-            kept.append(name + b": " + value)
+        kept.append(ours + added)
         return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+#: Header names that make L{RequestHead.withForwarded} rewrite the head.
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
 
 @attrs.frozen
@@ -156,6 +172,9 @@ class RawBytes:
 
 
 Event = Union[RequestHead, BodyBytes, RequestEnd, RawBytes]
+
+#: Every request ends the same way: one event for all of them.
+_END = RequestEnd()
 
 
 class _HeadCollector:
@@ -224,8 +243,9 @@ def bodyFraming(head: RequestHead) -> int | None:
     @raise HTTPError: for ambiguous or invalid framing (the kinds of
         request that smuggling relies on).
     """
-    lengths = [v for k, v in head.headers if k.lower() == b"content-length"]
-    codings = [v for k, v in head.headers if k.lower() == b"transfer-encoding"]
+    index = head.index
+    lengths = [v for k, v in head.headers if k.lower() == b"content-length"] if b"content-length" in index else []
+    codings = [v for k, v in head.headers if k.lower() == b"transfer-encoding"] if b"transfer-encoding" in index else []
     if codings:
         if lengths:
             raise HTTPError(400, "both Content-Length and Transfer-Encoding")
@@ -296,8 +316,14 @@ class RequestFramer:
             if self._chunks is not None and len(data) < self._chunks.dataRemaining:
                 self._chunks.skip(len(data))
                 return [BodyBytes(data)]
-        self._buf += data
-        buf = self._buf
+        # Bytes are read where they are; only what a later call must see
+        # again (a partial head or chunk line) is kept in the buffer.
+        buf: bytes | bytearray
+        if self._buf or not isinstance(data, bytes):
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data
         pos = 0
         body: list[bytes] = []
 
@@ -366,11 +392,14 @@ class RequestFramer:
                     pos = len(buf)
                 break
         flushBody()
-        del buf[:pos]
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < len(buf):
+            self._buf = bytearray(buf[pos:])
         return events
 
     def _endRequest(self, events: list[Event]) -> None:
-        events.append(RequestEnd())
+        events.append(_END)
         if self._upgradeAfterBody:
             self._state = _RAW
         else:
