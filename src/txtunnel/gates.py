@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from txtunnel.http1 import Answer, RequestHead
 from txtunnel.interfaces import IVisitorGate
 
-__all__ = ["Answer", "VisitorRequest", "runGates", "validateBind"]
+__all__ = ["Answer", "VisitorRequest", "checkGates", "runGates", "validateBind"]
 
 log = Logger()
 
@@ -104,25 +104,34 @@ async def _run(
     return None
 
 
-def runGates(gates: Sequence[IVisitorGate], request: VisitorRequest) -> Deferred[Answer | None]:
+def checkGates(gates: Sequence[IVisitorGate], request: VisitorRequest) -> Answer | None | Deferred[Answer | None]:
     """
-    Ask C{gates} in order; fire with the first L{Answer} or C{None}.  When
-    every gate answers synchronously the result has already fired.
+    Ask C{gates} in order: the first L{Answer}, or C{None} when all let the
+    request by -- or, from the first gate that takes time (returns a
+    L{Deferred}), a L{Deferred} that fires with one of those.
 
-    Gates are asked for every request, and nearly always answer at once: a
-    coroutine is started only from the first gate that returns a
-    L{Deferred}, so the common path costs no coroutine and no callbacks.
+    Gates are asked for every request, and nearly always answer at once:
+    then this costs no coroutine, no L{Deferred} and no callbacks.
     """
     for i, gate in enumerate(gates):
         try:
             result = gate.check(request)
         except Exception:
-            return succeed(_failed(gate))
+            return _failed(gate)
         if isinstance(result, Deferred):
             return ensureDeferred(_run(gates[i:], request, result))
         if result is not None:
-            return succeed(result)
-    return succeed(None)
+            return result
+    return None
+
+
+def runGates(gates: Sequence[IVisitorGate], request: VisitorRequest) -> Deferred[Answer | None]:
+    """
+    L{checkGates} as a L{Deferred}, which has already fired when every
+    gate answered at once.
+    """
+    result = checkGates(gates, request)
+    return result if isinstance(result, Deferred) else succeed(result)
 
 
 def _failed(gate: IVisitorGate) -> Answer:

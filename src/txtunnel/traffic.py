@@ -71,7 +71,7 @@ class Capture:
         # most captures are never looked at.
         self._requestFields = head.headers
         self._requestHeaders: list[tuple[str, str]] | None = None
-        self.requestChunked = any(
+        self.requestChunked = b"transfer-encoding" in head.index and any(
             k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in head.headers
         )
         self.requestBody = bytearray()

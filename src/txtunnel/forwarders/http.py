@@ -127,32 +127,50 @@ class _Watch:
         self.heartbeat = heartbeat
         self.answered = False
         self.call: IDelayedCall | None = None
+        #: When the local service must have answered by (the reactor's
+        #: seconds), while request bytes wait for an answer.
+        self.deadline: float | None = None
         self.socket: SocketSide | None = None
 
     def requestBytes(self) -> None:
         if self.timeout <= 0 or self.heartbeat.switched:
             # After a switch (WebSocket, CONNECT) a quiet server is fine.
             return
-        if self.call is not None and self.call.active():
-            self.call.reset(self.timeout)
-        else:
-            self.call = self.tunnel.reactor.callLater(self.timeout, self.expired)
+        # The timer is lazy: request bytes move the deadline and response
+        # bytes clear it, and the one delayed call of the connection, when
+        # it comes, looks at the deadline (no callLater and cancel per
+        # request on a busy keep-alive connection).
+        self.deadline = self.tunnel.reactor.seconds() + self.timeout
+        if self.call is None:
+            self.call = self.tunnel.reactor.callLater(self.timeout, self._check)
 
     def responseBytes(self) -> None:
         if not self.answered:
             breaker = getattr(self.tunnel, "breaker", None)
             if breaker is not None:
                 breaker.success()
-        self.answered = True
-        self.cancel()
+            self.answered = True
+        self.deadline = None
 
     def cancel(self) -> None:
+        self.deadline = None
         if self.call is not None and self.call.active():
             self.call.cancel()
         self.call = None
 
+    def _check(self) -> None:
+        self.call = None
+        if self.deadline is None:
+            return
+        left = self.deadline - self.tunnel.reactor.seconds()
+        if left > 0:
+            self.call = self.tunnel.reactor.callLater(left, self._check)
+            return
+        self.expired()
+
     def expired(self) -> None:
         self.call = None
+        self.deadline = None
         host, port = self.tunnel.target
         reason = f"the local service at {host}:{port} did not answer within {self.timeout:g}s"
         breaker = getattr(self.tunnel, "breaker", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -26,7 +27,7 @@ from zope.interface import implementer
 
 from txtunnel.access import Exchange, logAccess
 from txtunnel.errors import StreamRefused
-from txtunnel.gates import VisitorRequest, runGates
+from txtunnel.gates import VisitorRequest, checkGates
 from txtunnel.http1 import (
     Answer,
     BodyBytes,
@@ -527,7 +528,11 @@ class EdgeProtocol(Protocol):
         )
         self._gating = head
         verdicts: list[Answer | None] = []
-        runGates(gates, request).addCallback(self._verdict, verdicts, head, tunnel, request)
+        result = checkGates(gates, request)
+        if not isinstance(result, Deferred):
+            self._verdict(result, verdicts, head, tunnel, request)
+            return "pass" if result is None else "again"
+        result.addCallback(self._verdict, verdicts, head, tunnel, request)
         if self._gating is not head:
             return "pass" if verdicts == [None] else "again"
         self._pause("gate")
