@@ -127,3 +127,20 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds)
+
+
+def test_transport_without_the_buffers_takes_the_usual_path(monkeypatch: Any) -> None:
+    """
+    Should a Twisted keep its write buffers under other names, nothing
+    breaks: every write goes through C{write}.
+    """
+    from txtunnel import splice
+
+    class Odd(StringTransport):
+        TLS = False
+        connected = True
+
+    monkeypatch.setattr(splice, "_DIRECT", (Odd,))
+    transport = Odd()
+    sendNow(transport, b"abc")
+    assert transport.value() == b"abc"

@@ -178,27 +178,34 @@ def sendNow(transport: Any, data: bytes) -> None:
     connection that is open, not closing and has nothing buffered is sent
     on; what the kernel does not take, and any error, goes to
     C{transport.write} as usual (an error is then the reactor's to see).
+    The check reads C{FileDescriptor}'s buffer attributes (C{dataBuffer},
+    C{offset}, C{_tempDataLen}); a Twisted without them gets C{write}.
     Everything else -- TLS, other transports, test doubles -- is written
     the usual way.
     """
-    if (
-        type(transport) in _DIRECT
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataLen
-        and transport.offset >= len(transport.dataBuffer)
-        and data
-    ):
+    if type(transport) in _DIRECT and data:
         try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent >= len(data):
-            return
-        data = data[sent:]
+            idle = (
+                not transport.TLS
+                and transport.connected
+                and not transport.disconnecting
+                and not transport._writeDisconnecting
+                and not transport._writeDisconnected
+                and not transport._tempDataLen
+                and transport.offset >= len(transport.dataBuffer)
+            )
+        except AttributeError:
+            # A Twisted whose transports keep their buffers otherwise:
+            # everything takes the usual path.
+            idle = False
+        if idle:
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0
+            if sent >= len(data):
+                return
+            data = data[sent:]
     transport.write(data)
 
 
