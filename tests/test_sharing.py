@@ -182,6 +182,48 @@ async def test_domainEntryAndNotListed(
     assert seen(allowedNow)["x-txtunnel-email"] == "alice@example.com"
 
 
+@pytest_twisted.ensureDeferred
+async def test_crossSiteLogoutRefused(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    Another site -- another tunnel of the same relay included -- cannot end
+    a visitor's session: its link gets a page that asks (a button that
+    posts from the tunnel's own page), its form a 403; the session lives
+    on until the visitor confirms.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+    origin = url.rstrip("/")
+    evil = origin.replace("shared.", "evil.")
+
+    def visit() -> dict[str, requests.Response]:
+        s = requests.Session()
+        assert browse(s, url).status_code == 200
+        asked = browse(s, url + "_txtunnel/logout", headers={"Sec-Fetch-Site": "same-site"})
+        stillIn = browse(s, url, allow_redirects=False)
+        posted = s.post(url + "_txtunnel/logout", headers={"Origin": evil, "Sec-Fetch-Site": "same-site"}, timeout=30)
+        stillIn2 = browse(s, url, allow_redirects=False)
+        confirmed = s.post(
+            url + "_txtunnel/logout", headers={"Origin": origin, "Sec-Fetch-Site": "same-origin"}, timeout=30
+        )
+        after = browse(s, url, allow_redirects=False)
+        return {
+            "asked": asked,
+            "stillIn": stillIn,
+            "posted": posted,
+            "stillIn2": stillIn2,
+            "confirmed": confirmed,
+            "after": after,
+        }
+
+    r = await inThread(visit)
+    assert r["asked"].status_code == 200 and "Log out?" in r["asked"].text
+    assert f'<form method="post" action="{origin}/_txtunnel/logout">' in r["asked"].text
+    assert "Set-Cookie" not in r["asked"].headers
+    assert r["stillIn"].status_code == 200 and r["stillIn2"].status_code == 200
+    assert r["posted"].status_code == 403 and "own page" in r["posted"].text
+    assert r["confirmed"].status_code == 200 and "Max-Age=0" in r["confirmed"].headers["Set-Cookie"]
+    assert r["after"].status_code == 302 and "/_txtunnel/login?" in r["after"].headers["Location"]
+
+
 def links(response: requests.Response) -> dict[str, str]:
     """
     The links of one of the relay's pages, by their text.
@@ -639,11 +681,13 @@ def test_agentTunnelKeys(tmp_path: Any) -> None:
         Options(environ={}).parseOptions(["--config", str(ini)])
 
 
-def chromiumVisit(url: str, https: bool = False) -> tuple[str, str, list[dict[str, Any]], str]:
+def chromiumVisit(url: str, https: bool = False, then: Any = None) -> tuple[str, str, list[dict[str, Any]], str]:
     """
     Open C{url} in headless Chromium (C{*.localhost} mapped to loopback,
     the test certificate trusted when C{https}); the page's final URL, its
     text, the browser's cookies and the protocol it was fetched with.
+    C{then}, if given, is called with the page afterwards, before the
+    browser closes.
     """
     import os
     import shutil
@@ -661,7 +705,10 @@ def chromiumVisit(url: str, https: bool = False) -> tuple[str, str, list[dict[st
             page = browser.new_context(ignore_https_errors=https).new_page()
             page.goto(url)
             protocol = page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
-            return page.url, page.inner_text("body"), page.context.cookies(), str(protocol)
+            found = page.url, page.inner_text("body"), page.context.cookies(), str(protocol)
+            if then is not None:
+                then(page)
+            return found
         finally:
             browser.close()
 
@@ -675,11 +722,28 @@ async def test_chromium(loginRelay: Relay, agents: list[RunningAgent], headerEch
     for the tunnel's host only, HttpOnly and SameSite=Lax.
     """
     url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
-    final, text, jar, _ = await inThread(chromiumVisit, url + "inside?from=chromium")
+    logout: dict[str, Any] = {}
+
+    def fromAnotherTunnel(page: Any) -> None:
+        # A page of another tunnel on the relay links to the logout: the
+        # browser's own Sec-Fetch-Site makes the relay ask first.
+        page.goto(url.replace("shared.", "evil.") + "page")
+        page.evaluate(f"location.href = {url + '_txtunnel/logout'!r}")
+        page.wait_for_url(url + "_txtunnel/logout")
+        logout["asked"] = page.inner_text("body")
+        logout["kept"] = [c["name"] for c in page.context.cookies()]
+        page.click("button")
+        page.wait_for_load_state()
+        logout["done"] = page.inner_text("body")
+        logout["left"] = [c["name"] for c in page.context.cookies()]
+
+    final, text, jar, _ = await inThread(chromiumVisit, url + "inside?from=chromium", False, fromAnotherTunnel)
     assert final == url + "inside?from=chromium"
     assert "x-txtunnel-email=alice@example.com" in text and "path=/inside?from=chromium" in text
     (session,) = [c for c in jar if c["name"] == "txtunnel_session"]
     assert session["domain"] == "shared.localhost" and session["httpOnly"] and session["sameSite"] == "Lax"
+    assert "Log out of shared.localhost" in logout["asked"] and "txtunnel_session" in logout["kept"]
+    assert "You are logged out" in logout["done"] and "txtunnel_session" not in logout["left"]
     assert not [c for c in jar if c["name"] == "txtunnel_login" and c["value"]]
 
 

@@ -22,7 +22,9 @@ logged-in visitor with a verified email on the list reaches it.  The flow:
    C{HttpOnly}, C{SameSite=Lax}, C{Secure} on HTTPS, expiring) and sends the
    visitor back to the page first asked for.
 
-C{NAME.<domain>/_txtunnel/logout} ends the session.  The "access denied"
+C{NAME.<domain>/_txtunnel/logout} ends the session -- asked from the
+tunnel's own pages, or typed; a link or a form on another site (another
+tunnel's included) gets a page that asks first, or a 403.  The "access denied"
 and "logged out" pages link to C{NAME.<domain>/_txtunnel/login?switch=1},
 which starts a new login asking the provider to let the visitor pick an
 account (OpenID Connect's C{prompt=select_account}): without it a provider
@@ -82,18 +84,45 @@ SWITCH = "/_txtunnel/login?switch=1"
 SWITCHING: dict[bool, dict[str, str]] = {True: {"switch": "1"}, False: {}}
 
 
-def page(status: int, title: str, message: str, links: list[tuple[str, str]] = (), headers: Any = ()) -> Answer:  # type: ignore[assignment]
+def page(
+    status: int,
+    title: str,
+    message: str,
+    links: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    headers: Any = (),
+    form: tuple[str, str] | None = None,
+) -> Answer:
     """
-    A small HTML page the relay answers with.
+    A small HTML page the relay answers with; C{form}, if given, is a
+    button (its label second) that POSTs to the URL given first.
     """
     items = "".join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>' for text, href in links)
+    button = ""
+    if form is not None:
+        action, label = form
+        button = f'<form method="post" action="{html.escape(action)}"><button>{html.escape(label)}</button></form>'
     body = (
         "<!doctype html><html><head><meta charset=utf-8>"
         f"<title>{html.escape(title)}</title></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>{button}"
         f"{'<ul>' + items + '</ul>' if items else ''}</body></html>\n"
     ).encode()
     return Answer(status, message, headers=list(headers), body=body, contentType="text/html; charset=utf-8")
+
+
+def sameOrigin(request: VisitorRequest, here: str) -> bool:
+    """
+    Whether C{request} may come from another origin's page, by what the
+    browser says: C{Sec-Fetch-Site} (only C{same-origin}, or C{none} for
+    a visitor's own typing, pass: another tunnel of this relay is
+    C{same-site}) and C{Origin}, when sent.  A client that sends neither
+    (curl, a script) is not a browser a page can drive, and passes.
+    """
+    site = request.head.header(b"sec-fetch-site")
+    if site is not None and site.strip().lower() not in (b"same-origin", b"none"):
+        return False
+    origin = request.head.header(b"origin")
+    return origin is None or origin.decode("latin-1").strip().lower() == here.lower()
 
 
 def redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Answer:
@@ -206,6 +235,18 @@ class LoginGate:
         store: Any = self.relay.store
         session = await self._sessionOf(request, host)
         if path == PREFIX + b"logout":
+            if not sameOrigin(request, here):
+                # Another site (another tunnel included) may not end the
+                # session: a cross-site link gets a page that asks, and a
+                # cross-site form is refused.
+                if request.head.method != b"GET":
+                    return Answer(403, "a logout must be sent from this site's own page")
+                return page(
+                    200,
+                    "Log out?",
+                    f"Log out of {host}?",
+                    form=(here + "/_txtunnel/logout", "Log out"),
+                )
             if session is not None:
                 # Ended on the relay too: a copy of the cookie is no good either.
                 await store.takeTicket("session", session["i"])
