@@ -278,7 +278,7 @@ async def test_switchAccountsGitHub(githubRelay: Relay, github: Any) -> None:
     """
     base = f"http://localhost:{githubRelay.port}/_txtunnel/login?"
     for extra, prompt in (({}, None), ({"switch": "1"}, "select_account")):
-        query = {"to": "http://shared.localhost/", **extra}
+        query = {"to": "http://shared.localhost/", **extra, "bind": "b" * 22}
         response = await inThread(
             lambda q=query: requests.get(base + urlencode(q), timeout=30, allow_redirects=False)  # type: ignore[misc]
         )
@@ -318,6 +318,52 @@ async def test_wrongState(loginRelay: Relay, agents: list[RunningAgent], headerE
     bad, stranger = await inThread(visit)
     assert bad.status_code == 400 and "state does not match" in bad.text
     assert stranger.status_code == 400 and "not started here" in stranger.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_handoffBoundToItsBrowser(loginRelay: Relay, agents: list[RunningAgent], headerEcho: int) -> None:
+    """
+    Login CSRF: an attacker who logs in and stops at the hand-off link
+    cannot log a victim in to the attacker's account with it -- the link
+    works only in the browser that started the login (its txtunnel_bind
+    cookie).  A login begun at the relay's own login page, without the
+    tunnel's binding, is sent to start at the tunnel.
+    """
+    url = await sharedAgent(agents, loginRelay, headerEcho, "alice@example.com")
+
+    def visit() -> dict[str, Any]:
+        attacker = requests.Session()
+        callback = startLogin(attacker, url)
+        handoff = browse(attacker, callback, allow_redirects=False)
+        assert handoff.status_code == 302 and "/_txtunnel/session?code=" in handoff.headers["Location"]
+        victim = requests.Session()
+        used = browse(victim, handoff.headers["Location"], allow_redirects=False)
+        # The attacker's own browser would have been let in; the victim's
+        # try used the code up, so nobody is.
+        again = browse(attacker, handoff.headers["Location"], allow_redirects=False)
+        honest = requests.Session()
+        ownLogin = browse(honest, url + "mine")
+        unbound = browse(
+            requests.Session(),
+            f"http://localhost:{loginRelay.port}/_txtunnel/login?" + urlencode({"to": url + "x"}),
+            allow_redirects=False,
+        )
+        return {
+            "used": used,
+            "victimCookies": victim.cookies.get_dict(),
+            "again": again,
+            "ownLogin": ownLogin,
+            "bind": honest.cookies.get("txtunnel_bind", domain="shared.localhost"),
+            "unbound": unbound,
+        }
+
+    r = await inThread(visit)
+    assert r["used"].status_code == 403 and "another browser" in r["used"].text
+    assert "txtunnel_session" not in r["victimCookies"]
+    assert r["again"].status_code == 400
+    assert r["ownLogin"].status_code == 200 and seen(r["ownLogin"])["x-txtunnel-email"] == "alice@example.com"
+    assert r["bind"] and len(r["bind"]) >= 16
+    assert r["unbound"].status_code == 302 and r["unbound"].headers["Location"] == url + "x"
 
 
 @pytest_twisted.ensureDeferred
@@ -1432,7 +1478,7 @@ async def test_loginOverHTTP2(
         code, out, err = await curl(
             "--http2-prior-knowledge",
             "-i",
-            f"http://localhost:{plain}/_txtunnel/login?to=http%3A%2F%2Fsecure.localhost%3A{plain}%2F",
+            f"http://localhost:{plain}/_txtunnel/login?to=http%3A%2F%2Fsecure.localhost%3A{plain}%2F&bind={'b' * 22}",
         )
         assert out.startswith(b"HTTP/2 302") and f"{provider.issuer}/authorize?".encode() in out, out
         code, out, err = await curl("--http2-prior-knowledge", "-i", f"http://localhost:{plain}/_txtunnel/device")

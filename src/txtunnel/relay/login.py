@@ -6,8 +6,9 @@ A tunnel whose bind request carries an C{allow} list is I{shared}: only a
 logged-in visitor with a verified email on the list reaches it.  The flow:
 
 1. A visitor without a session asks C{NAME.<domain>/page}; the gate
-   redirects a C{GET} to C{<domain>/_txtunnel/login?to=<that URL>} (other
-   methods get a 401).
+   redirects a C{GET} to C{<domain>/_txtunnel/login?to=<that URL>&bind=B}
+   (other methods get a 401), setting C{B}, a random value kept per
+   browser, in a cookie of C{NAME.<domain>} (C{txtunnel_bind}).
 2. On the relay's own host (one callback URL for every tunnel, so one
    redirect URI is registered with the provider) the login starts:
    C{state}, C{nonce} and a PKCE verifier go into a short-lived signed
@@ -16,8 +17,11 @@ logged-in visitor with a verified email on the list reaches it.  The flow:
    relay checks C{state} against the cookie, trades the code (with the
    verifier) for an ID token, verifies it, records the identity (its
    verified emails) and hands the login to the tunnel's host with a
-   one-time code kept in the store: C{NAME.<domain>/_txtunnel/session?code=...}.
-4. There the gate takes the code (a second use finds nothing), sets the
+   one-time code kept in the store, with C{B}:
+   C{NAME.<domain>/_txtunnel/session?code=...}.
+4. There the gate takes the code (a second use finds nothing), checks that
+   the browser's C{txtunnel_bind} cookie is C{B} (so a hand-off link sent
+   to someone else logs nobody in: no login CSRF), sets the
    session cookie for that host only (signed with the relay secret,
    C{HttpOnly}, C{SameSite=Lax}, C{Secure} on HTTPS, expiring) and sends the
    visitor back to the page first asked for.
@@ -68,8 +72,18 @@ EMAIL_HEADER = b"X-Txtunnel-Email"
 SESSION_COOKIE = "txtunnel_session"
 LOGIN_COOKIE = "txtunnel_login"
 
+#: The browser's login binding on the host a login returns to: a random
+#: value the login carries through the provider and the hand-off must
+#: match, so a hand-off link works only in the browser that started the
+#: login (no logging a victim in to someone else's account).
+BIND_COOKIE = "txtunnel_bind"
+
 #: Seconds a started login may take at the provider.
 LOGIN_SECONDS = 600
+
+#: Seconds the login binding cookie lasts (one per browser and host, reused
+#: by every login started there meanwhile, so logins in two tabs both work).
+BIND_SECONDS = 3600
 
 #: Seconds the one-time hand-off code from the callback to the tunnel's host is good for.
 HANDOFF_SECONDS = 60
@@ -108,6 +122,22 @@ def page(
         f"{'<ul>' + items + '</ul>' if items else ''}</body></html>\n"
     ).encode()
     return Answer(status, message, headers=list(headers), body=body, contentType="text/html; charset=utf-8")
+
+
+def bindingOf(request: VisitorRequest) -> tuple[str, list[tuple[str, str]]]:
+    """
+    The login binding of the browser sending C{request} (its cookie's, or a
+    new one) and the C{Set-Cookie} to (re)send it with, for the host the
+    login will return to.
+    """
+    value = cookies(request).get(BIND_COOKIE, "")
+    if not validBinding(value):
+        value = secrets.token_urlsafe(16)
+    return value, [setCookie(BIND_COOKIE, value, request.scheme == "https", BIND_SECONDS, "/_txtunnel/")]
+
+
+def validBinding(value: Any) -> bool:
+    return isinstance(value, str) and 16 <= len(value) <= 64 and all(c.isalnum() or c in "-_" for c in value)
 
 
 def sameOrigin(request: VisitorRequest, here: str) -> bool:
@@ -275,9 +305,11 @@ class LoginGate:
         switch = path == PREFIX + b"login" and query(request).get("switch") == "1"
         if email is None or switch:
             target = here + (request.head.target.decode("latin-1") if path != PREFIX + b"login" else "/")
-            login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target, **SWITCHING[switch]})
             if request.head.method in (b"GET", b"HEAD"):
-                return redirect(login)
+                binding, setBinding = bindingOf(request)
+                query_ = {"to": target, **SWITCHING[switch], "bind": binding}
+                return redirect(f"{self._base(request)}/_txtunnel/login?" + urlencode(query_), setBinding)
+            login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target, **SWITCHING[switch]})
             return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
         if path == PREFIX + b"login":
             return redirect(here + "/")  # already logged in
@@ -355,6 +387,16 @@ class LoginGate:
                 "This login link has expired or was used already.",
                 [("Log in again", f"{request.scheme}://{host}/")],
             )
+        binding = ticket.get("bind")
+        held = cookies(request).get(BIND_COOKIE, "")
+        if not validBinding(binding) or not secrets.compare_digest(held.encode(), str(binding).encode()):
+            self.log.info("login hand-off for {host} refused: started in another browser", host=host)
+            return page(
+                403,
+                "Login started elsewhere",
+                "This login link belongs to a login started in another browser; log in here instead.",
+                [("Log in", f"{request.scheme}://{host}/")],
+            )
         previous = await self._sessionOf(request, host)
         if previous is not None:
             # Logged in as someone else: the old session ends on the relay too.
@@ -399,7 +441,10 @@ class LoginGate:
         Send the visitor to log in, then back to this page of the relay's host.
         """
         here = f"{request.scheme}://{request.host.decode('latin-1').lower()}{request.head.target.decode('latin-1')}"
-        return redirect(f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": here}))
+        binding, setBinding = bindingOf(request)
+        return redirect(
+            f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": here, "bind": binding}), setBinding
+        )
 
     def _checkTarget(self, to: str) -> tuple[str, str, str] | None:
         """
@@ -432,13 +477,22 @@ class LoginGate:
         if target is None:
             return page(400, "Bad login link", "This login link does not name a tunnel on this relay.")
         switch = params.get("switch") == "1"
+        binding = params.get("bind")
+        if not validBinding(binding):
+            # Not started from the page it returns to (which binds the login
+            # to the browser): start there.
+            scheme, host, path = target
+            return redirect(f"{scheme}://{host}{SWITCH if switch else path}")
         name = params.get("provider")
         if name is None and len(self.providers) == 1:
             name = next(iter(self.providers))
         if name is None or name not in self.providers:
             base = f"{self._base(request)}/_txtunnel/login?"
             links = [
-                (f"Log in with {p.label}", base + urlencode({"to": params["to"], "provider": key, **SWITCHING[switch]}))
+                (
+                    f"Log in with {p.label}",
+                    base + urlencode({"to": params["to"], "provider": key, **SWITCHING[switch], "bind": binding}),
+                )
                 for key, p in sorted(self.providers.items())
             ]
             return page(200, "Log in", f"Log in to open {target[1]}.", links)
@@ -455,7 +509,7 @@ class LoginGate:
             return page(502, "Login unavailable", str(e))
         cookie = self.signer.sign(
             "login",
-            {"s": state, "n": nonce, "v": verifier, "p": name, "t": list(target)},
+            {"s": state, "n": nonce, "v": verifier, "p": name, "t": list(target), "b": binding},
             self.now() + LOGIN_SECONDS,
         )
         return redirect(
@@ -488,6 +542,9 @@ class LoginGate:
         await store.identify(emails)
         handoff = secrets.token_urlsafe(32)
         await store.putTicket(
-            "login-handoff", handoff, {"email": emails[0], "host": host, "next": nextPath}, self.now() + HANDOFF_SECONDS
+            "login-handoff",
+            handoff,
+            {"email": emails[0], "host": host, "next": nextPath, "bind": login.get("b")},
+            self.now() + HANDOFF_SECONDS,
         )
         return redirect(f"{scheme}://{host}/_txtunnel/session?" + urlencode({"code": handoff}), clear)
