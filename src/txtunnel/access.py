@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.logger import Logger, LogLevel
 
-from txtunnel.logs import LINE_KEY
+from txtunnel.logs import LINE_KEY, EndOfTurn
 
 __all__ = ["ACCESS_NAMESPACE", "AccessBatch", "Exchange", "batch", "logAccess", "logCapture", "logConnection"]
 
@@ -47,7 +47,7 @@ class Exchange:
         self.forwarder = "-"
 
 
-class AccessBatch:
+class AccessBatch(EndOfTurn):
     """
     Access events held for the end of the reactor's turn, then emitted
     together.
@@ -56,60 +56,26 @@ class AccessBatch:
     line is built with an f-string and given as a literal C{log_format}
     (braces escaped), which the observers copy instead of parsing a format
     with ten fields; txtunnel's own observers (L{txtunnel.logs}) take the
-    line as it is from C{log_txtunnel_line}.  And the events of one turn are handed to the
-    observers together, after the turn's I/O: measured through an HTTP
+    line as it is from C{log_txtunnel_line}.  And the events of one turn
+    are handed to the observers together, after the turn's I/O: measured
+    through an HTTP
     tunnel at c=50 under twistd, emitting each event as its request ended
     cost the relay about 45 us a request, emitting them together at the
     end of the turn about 25 (the logging code stays hot in the cache
     instead of evicting the request path's, docs/performance.rst).  An
     event keeps the time its request ended (C{log_time}); none waits
-    longer than the turn, and at most L{LIMIT} wait at once.
+    longer than the turn (L{txtunnel.logs.EndOfTurn}).
     """
-
-    #: Events held at most before they are emitted.
-    LIMIT = 256
-
-    def __init__(self, reactor: Any = None) -> None:
-        self._reactor = reactor
-        self._held: list[dict[str, Any]] = []
-        self._call: Any = None
-        self._shutdownHooked = False
-        self._closing = False
 
     def emit(self, line: str, fields: dict[str, Any]) -> None:
         fields["log_format"] = line.replace("{", "{{").replace("}", "}}")
         fields[LINE_KEY] = line
         fields["log_time"] = time.time()
-        self._held.append(fields)
-        if self._closing or len(self._held) >= self.LIMIT:
-            self.flush()
-        elif self._call is None:
-            reactor = self._reactor
-            if reactor is None:
-                from twisted.internet import reactor  # type: ignore[no-redef]
-            if not getattr(reactor, "running", False):
-                self.flush()  # nothing would run a delayed call: no holding
-                return
-            if not self._shutdownHooked:
-                self._shutdownHooked = True
-                reactor.addSystemEventTrigger("before", "shutdown", self._close)
-            self._call = reactor.callLater(0, self.flush)
+        self.hold(fields)
 
-    def _close(self) -> None:
-        # From the reactor's shutdown on (a relay draining), events go at once.
-        self._closing = True
-        self.flush()
-
-    def flush(self) -> None:
-        """
-        Emit every held event now, oldest first.
-        """
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
-        held, self._held = self._held, []
+    def release(self, items: list[Any]) -> None:
         observer = _log.observer
-        for event in held:
+        for event in items:
             event.update(log_logger=_log, log_level=LogLevel.info, log_namespace=ACCESS_NAMESPACE, log_source=None)
             observer(event)
 

@@ -43,6 +43,7 @@ from zope.interface import implementer
 __all__ = [
     "FORMATS",
     "LINE_KEY",
+    "EndOfTurn",
     "TurnWriter",
     "TwistdLogging",
     "classicLogObserver",
@@ -147,38 +148,31 @@ def eventAsJSON(event: dict[str, Any]) -> str | None:
     return json.dumps(record, sort_keys=False) + "\n"
 
 
-@implementer(ILogObserver)
-class TurnWriter:
+class EndOfTurn:
     """
-    Write formatted events to a file, the lines of one reactor turn in one
-    write at the end of the turn.
-
-    Twisted's C{FileLogObserver} writes and flushes each event: a system
-    call per line, and through an HTTP tunnel a line per request on each
-    side.  Here lines wait for the end of the reactor's turn (a
-    C{callLater(0)}), at most L{LIMIT} of them; a warning or an error, and
-    any line while the reactor is not running or is shutting down, is
-    written at once, so nothing that explains a crash waits.
+    Items held until the end of the reactor's turn (a C{callLater(0)}),
+    then released together -- at most L{LIMIT} of them wait, and nothing
+    waits while the reactor is not running or once its shutdown began.
+    Subclasses say what releasing is (L{release}).
     """
 
-    #: Lines held at most before they are written.
+    #: Items held at most before they are released.
     LIMIT = 256
 
-    def __init__(self, out: TextIO, format: Callable[[dict[str, Any]], str | None], reactor: Any = None) -> None:
-        self._out = out
-        self._formatEvent = format
+    def __init__(self, reactor: Any = None) -> None:
         self._reactor = reactor
-        self._held: list[str] = []
+        self._held: list[Any] = []
         self._call: Any = None
         self._hooked = False
         self._closing = False
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        text = self._formatEvent(event)
-        if not text:
-            return
-        self._held.append(text)
-        if self._closing or len(self._held) >= self.LIMIT or event.get("log_level") in _AT_ONCE:
+    def hold(self, item: Any, now: bool = False) -> None:
+        """
+        Hold C{item} for the end of the turn, or release everything held
+        with it at once when C{now}.
+        """
+        self._held.append(item)
+        if now or self._closing or len(self._held) >= self.LIMIT:
             self.flush()
             return
         if self._call is None:
@@ -186,7 +180,7 @@ class TurnWriter:
             if reactor is None:
                 from twisted.internet import reactor  # type: ignore[no-redef]
             if not getattr(reactor, "running", False):
-                self.flush()
+                self.flush()  # nothing would run a delayed call: no holding
                 return
             if not self._hooked:
                 self._hooked = True
@@ -194,23 +188,50 @@ class TurnWriter:
             self._call = reactor.callLater(0, self.flush)
 
     def _close(self) -> None:
-        # From the reactor's shutdown on, lines are written as they come.
+        # From the reactor's shutdown on (a relay draining), nothing waits.
         self._closing = True
         self.flush()
 
     def flush(self) -> None:
         """
-        Write the held lines now.
+        Release what is held now, oldest first.
         """
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
-        if not self._held:
-            return
-        text = "".join(self._held)
-        self._held = []
+        held, self._held = self._held, []
+        if held:
+            self.release(held)
+
+    def release(self, items: list[Any]) -> None:
+        raise NotImplementedError
+
+
+@implementer(ILogObserver)
+class TurnWriter(EndOfTurn):
+    """
+    Write formatted events to a file, the lines of one reactor turn in one
+    write at the end of the turn (L{EndOfTurn}).
+
+    Twisted's C{FileLogObserver} writes and flushes each event: a system
+    call per line, and through an HTTP tunnel a line per request on each
+    side.  A warning or an error is written at once (with the lines held
+    before it), so nothing that explains a crash waits.
+    """
+
+    def __init__(self, out: TextIO, format: Callable[[dict[str, Any]], str | None], reactor: Any = None) -> None:
+        super().__init__(reactor)
+        self._out = out
+        self._formatEvent = format
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = self._formatEvent(event)
+        if text:
+            self.hold(text, now=event.get("log_level") in _AT_ONCE)
+
+    def release(self, items: list[Any]) -> None:
         try:
-            self._out.write(text)
+            self._out.write("".join(items))
             self._out.flush()
         except (OSError, ValueError):
             pass  # a closed or broken log stream must not stop the service
