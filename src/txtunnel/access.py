@@ -58,11 +58,11 @@ class AccessBatch(EndOfTurn):
     with ten fields; txtunnel's own observers (L{txtunnel.logs}) take the
     line as it is from C{log_txtunnel_line}.  And the events of one turn
     are handed to the observers together, after the turn's I/O: measured
-    through an HTTP
-    tunnel at c=50 under twistd, emitting each event as its request ended
-    cost the relay about 45 us a request, emitting them together at the
-    end of the turn about 25 (the logging code stays hot in the cache
-    instead of evicting the request path's, docs/performance.rst).  An
+    through an HTTP tunnel at c=50 under twistd, emitting each event as
+    its request ended cost the relay about 45 us a request, emitting them
+    together at the end of the turn about 25 (the logging code stays hot
+    in the cache instead of evicting the request path's,
+    docs/performance.rst).  An
     event keeps the time its request ended (C{log_time}); none waits
     longer than the turn (L{txtunnel.logs.EndOfTurn}).
     """
