@@ -155,8 +155,21 @@ def sameOrigin(request: VisitorRequest, here: str) -> bool:
     return origin is None or origin.decode("latin-1").strip().lower() == here.lower()
 
 
-def redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Answer:
-    return Answer(302, f"see {location}", headers=[("Location", location), *(headers or [])])
+def redirect(location: str, headers: list[tuple[str, str]] | None = None, reason: str | None = None) -> Answer:
+    """
+    A 302 to C{location}; C{reason}, the text logged and shown, is
+    C{"see LOCATION"} unless given (a location carrying a secret, as a
+    login's binding, is not logged).
+    """
+    return Answer(302, reason or f"see {location}", headers=[("Location", location), *(headers or [])])
+
+
+def loginLink(base: str, params: dict[str, str], headers: list[tuple[str, str]]) -> Answer:
+    """
+    The redirect to the relay's login page with C{params}, its query left
+    out of the logged reason: it carries the browser's login binding.
+    """
+    return redirect(f"{base}/_txtunnel/login?" + urlencode(params), headers, f"see {base}/_txtunnel/login")
 
 
 def cookies(request: VisitorRequest) -> dict[str, str]:
@@ -307,8 +320,7 @@ class LoginGate:
             target = here + (request.head.target.decode("latin-1") if path != PREFIX + b"login" else "/")
             if request.head.method in (b"GET", b"HEAD"):
                 binding, setBinding = bindingOf(request)
-                query_ = {"to": target, **SWITCHING[switch], "bind": binding}
-                return redirect(f"{self._base(request)}/_txtunnel/login?" + urlencode(query_), setBinding)
+                return loginLink(self._base(request), {"to": target, **SWITCHING[switch], "bind": binding}, setBinding)
             login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target, **SWITCHING[switch]})
             return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
         if path == PREFIX + b"login":
@@ -442,9 +454,7 @@ class LoginGate:
         """
         here = f"{request.scheme}://{request.host.decode('latin-1').lower()}{request.head.target.decode('latin-1')}"
         binding, setBinding = bindingOf(request)
-        return redirect(
-            f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": here, "bind": binding}), setBinding
-        )
+        return loginLink(self._base(request), {"to": here, "bind": binding}, setBinding)
 
     def _checkTarget(self, to: str) -> tuple[str, str, str] | None:
         """
@@ -513,7 +523,10 @@ class LoginGate:
             self.now() + LOGIN_SECONDS,
         )
         return redirect(
-            location, [setCookie(LOGIN_COOKIE, cookie, self._secure(request), LOGIN_SECONDS, "/_txtunnel/")]
+            location,
+            [setCookie(LOGIN_COOKIE, cookie, self._secure(request), LOGIN_SECONDS, "/_txtunnel/")],
+            # Its query (state, nonce, PKCE challenge) is not for the logs.
+            f"see {location.split('?', 1)[0]}",
         )
 
     async def _callback(self, request: VisitorRequest) -> Answer:
@@ -547,4 +560,8 @@ class LoginGate:
             {"email": emails[0], "host": host, "next": nextPath, "bind": login.get("b")},
             self.now() + HANDOFF_SECONDS,
         )
-        return redirect(f"{scheme}://{host}/_txtunnel/session?" + urlencode({"code": handoff}), clear)
+        return redirect(
+            f"{scheme}://{host}/_txtunnel/session?" + urlencode({"code": handoff}),
+            clear,
+            f"see {scheme}://{host}/_txtunnel/session",  # the one-time code is not for the logs
+        )
