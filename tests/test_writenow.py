@@ -85,3 +85,36 @@ def test_gone_or_closing_sockets_untouched() -> None:
         assert socket.calls == 0
     writeNow(Wrapper(None))
     writeNow(object())
+
+
+class Aggregator:
+    """
+    What Twisted's C{BufferingTLSTransport} keeps small writes in until the
+    reactor's next turn.
+    """
+
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def test_tls_layer_that_holds_writes_is_flushed_first() -> None:
+    """
+    A TLS layer provides what its transport provides, IWriteDescriptor
+    included: its held writes are flushed, then the socket under it is
+    written.
+    """
+    from zope.interface import directlyProvides, providedBy
+
+    socket = Socket()
+    layer = Wrapper(socket)
+    layer._aggregator = Aggregator()  # type: ignore[attr-defined]
+    directlyProvides(layer, providedBy(socket))
+    layer.connected = True  # type: ignore[attr-defined]
+    layer.disconnecting = False  # type: ignore[attr-defined]
+    layer.doWrite = socket.doWrite  # type: ignore[attr-defined]
+    writeNow(Wrapper(layer))
+    assert layer._aggregator.flushes == 1  # type: ignore[attr-defined]
+    assert socket.calls == 1

@@ -133,11 +133,25 @@ def writeNow(transport: Any) -> None:
     the first requests while the relay reads the rest: about 4,500 req/s
     with 90% of both cores busy (docs/performance.rst).
 
-    The socket under any TLS layer is the one written.  Only a connected
-    one that is not closing is touched, and what C{doWrite} returns is left
-    to the reactor, which still watches the socket (a write registers it):
-    an error seen here is seen, and handled, again on its next turn.
+    The socket under any TLS layer is the one written, and a TLS layer
+    that holds small writes back for the reactor's next turn (Twisted's
+    C{BufferingTLSTransport}) is flushed first: over a C{wss://} link the
+    held writes made the same convoy (relay 58% and agent 46% busy at
+    6,900 req/s).  Only a connected socket that is not closing is touched,
+    and what C{doWrite} returns is left to the reactor, which still watches
+    the socket (a write registers it): an error seen here is seen, and
+    handled, again on its next turn.
     """
+    layer = transport
+    for _ in range(8):
+        if layer is None:
+            break
+        aggregator = getattr(layer, "_aggregator", None)
+        if aggregator is not None and callable(getattr(aggregator, "flush", None)):
+            aggregator.flush()
+        # A TLS layer provides what its transport provides (IWriteDescriptor
+        # included), so the layers are walked by their transport attribute.
+        layer = getattr(layer, "transport", None)
     while transport is not None and not IWriteDescriptor.providedBy(transport):
         transport = getattr(transport, "transport", None)
     if transport is None or not getattr(transport, "connected", False) or getattr(transport, "disconnecting", True):
