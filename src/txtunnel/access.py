@@ -62,9 +62,9 @@ class AccessBatch(EndOfTurn):
     its request ended cost the relay about 45 us a request, emitting them
     together at the end of the turn about 25 (the logging code stays hot
     in the cache instead of evicting the request path's,
-    docs/performance.rst).  An
-    event keeps the time its request ended (C{log_time}); none waits
-    longer than the turn (L{txtunnel.logs.EndOfTurn}).
+    docs/performance.rst).  An event keeps the time its request ended
+    (C{log_time}); none waits longer than the turn
+    (L{txtunnel.logs.EndOfTurn}).
     """
 
     def emit(self, line: str, fields: dict[str, Any]) -> None:

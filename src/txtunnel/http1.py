@@ -122,7 +122,6 @@ class RequestHead:
             if any(c in name + value for c in b"\r\n\0"):
                 raise ValueError(f"header {name!r} holds a line break")
         ours = b"X-Forwarded-Proto: " + proto.encode("ascii") + b"\r\nX-Forwarded-Host: " + host
-        added = b"".join(b"\r\n" + name + b": " + value for name, value in add)
         if not drop and not add and not self.index.keys() & _FORWARDED:
             # The usual case: nothing to remove, so the head is kept as it came.
             return b"".join((self.raw[:-2], b"X-Forwarded-For: ", clientIP.encode("ascii"), b"\r\n", ours, b"\r\n\r\n"))
@@ -138,7 +137,7 @@ class RequestHead:
                 kept.append(line)
         forwardedFor.append(clientIP.encode("ascii"))
         kept.append(b"X-Forwarded-For: " + b", ".join(v for v in forwardedFor if v))
-        kept.append(ours + added)
+        kept.append(ours + b"".join(b"\r\n" + name + b": " + value for name, value in add))
         return b"\r\n".join(kept) + b"\r\n\r\n"
 
 

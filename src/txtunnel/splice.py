@@ -142,18 +142,16 @@ def writeNow(transport: Any) -> None:
     the socket (a write registers it): an error seen here is seen, and
     handled, again on its next turn.
     """
-    layer = transport
-    for _ in range(8):
-        if layer is None:
-            break
+    # A TLS layer provides what its transport provides (IWriteDescriptor
+    # included): every layer is walked, and the deepest descriptor written.
+    layer, transport = transport, None
+    while layer is not None:
         aggregator = getattr(layer, "_aggregator", None)
         if aggregator is not None and callable(getattr(aggregator, "flush", None)):
             aggregator.flush()
-        # A TLS layer provides what its transport provides (IWriteDescriptor
-        # included), so the layers are walked by their transport attribute.
+        if IWriteDescriptor.providedBy(layer):
+            transport = layer
         layer = getattr(layer, "transport", None)
-    while transport is not None and not IWriteDescriptor.providedBy(transport):
-        transport = getattr(transport, "transport", None)
     if transport is None or not getattr(transport, "connected", False) or getattr(transport, "disconnecting", True):
         return
     if not getattr(transport, "_tempDataLen", 1) and getattr(transport, "offset", 0) >= len(

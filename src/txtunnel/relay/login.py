@@ -142,7 +142,7 @@ def validBinding(value: Any) -> bool:
 
 def sameOrigin(request: VisitorRequest, here: str) -> bool:
     """
-    Whether C{request} may come from another origin's page, by what the
+    Whether C{request} comes from a page of C{here} itself, by what the
     browser says: C{Sec-Fetch-Site} (only C{same-origin}, or C{none} for
     a visitor's own typing, pass: another tunnel of this relay is
     C{same-site}) and C{Origin}, when sent.  A client that sends neither
@@ -318,10 +318,11 @@ class LoginGate:
         switch = path == PREFIX + b"login" and query(request).get("switch") == "1"
         if email is None or switch:
             target = here + (request.head.target.decode("latin-1") if path != PREFIX + b"login" else "/")
+            params = {"to": target, **SWITCHING[switch]}
             if request.head.method in (b"GET", b"HEAD"):
                 binding, setBinding = bindingOf(request)
-                return loginLink(self._base(request), {"to": target, **SWITCHING[switch], "bind": binding}, setBinding)
-            login = f"{self._base(request)}/_txtunnel/login?" + urlencode({"to": target, **SWITCHING[switch]})
+                return loginLink(self._base(request), {**params, "bind": binding}, setBinding)
+            login = f"{self._base(request)}/_txtunnel/login?" + urlencode(params)
             return Answer(401, f"log in first: {login}", headers=[("WWW-Authenticate", 'Bearer realm="txtunnel"')])
         if path == PREFIX + b"login":
             return redirect(here + "/")  # already logged in
