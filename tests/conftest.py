@@ -128,11 +128,20 @@ def agents() -> Iterator[list[RunningAgent]]:
         pytest_twisted.blockon(defer.ensureDeferred(a.stop()))
 
 
-async def startAgent(agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True) -> RunningAgent:
+async def startAgent(
+    agents: list[RunningAgent], relay: Relay, *args: str, expectReady: bool = True, adjust: Any = None
+) -> RunningAgent:
+    """
+    An in-process agent linked to C{relay} with the command-line C{args};
+    C{adjust}, if given, is called with the built L{Agent} before it starts
+    (a test's hostile or old-fashioned agent).
+    """
     options = agentTap.Options(environ={})
     # No admin site or inspector unless a test asks (they default to fixed ports).
     options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
     agent = agentTap.buildAgent(options, reactor)
+    if adjust is not None:
+        adjust(agent)
     service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
     service.startService()
     running = RunningAgent(agent, service)

@@ -328,9 +328,18 @@ async def test_agent_drain_is_held_by_a_tcp_connection_until_the_timeout(
     """
     agent = await startAgent(agents, relay, "--tcp", str(echoServer), "--drain-timeout", "1")
     visitor = await _tcpVisitor(agent)
+    await _heldForTheTimeout(visitor, agent.stop)
+
+
+async def _heldForTheTimeout(visitor: Any, stop: Any) -> None:
+    """
+    Stop with C{stop()} while C{visitor}'s TCP connection is open: it keeps
+    working, the stop takes the 1 s drain timeout, and the connection is
+    closed when it ends.
+    """
     started = time.monotonic()
-    stopped = defer.ensureDeferred(agent.stop())
-    visitor.transport.write(b"still here")  # type: ignore[attr-defined]
+    stopped = defer.ensureDeferred(stop())
+    visitor.transport.write(b"still here")
     await _until(lambda: visitor.received == b"pingstill here")
     await stopped
     took = time.monotonic() - started
@@ -350,15 +359,7 @@ async def test_relay_drain_is_held_by_a_tcp_connection_until_the_timeout(
     relay = await startRelay(str(tmp_path / "state"), "--drain-timeout", "1")
     agent = await startAgent(agents, relay, "--tcp", str(echoServer))
     visitor = await _tcpVisitor(agent)
-    started = time.monotonic()
-    stopped = defer.ensureDeferred(_stop(relay))
-    visitor.transport.write(b"still here")  # type: ignore[attr-defined]
-    await _until(lambda: visitor.received == b"pingstill here")
-    await stopped
-    took = time.monotonic() - started
-    assert 0.95 <= took < 10, took
-    closedAt = await visitor.closed
-    assert closedAt - started >= 0.95
+    await _heldForTheTimeout(visitor, lambda: _stop(relay))
 
 
 @pytest_twisted.ensureDeferred

@@ -126,6 +126,17 @@ def serveDirectory(root: Path, procs: list[Proc], env: dict[str, str]) -> int:  
     return web
 
 
+def readToEnd(s: socket.socket) -> None:
+    """
+    Read from C{s} until the relay closes it; a reset is a close too.
+    """
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+
+
 def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Proc], env: dict[str, str]) -> None:  # noqa: F811
     root = tmp_path / "www"
     root.mkdir()
@@ -225,11 +236,7 @@ def test_hostile_inputs_leave_other_tunnels_whole(tmp_path: Path, procs: list[Pr
         for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x40" + os.urandom(64), os.urandom(4096)):
             with socket.create_connection(("127.0.0.1", https), timeout=10) as s:
                 s.sendall(junk)
-                try:
-                    while s.recv(65536):
-                        pass
-                except ConnectionResetError:
-                    pass
+                readToEnd(s)
         # A stalled handshake (half a ClientHello, then silence) is held open
         # meanwhile: it must not keep anyone else waiting.
         stalled = socket.create_connection(("127.0.0.1", https), timeout=10)
@@ -490,11 +497,7 @@ def test_stalled_tls_handshakes_are_cut_off(tmp_path: Path, procs: list[Proc], e
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", https), timeout=60) as s:
             s.sendall(data)
-            try:
-                while s.recv(65536):
-                    pass
-            except ConnectionResetError:
-                pass
+            readToEnd(s)
         return time.monotonic() - started
 
     for data in (b"", hello[:40], hello):

@@ -419,19 +419,12 @@ async def rawAgent(agents: list[RunningAgent], relay: Relay, name: str, *args: s
     agent's own check (which would lower-case it), as a hostile client
     speaking the link protocol would.
     """
-    from txtunnel.agent import tap as agentTap
-    from txtunnel.agent.service import AgentService
 
-    options = agentTap.Options(environ={})
-    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
-    agent = agentTap.buildAgent(options, reactor)
-    for tunnel in agent.tunnels:
-        tunnel.options["subdomain"] = name
-    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
-    service.startService()
-    running = RunningAgent(agent, service)
-    agents.append(running)
-    return running
+    def exactly(agent: Any) -> None:
+        for tunnel in agent.tunnels:
+            tunnel.options["subdomain"] = name
+
+    return await startAgent(agents, relay, *args, expectReady=False, adjust=exactly)
 
 
 @pytest_twisted.ensureDeferred
@@ -733,19 +726,14 @@ async def test_reserved_tcp_port(
 
 
 def tcpEcho(address: str, payload: bytes) -> bytes:
+    """
+    L{tests.test_policy_streams.echoThrough} at a tunnel's C{tcp://} address
+    (a refused visitor may be reset before connect() even returns).
+    """
+    from tests.test_policy_streams import echoThrough
+
     host, port = address.removeprefix("tcp://").rsplit(":", 1)
-    data = b""
-    try:
-        # A refused visitor may be reset (or closed) before connect() even
-        # returns, or before it has sent: ECONNRESET, EPIPE or ENOTCONN.
-        with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            while chunk := s.recv(65536):
-                data += chunk
-    except OSError:
-        pass
-    return data
+    return echoThrough(host, int(port), payload)
 
 
 @pytest_twisted.ensureDeferred

@@ -273,19 +273,12 @@ async def _keylessAgent(agents: list[RunningAgent], relay: Relay, *args: str) ->
     keys, or one written against the protocol, may): the relay can only
     know it by its token.
     """
-    from txtunnel.agent import tap as agentTap
-    from txtunnel.agent.service import AgentService
 
-    options = agentTap.Options(environ={})
-    options.parseOptions(["--relay", relay.url, "--drain-timeout", "1", "--admin", "", "--inspect", "", *args])
-    agent = agentTap.buildAgent(options, reactor)
-    agent.key = None  # type: ignore[assignment]
-    agent.reclaims = None
-    service = AgentService(agent, **agentTap.serviceSettings(options), **agentTap.observeSettings(options))
-    service.startService()
-    running = RunningAgent(agent, service)
-    agents.append(running)
-    return running
+    def keyless(agent: Any) -> None:
+        agent.key = None
+        agent.reclaims = None
+
+    return await startAgent(agents, relay, *args, expectReady=False, adjust=keyless)
 
 
 @pytest_twisted.ensureDeferred
